@@ -1,0 +1,29 @@
+from libc.stdint cimport uint32_t, uint64_t
+from appliance._fast.sync cimport pthread_mutex_t, pthread_cond_t
+
+# segment kinds, as in appliance/targets/__init__.py
+cdef enum:
+    FAST_NONE = 0
+    FAST_FD = 1
+    FAST_ZERO = 2
+
+cdef struct FastSeg:
+    uint64_t start      # bytes, in the mapped device
+    uint64_t end
+    int kind
+    int fd
+    uint64_t fd_offset  # byte on fd that `start` maps to
+    uint32_t align      # every request must be aligned to this (O_DIRECT)
+
+cdef class Gate:
+    cdef pthread_mutex_t lock
+    cdef pthread_cond_t idle
+    cdef int suspended
+    cdef long inflight
+    cdef FastSeg *segs
+    cdef int nsegs
+    cdef list deferred
+    cdef readonly unsigned long long fast_ios
+
+    cdef int fast_enter(self, uint64_t offset, uint64_t length) noexcept nogil
+    cdef void exit(self) noexcept nogil

@@ -1,0 +1,233 @@
+"""Underlying devices: regular files and block devices the targets sit on.
+
+One open file per device, shared by every table in the daemon (dm's
+dm_get_device does the same with its claim pointer), reference counted.
+Block devices are opened O_EXCL by default so nothing outside the daemon
+(mkfs, a mount, a second daemon) can write them under us; regular files get
+an exclusive flock for the same reason, as qemu locks its images.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import stat
+import struct
+import threading
+
+from . import io as bio
+
+log = logging.getLogger(__name__)
+
+BLKGETSIZE64 = 0x80081272
+BLKSSZGET = 0x1268
+BLKFLSBUF = 0x1261
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+
+try:
+    import ctypes
+
+    _libc = ctypes.CDLL(None, use_errno=True)
+    _fallocate = _libc.fallocate
+    _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+except (OSError, AttributeError):  # pragma: no cover - glibc always has it
+    _fallocate = None
+
+
+class DeviceError(OSError):
+    pass
+
+
+def fallocate(fd, mode, offset, length):
+    if _fallocate is None or _fallocate(fd, mode, offset, length) != 0:
+        import ctypes
+
+        e = ctypes.get_errno() if _fallocate else errno.EOPNOTSUPP
+        raise OSError(e, os.strerror(e))
+
+
+class FileDevice:
+    """A regular file or block device, addressed in bytes."""
+
+    kind = "file"
+
+    def __init__(self, path, fd, size, is_block, direct, logical_block):
+        self.path = path
+        self.fd = fd
+        self.size = size
+        self.is_block = is_block
+        self.direct = direct
+        self.logical_block = logical_block
+        self.refs = 0
+        self.failed = None  # set when the disk went away (udev)
+        self._can_punch = not is_block
+
+    @property
+    def name(self):
+        return self.path
+
+    @property
+    def align(self):
+        """Alignment every request must have on the fast path."""
+        return self.logical_block if self.direct else 1
+
+    def submit(self, io):
+        io.complete(self.execute(io))
+
+    def execute(self, io):
+        """Do the I/O synchronously in the calling thread; return 0 or an errno."""
+        if self.failed:
+            return errno.EIO
+        try:
+            op = io.op
+            if op == bio.READ:
+                n = os.preadv(self.fd, [io.buf], io.offset)
+                if n != io.length:
+                    log.error("%s: short read at %d: %d of %d bytes", self.path, io.offset, n, io.length)
+                    return errno.EIO
+            elif op == bio.WRITE:
+                view = memoryview(io.buf)
+                done = 0
+                while done < io.length:
+                    done += os.pwritev(self.fd, [view[done:]], io.offset + done)
+                if io.flags & bio.FUA:
+                    os.fdatasync(self.fd)
+            elif op == bio.FLUSH:
+                os.fdatasync(self.fd)
+            elif op == bio.WRITE_ZEROES:
+                return self._write_zeroes(io)
+            elif op == bio.TRIM:
+                if self._can_punch:
+                    try:
+                        fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, io.offset, io.length)
+                    except OSError:
+                        self._can_punch = False  # trim is advisory: not supported is fine
+            elif op == bio.CACHE:
+                os.posix_fadvise(self.fd, io.offset, io.length, os.POSIX_FADV_WILLNEED)
+            return 0
+        except OSError as e:
+            log.error("%s: %s at %d+%d: %s", self.path, bio.OP_NAMES.get(io.op), io.offset, io.length, e)
+            return e.errno or errno.EIO
+
+    def _write_zeroes(self, io):
+        if not self.is_block:
+            mode = FALLOC_FL_ZERO_RANGE if io.flags & bio.NO_HOLE else FALLOC_FL_PUNCH_HOLE
+            try:
+                fallocate(self.fd, mode | FALLOC_FL_KEEP_SIZE, io.offset, io.length)
+                if io.flags & bio.FUA:
+                    os.fdatasync(self.fd)
+                return 0
+            except OSError:
+                pass
+        if io.flags & bio.FAST_ZERO:
+            return errno.ENOTSUP
+        zeros = bytes(min(io.length, 1 << 20))
+        done = 0
+        while done < io.length:
+            n = min(len(zeros), io.length - done)
+            done += os.pwrite(self.fd, zeros[:n], io.offset + done)
+        if io.flags & bio.FUA:
+            os.fdatasync(self.fd)
+        return 0
+
+    def block_status(self, offset, length):
+        """Extents [(length, flags)] using SEEK_DATA/SEEK_HOLE; flags 3 = hole reading as zero."""
+        if self.is_block:
+            return [(length, 0)]
+        end = offset + length
+        out = []
+        pos = offset
+        try:
+            while pos < end:
+                data = os.lseek(self.fd, pos, os.SEEK_DATA)
+                if data > pos:
+                    n = min(data, end) - pos
+                    out.append((n, 3))
+                    pos += n
+                    continue
+                hole = os.lseek(self.fd, pos, os.SEEK_HOLE)
+                n = min(hole, end) - pos
+                out.append((n, 0))
+                pos += n
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # no data after pos: the rest is a hole
+                out.append((end - pos, 3))
+            else:
+                return [(length, 0)]
+        return out
+
+
+def _open(path, writable, direct, exclusive):
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise DeviceError(errno.ENOENT, f"{path}: no such file or device") from None
+    is_block = stat.S_ISBLK(st.st_mode)
+    if not is_block and not stat.S_ISREG(st.st_mode):
+        raise DeviceError(errno.EINVAL, f"{path}: not a regular file or block device")
+    flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC
+    if direct:
+        flags |= os.O_DIRECT
+    if is_block and exclusive:
+        flags |= os.O_EXCL
+    try:
+        fd = os.open(path, flags)
+    except OSError as e:
+        if e.errno == errno.EBUSY:
+            raise DeviceError(e.errno, f"{path}: in use (opened exclusively by someone else)") from None
+        raise DeviceError(e.errno, f"{path}: cannot open: {e.strerror}") from None
+    try:
+        if is_block:
+            size = struct.unpack("Q", fcntl.ioctl(fd, BLKGETSIZE64, b"\0" * 8))[0]
+            logical = struct.unpack("i", fcntl.ioctl(fd, BLKSSZGET, b"\0" * 4))[0]
+        else:
+            size = st.st_size
+            logical = 512 if direct else 1
+            if exclusive:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    raise DeviceError(errno.EBUSY, f"{path}: in use (locked by another process)") from None
+    except BaseException:
+        os.close(fd)
+        raise
+    return FileDevice(path, fd, size, is_block, direct, logical)
+
+
+class DevicePool:
+    """Open underlying devices, shared and reference counted across tables."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._devices = {}  # realpath -> FileDevice
+
+    def get(self, path, *, writable=True, direct=False, exclusive=True):
+        key = os.path.realpath(path)
+        with self._lock:
+            dev = self._devices.get(key)
+            if dev is None:
+                dev = _open(path, writable, direct, exclusive)
+                self._devices[key] = dev
+            elif dev.direct != direct:
+                raise DeviceError(errno.EBUSY, f"{path}: already open with direct={dev.direct}")
+            dev.refs += 1
+            return dev
+
+    def put(self, dev):
+        with self._lock:
+            dev.refs -= 1
+            if dev.refs == 0:
+                self._devices.pop(os.path.realpath(dev.path), None)
+                try:
+                    os.fsync(dev.fd)
+                except OSError:
+                    pass
+                os.close(dev.fd)
+
+    def devices(self):
+        with self._lock:
+            return list(self._devices.values())

@@ -1,0 +1,176 @@
+"""`appliance`: the command line, dmsetup-like. Everything but `serve` and
+`check-config` talks to the running daemon over its control socket, found
+through the same config (`--config` or APPLIANCE_CONFIG)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from . import config as cfg
+from .control import ControlError, call
+
+
+def _control_path(args):
+    try:
+        return cfg.load_or_default(args.config).daemon.control
+    except cfg.ConfigError as e:
+        raise SystemExit(f"appliance: {e}")
+
+
+def cmd_serve(args):
+    from .daemon import AssemblyError, Daemon
+    from .logsetup import setup_logging
+
+    try:
+        config = cfg.load_or_default(args.config)
+    except cfg.ConfigError as e:
+        print(f"appliance: {e}", file=sys.stderr)
+        return 1
+    setup_logging(args.log_level or config.daemon.log_level)
+    daemon = Daemon(config, args.config)
+
+    def ready(d):
+        print(f"appliance: serving from {config.source}; connect with:", flush=True)
+        for line in d.connect_hints():
+            print(line, flush=True)
+
+    try:
+        return daemon.run(on_ready=ready)
+    except (AssemblyError, ControlError, OSError) as e:
+        print(f"appliance: cannot start: {e}", file=sys.stderr)
+        return 1
+
+
+def cmd_check_config(args):
+    path = args.path or cfg.config_path(args.config)
+    try:
+        config = cfg.load(path) if args.path or os.path.exists(path) or path != cfg.DEFAULT_PATH else cfg.load_or_default(None)
+    except cfg.ConfigError as e:
+        print(str(e), file=sys.stderr)
+        return 1
+    print(f"{config.source}: OK, {len(config.devices)} device(s)")
+    return 0
+
+
+def _ask(args, cmd, **kw):
+    return call(_control_path(args), cmd, **kw)
+
+
+def cmd_ls(args):
+    for d in _ask(args, "ls")["devices"]:
+        print(f"{d['name']}\t{d['size'] // 512} sectors{'' if d['exported'] else '  (not exported)'}")
+    return 0
+
+
+def cmd_status(args):
+    st = _ask(args, "status", name=args.name)
+    if args.json:
+        print(json.dumps(st, indent=2))
+        return 0
+    for dev in st["devices"]:
+        for line in dev["lines"]:
+            print(f"{dev['name']}: {line}" if not args.name else line)
+        if dev["suspended"] and not args.name:
+            print(f"{dev['name']}: (suspended)")
+    return 0
+
+
+def cmd_table(args):
+    for line in _ask(args, "table", name=args.name)["table"]:
+        print(line)
+    return 0
+
+
+def cmd_message(args):
+    out = _ask(args, "message", name=args.name, sector=args.sector, words=args.words)["result"]
+    if out:
+        print(out)
+    return 0
+
+
+def cmd_suspend(args):
+    _ask(args, "suspend", name=args.name, noflush=args.noflush)
+    return 0
+
+
+def cmd_resume(args):
+    _ask(args, "resume", name=args.name)
+    return 0
+
+
+def cmd_load(args):
+    lines = args.table or sys.stdin.read().splitlines()
+    _ask(args, "load", name=args.name, table=lines)
+    return 0
+
+
+def cmd_reload(args):
+    _ask(args, "reload")
+    return 0
+
+
+def parser():
+    p = argparse.ArgumentParser(prog="appliance", description="Device-mapper-style block devices over NBD.")
+    p.add_argument("--config", help=f"config file (default: $APPLIANCE_CONFIG or {cfg.DEFAULT_PATH})")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run the daemon")
+    s.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    s.set_defaults(fn=cmd_serve)
+
+    s = sub.add_parser("check-config", help="validate a config file and exit")
+    s.add_argument("path", nargs="?")
+    s.set_defaults(fn=cmd_check_config)
+
+    sub.add_parser("ls", help="list devices").set_defaults(fn=cmd_ls)
+
+    s = sub.add_parser("status", help="live status of devices")
+    s.add_argument("name", nargs="?")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_status)
+
+    s = sub.add_parser("table", help="a device's table, as it would be loaded")
+    s.add_argument("name")
+    s.set_defaults(fn=cmd_table)
+
+    s = sub.add_parser("message", help="send a message to the target at SECTOR")
+    s.add_argument("name")
+    s.add_argument("sector", type=int)
+    s.add_argument("words", nargs="+")
+    s.set_defaults(fn=cmd_message)
+
+    s = sub.add_parser("suspend", help="quiesce a device: hold new I/O, wait for I/O in flight")
+    s.add_argument("name")
+    s.add_argument("--noflush", action="store_true", help="let targets keep queued I/O queued")
+    s.set_defaults(fn=cmd_suspend)
+
+    s = sub.add_parser("resume", help="swap in a loaded table, if any, and release held I/O")
+    s.add_argument("name")
+    s.set_defaults(fn=cmd_resume)
+
+    s = sub.add_parser("load", help="load a table into a device's inactive slot (resume swaps it in)")
+    s.add_argument("name")
+    s.add_argument("table", nargs="*", help="table lines (default: read from stdin)")
+    s.set_defaults(fn=cmd_load)
+
+    sub.add_parser("reload", help="re-read the config and apply it").set_defaults(fn=cmd_reload)
+    return p
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except ControlError as e:
+        print(f"appliance: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,429 @@
+"""Mapped devices: a table of targets, the order of suspend and resume, and the
+request path (split, map, end_io, join).
+
+The core owns what dm's core owns: the table, each segment's offset, device
+references and the suspend/resume sequence, so no target re-implements them.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import threading
+
+from . import io as bio
+from ._fast.gate import Gate
+from .table import TableError, parse_table, table_size
+from .targets import TargetError, target_class
+
+log = logging.getLogger(__name__)
+
+
+class DeviceBusy(RuntimeError):
+    pass
+
+
+class Table:
+    """A constructed table: segments with their live targets."""
+
+    def __init__(self, segments, targets):
+        self.segments = segments
+        self.targets = targets
+        self.size = table_size(segments)
+        self.starts = [s.offset for s in segments]
+
+    def find(self, offset):
+        """Index of the segment holding byte `offset`."""
+        lo, hi = 0, len(self.starts) - 1
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if self.starts[mid] <= offset:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+
+    def fastmap(self):
+        out = []
+        for seg, t in zip(self.segments, self.targets):
+            fm = t.fast_map()
+            if fm is None:
+                out.append((seg.offset, seg.offset + seg.size, 0, -1, 0, 1))
+            else:
+                kind, fd, fd_offset, align = fm
+                out.append((seg.offset, seg.offset + seg.size, kind, fd, fd_offset, align))
+        return out
+
+    def text(self):
+        return [seg.text(tuple(t.status_table())) for seg, t in zip(self.segments, self.targets)]
+
+    def destroy(self):
+        for t in self.targets:
+            try:
+                t.dtr()
+            except Exception:
+                log.exception("%s: dtr failed", t.name)
+
+
+class TableContext:
+    """What a target's constructor may use: open devices by path or @NAME."""
+
+    def __init__(self, device, registry, pool, direct=False, exclusive=True):
+        self.device = device
+        self.registry = registry
+        self.pool = pool
+        self.direct = direct
+        self.exclusive = exclusive
+
+    def get_device(self, word):
+        if word.startswith("@"):
+            return self.registry.hold(word[1:], self.device)
+        try:
+            return self.pool.get(word, direct=self.direct, exclusive=self.exclusive)
+        except OSError as e:
+            raise TargetError(str(e)) from None
+
+    def put_device(self, dev):
+        if isinstance(dev, MappedDevice):
+            self.registry.release(dev, self.device)
+        else:
+            self.pool.put(dev)
+
+
+class _Join:
+    """The pieces a request was split into, and their joint completion."""
+
+    __slots__ = ("io", "pending", "error", "requeue", "lock")
+
+    def __init__(self, io, pending):
+        self.io = io
+        self.pending = pending
+        self.error = 0
+        self.requeue = False
+        self.lock = threading.Lock() if pending > 1 else None
+
+
+class MappedDevice:
+    kind = "mapped"
+
+    def __init__(self, name, registry, pool, *, read_only=False, description="", direct=False, exclusive=True):
+        self.name = name
+        self.registry = registry
+        self.pool = pool
+        self.read_only = read_only
+        self.description = description
+        self.direct = direct
+        self.exclusive = exclusive
+        self.gate = Gate()
+        self.table = None
+        self.inactive = None
+        self.suspended = False
+        self.holders = {}  # device -> how many of its segments stack on this one
+        self._control = threading.RLock()  # one suspend/load/resume at a time
+        self.errors = 0
+
+    # table life cycle
+
+    @property
+    def size(self):
+        return self.table.size if self.table else 0
+
+    def load(self, lines):
+        """Construct a table into the inactive slot (dmsetup load). Raises TableError."""
+        segments = parse_table(lines)
+        ctx = TableContext(self, self.registry, self.pool, self.direct, self.exclusive)
+        targets = []
+        try:
+            for seg in segments:
+                t = target_class(seg.target)(ctx, seg)
+                try:
+                    t.ctr(list(seg.args))
+                except BaseException:
+                    t.dtr()
+                    raise
+                targets.append(t)
+        except (TargetError, OSError) as e:
+            for t in targets:
+                t.dtr()
+            raise TableError(seg.line, f"{seg.target}: {e}") from None
+        except BaseException:
+            for t in targets:
+                t.dtr()
+            raise
+        with self._control:
+            if self.inactive is not None:
+                self.inactive.destroy()
+            self.inactive = Table(segments, targets)
+
+    def clear(self):
+        with self._control:
+            if self.inactive is not None:
+                self.inactive.destroy()
+                self.inactive = None
+
+    def suspend(self, noflush=False):
+        """Stop new I/O (it is deferred, not failed) and wait for what is in flight."""
+        with self._control:
+            if self.suspended:
+                return
+            self.gate.close()
+            if self.table:
+                for t in self.table.targets:
+                    t.presuspend(noflush)
+            self.gate.wait_idle()
+            if self.table:
+                for t in self.table.targets:
+                    t.postsuspend()
+            self.suspended = True
+
+    def resume(self):
+        """Swap in a loaded table (if any) and let I/O through again."""
+        with self._control:
+            if self.inactive is not None:
+                if not self.suspended and self.table is not None:
+                    self.suspend()
+                old, self.table, self.inactive = self.table, self.inactive, None
+                self.gate.close()  # a fresh device's gate was never closed
+                self.gate.set_fastmap(self.table.fastmap())
+                if old is not None:
+                    old.destroy()
+                self.suspended = True
+            if not self.suspended:
+                return
+            for t in self.table.targets:
+                t.resume()
+            self.suspended = False
+            deferred = self.gate.open()
+        for io in deferred:
+            self.submit(io)
+
+    def remove(self):
+        if self.holders:
+            raise DeviceBusy(f"{self.name} is in use by {', '.join(sorted(d.name for d in self.holders))}")
+        self.suspend()
+        with self._control:
+            if self.table:
+                self.table.destroy()
+                self.table = None
+            self.clear()
+
+    # the request path
+
+    def submit(self, io):
+        """Take a request in device coordinates; it completes through io.endio."""
+        if not self.gate.enter_or_defer(io):
+            return
+        table = self.table
+        if table is None:
+            self.gate.leave()
+            io.complete(errno.ENXIO)
+            return
+        if io.op == bio.FLUSH:
+            pieces = [(i, 0, 0) for i in range(len(table.targets))]
+        else:
+            end = io.offset + io.length
+            if end > table.size:
+                self.gate.leave()
+                io.complete(errno.ENOSPC if io.is_write else errno.EINVAL)
+                return
+            pieces = []
+            i = table.find(io.offset)
+            pos = io.offset
+            while pos < end:
+                seg = table.segments[i]
+                n = min(seg.offset + seg.size, end) - pos
+                pieces.append((i, pos, n))
+                pos += n
+                i += 1
+        join = _Join(io, len(pieces))
+        view = memoryview(io.buf) if io.buf is not None and len(pieces) > 1 else io.buf
+        for i, pos, n in pieces:
+            seg = table.segments[i]
+            t = table.targets[i]
+            if view is not None and len(pieces) > 1:
+                buf = view[pos - io.offset : pos - io.offset + n]
+            else:
+                buf = io.buf
+            c = io.clone(pos - seg.offset, n, buf, self._clone_done)
+            c.parent = join
+            c.target = t
+            self._map(c)
+
+    def _map(self, c):
+        try:
+            r = c.target.map(c)
+        except Exception:
+            log.exception("%s: %s map failed", self.name, c.target.name)
+            r = bio.KILL
+            c.error = errno.EIO
+        if r == bio.REMAPPED:
+            c.dev.submit(c)
+        elif r == bio.KILL:
+            c.complete(c.error or errno.EIO)
+        elif r == bio.REQUEUE:
+            c.parent.requeue = True
+            self._piece_done(c.parent, 0)
+
+    def remap(self, c):
+        """For targets: map a clone again (a retry from end_io)."""
+        c.error = 0
+        self._map(c)
+
+    def _clone_done(self, c):
+        t = c.target
+        r = bio.DONE
+        if type(t).end_io is not _default_end_io:
+            try:
+                r = t.end_io(c, c.error)
+            except Exception:
+                log.exception("%s: %s end_io failed", self.name, t.name)
+                r = bio.DONE
+        if r == bio.INCOMPLETE:
+            return
+        join = c.parent
+        if r == bio.REQUEUE:
+            join.requeue = True
+        self._piece_done(join, c.error)
+
+    def _piece_done(self, join, error):
+        if join.lock is None:
+            join.pending -= 1
+            last = True
+        else:
+            with join.lock:
+                join.pending -= 1
+                last = join.pending == 0
+        if error and not join.error:
+            join.error = error
+        if not last:
+            return
+        io = join.io
+        if join.requeue:
+            io.error = 0
+            self.gate.defer(io)
+            if not self.suspended:
+                self._kick_deferred()
+            return
+        self.gate.leave()
+        if join.error:
+            self.errors += 1
+        io.complete(join.error)
+
+    def _kick_deferred(self):
+        """Requeued I/O on a live device is mapped again shortly (the target asked to wait)."""
+
+        def again():
+            with self._control:
+                if self.suspended:
+                    return
+                self.gate.close()
+                deferred = self.gate.open()
+            for io in deferred:
+                self.submit(io)
+
+        threading.Timer(0.1, again).start()
+
+    def block_status(self, offset, length):
+        table = self.table
+        out = []
+        end = offset + length
+        i = table.find(offset)
+        pos = offset
+        while pos < end and i < len(table.segments):
+            seg = table.segments[i]
+            n = min(seg.offset + seg.size, end) - pos
+            try:
+                extents = table.targets[i].block_status(pos - seg.offset, n)
+            except Exception:
+                extents = [(n, 0)]
+            for length_, flags in extents:
+                if out and out[-1][1] == flags:
+                    out[-1] = (out[-1][0] + length_, flags)
+                else:
+                    out.append((length_, flags))
+            pos += n
+            i += 1
+        return out
+
+    # reporting
+
+    def status(self):
+        table = self.table
+        segs = []
+        if table:
+            for seg, t in zip(table.segments, table.targets):
+                segs.append({"start": seg.start, "length": seg.length, "type": seg.target, "status": t.status_info()})
+        return {
+            "name": self.name,
+            "size": self.size,
+            "read_only": self.read_only,
+            "description": self.description,
+            "suspended": self.suspended,
+            "inactive_table": self.inactive is not None,
+            "in_flight": self.gate.in_flight,
+            "deferred": self.gate.deferred_count,
+            "fast_ios": self.gate.fast_ios,
+            "errors": self.errors,
+            "holders": sorted(d.name for d in self.holders),
+            "segments": segs,
+        }
+
+    def status_lines(self):
+        table = self.table
+        if not table:
+            return []
+        return [f"{seg.start} {seg.length} {seg.target} {t.status_line()}".rstrip() for seg, t in zip(table.segments, table.targets)]
+
+    def table_lines(self):
+        return self.table.text() if self.table else []
+
+    def message(self, sector, argv):
+        table = self.table
+        if table is None:
+            raise TargetError(f"{self.name} has no table")
+        i = table.find(sector * 512)
+        return table.targets[i].message(argv)
+
+
+from .targets import Target as _Target  # noqa: E402
+
+_default_end_io = _Target.end_io
+
+
+class Registry:
+    """The daemon's mapped devices by name, for `@NAME` in tables."""
+
+    def __init__(self):
+        self.devices = {}
+        self._lock = threading.Lock()
+
+    def add(self, dev):
+        with self._lock:
+            if dev.name in self.devices:
+                raise DeviceBusy(f"device {dev.name} exists")
+            self.devices[dev.name] = dev
+
+    def get(self, name):
+        return self.devices.get(name)
+
+    def hold(self, name, holder):
+        with self._lock:
+            dev = self.devices.get(name)
+            if dev is None or dev.table is None:
+                raise TargetError(f"no device @{name}")
+            if dev is holder:
+                raise TargetError(f"@{name} cannot stack on itself")
+            dev.holders[holder] = dev.holders.get(holder, 0) + 1
+            return dev
+
+    def release(self, dev, holder):
+        with self._lock:
+            n = dev.holders.get(holder, 0) - 1
+            if n > 0:
+                dev.holders[holder] = n
+            else:
+                dev.holders.pop(holder, None)
+
+    def remove(self, name):
+        with self._lock:
+            return self.devices.pop(name, None)

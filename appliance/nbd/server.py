@@ -1,0 +1,300 @@
+"""The NBD socket server: listeners, one thread per connection.
+
+A thin adapter. The handshake is protocol.ServerHandshake fed from the
+socket; the transmission phase is _fast.transmit.Connection, which serves
+the fast map itself and hands everything else to `Session.dispatch` here.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+import struct
+import threading
+
+from .. import io as bio
+from .._fast.transmit import Connection
+from . import constants as C
+from .protocol import (
+    NEED_DATA,
+    Aborted,
+    ConnectionClosed,
+    ExportInfo,
+    ExportSelected,
+    RemoteProtocolError,
+    ServerHandshake,
+)
+
+log = logging.getLogger("appliance.nbd")
+
+HANDSHAKE_TIMEOUT = 30.0
+MAX_BLOCK = 32 * 1024 * 1024
+MAX_EXTENTS = 2048
+
+
+class Catalog:
+    """The exports a handshake may choose from: exported mapped devices by name."""
+
+    def __init__(self):
+        self._devices = {}
+        self._lock = threading.Lock()
+
+    def set(self, devices):
+        with self._lock:
+            self._devices = {d.name: d for d in devices}
+
+    def device(self, name):
+        with self._lock:
+            if name == "" and self._devices:
+                return next(iter(self._devices.values()))  # the default export
+            return self._devices.get(name)
+
+    def lookup(self, name):
+        dev = self.device(name)
+        return export_info(dev) if dev is not None and dev.table is not None else None
+
+    def names(self):
+        with self._lock:
+            return list(self._devices)
+
+
+def export_info(dev):
+    align = 1
+    if dev.table is not None:
+        for t in dev.table.targets:
+            for d in t.iterate_devices():
+                align = max(align, getattr(d, "align", 1))
+    return ExportInfo(
+        name=dev.name,
+        size=dev.size,
+        description=dev.description,
+        read_only=dev.read_only,
+        min_block=align,
+        preferred_block=max(4096, align),
+        max_block=MAX_BLOCK,
+    )
+
+
+class Session:
+    """One connection's transmission phase: the slow-path dispatcher."""
+
+    def __init__(self, server, sock, device, selected, trailing):
+        self.server = server
+        self.sock = sock
+        self.device = device
+        self.peer = _peer(sock)
+        contexts = {name: cid for cid, name in selected.meta_contexts.items()}
+        self.allocation_id = contexts.get("base:allocation")
+        info = selected.export
+        self.conn = Connection(
+            sock.fileno(),
+            device.gate,
+            self.dispatch,
+            info.size,
+            info.read_only,
+            selected.structured_replies,
+            MAX_BLOCK,
+            64,
+            trailing,
+        )
+
+    def dispatch(self, conn, cmd, flags, cookie, offset, length, payload):
+        dev = self.device
+        if cmd == C.NBD_CMD_READ:
+            buf = bytearray(length)
+
+            def done(io):
+                if io.error:
+                    conn.reply(cookie, io.error, True)
+                else:
+                    conn.reply_read(cookie, offset, buf)
+
+            dev.submit(bio.IO(bio.READ, offset, length, memoryview(buf), 0, done))
+        elif cmd == C.NBD_CMD_BLOCK_STATUS:
+            self._block_status(conn, cookie, offset, length, flags)
+        else:
+            op = _OPS[cmd]
+            io_flags = flags & (bio.FUA | bio.NO_HOLE | bio.FAST_ZERO)
+            dev.submit(bio.IO(op, offset, length, payload, io_flags, lambda io: conn.reply(cookie, io.error)))
+
+    def _block_status(self, conn, cookie, offset, length, flags):
+        if self.allocation_id is None:
+            conn.reply(cookie, errno.EINVAL, True)
+            return
+        extents = self.device.block_status(offset, length)[:MAX_EXTENTS]
+        if flags & C.NBD_CMD_FLAG_REQ_ONE:
+            extents = extents[:1]
+        body = struct.pack(">I", self.allocation_id) + b"".join(struct.pack(">II", n, f) for n, f in extents)
+        head = struct.pack(
+            ">IHHQI", C.NBD_STRUCTURED_REPLY_MAGIC, C.NBD_REPLY_FLAG_DONE, C.NBD_REPLY_TYPE_BLOCK_STATUS, 0, len(body)
+        )
+        head = head[:8] + struct.pack("=Q", cookie) + head[16:]  # the cookie's bytes, as received
+        conn.send_raw(head + body)
+
+    def run(self):
+        reason = self.conn.run()
+        log.info("%s: %s: %s", self.device.name, self.peer, reason)
+
+
+_OPS = {
+    C.NBD_CMD_WRITE: bio.WRITE,
+    C.NBD_CMD_FLUSH: bio.FLUSH,
+    C.NBD_CMD_TRIM: bio.TRIM,
+    C.NBD_CMD_CACHE: bio.CACHE,
+    C.NBD_CMD_WRITE_ZEROES: bio.WRITE_ZEROES,
+}
+
+
+def _peer(sock):
+    try:
+        name = sock.getpeername()
+    except OSError:
+        return "?"
+    if isinstance(name, tuple):
+        return f"{name[0]}:{name[1]}"
+    return "unix:" + (name or sock.getsockname() or "?")
+
+
+class Server:
+    """Listeners and connections. `catalog` says which devices are exported."""
+
+    def __init__(self, catalog):
+        self.catalog = catalog
+        self.listeners = []
+        self.sessions = set()
+        self._lock = threading.Lock()
+        self._stopping = False
+
+    # listening
+
+    def listen_unix(self, path, mode=0o660):
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.bind(path)
+        os.chmod(path, mode)
+        s.listen(128)
+        self._start_listener(s, f"unix:{path}")
+        return path
+
+    def listen_tcp(self, host, port):
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        s = socket.socket(family, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((host, port))
+        s.listen(128)
+        self._start_listener(s, f"tcp:{host}:{s.getsockname()[1]}")
+        return s.getsockname()[1]
+
+    def adopt(self, sock, name):
+        """A listening socket handed over by systemd socket activation."""
+        self._start_listener(sock, name)
+
+    def _start_listener(self, s, name):
+        self.listeners.append((s, name))
+        threading.Thread(target=self._accept_loop, args=(s, name), name=f"nbd-accept {name}", daemon=True).start()
+
+    def _accept_loop(self, s, name):
+        while not self._stopping:
+            try:
+                sock, _ = s.accept()
+            except OSError:
+                if self._stopping:
+                    return
+                continue
+            if sock.family != socket.AF_UNIX:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            threading.Thread(target=self._serve, args=(sock,), name="nbd-conn", daemon=True).start()
+
+    # one connection
+
+    def _serve(self, sock):
+        peer = _peer(sock)
+        try:
+            result = self._handshake(sock, peer)
+            if result is None:
+                return
+            selected, trailing = result
+            device = self.catalog.device(selected.export.name)
+            if device is None:
+                log.warning("%s: export %s went away during the handshake", peer, selected.export.name)
+                return
+            session = Session(self, sock, device, selected, trailing)
+            with self._lock:
+                if self._stopping:
+                    return
+                self.sessions.add(session)
+            log.info("%s: %s: connected%s", device.name, peer, " (structured replies)" if selected.structured_replies else "")
+            try:
+                session.run()
+            finally:
+                with self._lock:
+                    self.sessions.discard(session)
+        except Exception:
+            log.exception("%s: connection failed", peer)
+        finally:
+            try:
+                sock.close()
+            except OSError:
+                pass
+
+    def _handshake(self, sock, peer):
+        hs = ServerHandshake(self.catalog)
+        sock.settimeout(HANDSHAKE_TIMEOUT)
+        try:
+            sock.sendall(hs.data_to_send())
+            while True:
+                event = hs.next_event()
+                out = hs.data_to_send()
+                if out:
+                    sock.sendall(out)
+                if event is NEED_DATA:
+                    hs.receive_data(sock.recv(65536))
+                    continue
+                if isinstance(event, ExportSelected):
+                    sock.settimeout(None)
+                    return event, hs.trailing_data
+                if isinstance(event, (Aborted, ConnectionClosed)):
+                    return None
+        except RemoteProtocolError as e:
+            log.warning("%s: closing: %s", peer, e.reason if hasattr(e, "reason") else e)
+        except socket.timeout:
+            log.warning("%s: closing: handshake not finished in %ds", peer, HANDSHAKE_TIMEOUT)
+        except OSError as e:
+            log.info("%s: handshake ended: %s", peer, e)
+        return None
+
+    # control
+
+    def clients(self, device_name=None):
+        with self._lock:
+            return [s for s in self.sessions if device_name is None or s.device.name == device_name]
+
+    def disconnect(self, device_name, reason):
+        for s in self.clients(device_name):
+            s.conn.abort(reason)
+
+    def stop_listening(self):
+        self._stopping = True
+        for s, name in self.listeners:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+            if name.startswith("unix:"):
+                try:
+                    os.unlink(name[5:])
+                except OSError:
+                    pass
+        self.listeners = []
+
+    def stop(self, reason="server stopping"):
+        self.stop_listening()
+        for s in self.clients():
+            s.conn.abort(reason)

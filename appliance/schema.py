@@ -1,0 +1,274 @@
+"""The configuration schema, as data.
+
+Every table of appliance.toml and every key in it is described here once:
+its type, its default, a validator and a one-line doc.  `appliance.config`
+walks this description to validate a file, `appliance check-config` uses
+the same walk, and `describe()` prints it for humans.  Adding a key means
+adding one `Key(...)` line here plus the matching dataclass field in
+config.py (a test checks the two agree).
+
+Validators take the (already type-checked) value and return the normalised
+value, or raise `Invalid` with a message that says what is wrong.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+from dataclasses import dataclass
+from typing import Any, Callable
+
+DEFAULT_CONTROL = "/run/appliance/control.sock"
+DEFAULT_STATE_DIR = "/var/lib/appliance"
+DEFAULT_UNIX = "/run/appliance/nbd.sock"
+DEFAULT_TCP_HOST = "127.0.0.1"   # what ":PORT" binds to: local only unless asked
+LOG_LEVELS = ("debug", "info", "warning", "error")
+DEVICE_NAME_RE = re.compile(r"[A-Za-z0-9_.-]+")
+# sun_path is 108 bytes including the terminating NUL.
+UNIX_PATH_MAX = 107
+
+
+class Invalid(ValueError):
+    """A value failed validation.  `index` narrows the key path to one
+    element of an array (e.g. device[0].table[2])."""
+
+    def __init__(self, message: str, index: int | None = None):
+        super().__init__(message)
+        self.message = message
+        self.index = index
+
+
+class _Required:
+    def __repr__(self) -> str:
+        return "REQUIRED"
+
+
+REQUIRED: Any = _Required()
+
+
+@dataclass(frozen=True)
+class Key:
+    name: str
+    type: str                      # a key of TYPES
+    default: Any = REQUIRED        # REQUIRED, None (unset) or a raw value
+    doc: str = ""
+    check: Callable[[Any], Any] | None = None
+
+
+@dataclass(frozen=True)
+class Section:
+    name: str
+    keys: tuple[Key, ...]
+    doc: str
+    array: bool = False            # [[name]]: repeatable; absent means none
+    # Raw table used when the section is missing from the file; None means
+    # the section itself is None (an optional feature that is off).
+    when_absent: dict | None = None
+    check: Callable[[dict], None] | None = None   # whole-table rule
+
+    def key(self, name: str) -> Key:
+        return next(k for k in self.keys if k.name == name)
+
+
+# ---- types -----------------------------------------------------------------
+# bool is a subclass of int in Python; TOML keeps them apart and so do we,
+# otherwise `port = true` would quietly mean 1.
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+TYPES: dict[str, Callable[[Any], bool]] = {
+    "string": lambda v: isinstance(v, str),
+    "boolean": lambda v: isinstance(v, bool),
+    "integer": _is_int,
+    "number": lambda v: _is_int(v) or isinstance(v, float),
+    "lines": lambda v: isinstance(v, (str, list)),   # string or array of strings
+}
+TYPE_DOCS = {"lines": "string or array of strings", "number": "integer or float"}
+
+
+def toml_type_name(v: Any) -> str:
+    """How a TOML user would call the type of a parsed value."""
+    for py, name in ((bool, "boolean"), (int, "integer"), (float, "float"),
+                     (str, "string"), (list, "array"), (dict, "table")):
+        if isinstance(v, py):
+            return name
+    return type(v).__name__
+
+
+# ---- validators ------------------------------------------------------------
+
+def choice(*allowed: str) -> Callable[[str], str]:
+    def check(v: str) -> str:
+        if v.lower() not in allowed:
+            raise Invalid(f"{v!r} is not one of {', '.join(allowed)}")
+        return v.lower()
+    return check
+
+
+def number_range(lo: float | None = None, hi: float | None = None, *,
+                 lo_open: bool = False) -> Callable[[Any], Any]:
+    """lo <= v <= hi (or lo < v when lo_open)."""
+    def check(v):
+        if lo is not None and (v <= lo if lo_open else v < lo):
+            raise Invalid(f"{v} must be {'>' if lo_open else '>='} {lo}")
+        if hi is not None and v > hi:
+            raise Invalid(f"{v} must be <= {hi}")
+        return v
+    return check
+
+
+def abs_path(v: str) -> str:
+    # The daemon's cwd is not something a user reasons about.
+    if not v.startswith("/"):
+        raise Invalid(f"{v!r} must be an absolute path")
+    return v
+
+
+def unix_socket_path(v: str) -> str:
+    abs_path(v)
+    if len(v.encode()) > UNIX_PATH_MAX:
+        raise Invalid(f"socket path is {len(v.encode())} bytes, "
+                      f"the limit is {UNIX_PATH_MAX}")
+    return v
+
+
+def tcp_address(v: str) -> tuple[str, int]:
+    """"HOST:PORT", "[v6addr]:PORT" or ":PORT" (= 127.0.0.1) -> (host, port)."""
+    host, sep, port = v.rpartition(":")
+    if not sep:
+        raise Invalid(f"{v!r} is not HOST:PORT")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise Invalid(f"{host!r} in brackets is not an IPv6 address") from None
+    elif ":" in host:
+        # "::1:10809" is ambiguous; insist on the bracket form.
+        raise Invalid(f"{v!r}: write IPv6 addresses in brackets, e.g. [::1]:10809")
+    elif not host:
+        host = DEFAULT_TCP_HOST
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise Invalid(f"port {port!r} is not a number in 1-65535")
+    return host, int(port)
+
+
+def device_name(v: str) -> str:
+    # Names become NBD export names, @references and file names in the state
+    # directory, hence the restricted alphabet and no "." / "..".
+    if not DEVICE_NAME_RE.fullmatch(v) or v in (".", ".."):
+        raise Invalid(f"invalid device name {v!r} (allowed: letters, digits, '_', '.', '-')")
+    return v
+
+
+def table_lines(v: str | list) -> tuple[str, ...]:
+    lines = [v] if isinstance(v, str) else v
+    if not lines:
+        raise Invalid("table is empty; give at least one line")
+    out = []
+    for i, line in enumerate(lines):
+        if not isinstance(line, str):
+            raise Invalid(f"expected string, got {toml_type_name(line)}", index=i)
+        if "\n" in line:
+            raise Invalid("a table line must not contain a newline; "
+                          "use an array with one string per line", index=i)
+        if not line.strip():
+            raise Invalid("empty table line", index=i)
+        out.append(line.strip())
+    return tuple(out)
+
+
+def ups_name(v: str) -> str:
+    """NUT identifier UPSNAME[@HOST[:PORT]], or "none" for no UPS."""
+    if v == "none":
+        return v
+    m = re.fullmatch(r"([^@\s:]+)(?:@([^@\s:]+|\[[^\]\s]+\])(?::(\d+))?)?", v)
+    if not m:
+        raise Invalid(f"{v!r} is not UPSNAME[@HOST[:PORT]] or \"none\"")
+    if m.group(3) and not 1 <= int(m.group(3)) <= 65535:
+        raise Invalid(f"port {m.group(3)} is not in 1-65535")
+    return v
+
+
+def _need_listener(values: dict) -> None:
+    if values.get("unix") is None and values.get("tcp") is None:
+        raise Invalid("no listener: set unix and/or tcp")
+
+
+# ---- the schema ------------------------------------------------------------
+
+DAEMON = Section("daemon", doc="the daemon process", when_absent={}, keys=(
+    Key("control", "string", DEFAULT_CONTROL, "control socket for the CLI",
+        unix_socket_path),
+    Key("state_dir", "string", DEFAULT_STATE_DIR, "directory for persistent state",
+        abs_path),
+    Key("log_level", "string", "info", "one of " + "|".join(LOG_LEVELS),
+        choice(*LOG_LEVELS)),
+))
+
+EXPORT = Section(
+    "export", doc="NBD listeners; a listener not named here is not opened",
+    when_absent={"unix": DEFAULT_UNIX}, check=_need_listener, keys=(
+        Key("unix", "string", None, "unix socket path for NBD clients",
+            unix_socket_path),
+        Key("tcp", "string", None,
+            'TCP listen address: "HOST:PORT", "[::1]:PORT" or ":PORT" (=127.0.0.1)',
+            tcp_address),
+    ))
+
+DEVICE = Section("device", doc="a virtual block device (repeatable)", array=True, keys=(
+    Key("name", "string", REQUIRED, "unique name; others reference it as @name",
+        device_name),
+    Key("table", "lines", REQUIRED, "device-mapper style table, one string per line",
+        table_lines),
+    Key("read_only", "boolean", False, "refuse writes"),
+    Key("description", "string", "", "free text"),
+    Key("export", "boolean", True, "export over NBD; false = building block only"),
+    Key("direct", "boolean", False, "open underlying files/devices with O_DIRECT"),
+    Key("exclusive", "boolean", True, "open underlying block devices with O_EXCL"),
+))
+
+POWER = Section("power", doc="UPS monitoring (optional)", keys=(
+    Key("ups", "string", REQUIRED, 'NUT UPS "name@host[:port]", or "none"', ups_name),
+    Key("user", "string", None, "NUT user name"),
+    Key("password", "string", None, "NUT password"),
+    Key("poll_interval", "number", 2, "seconds between UPS polls (> 0)",
+        number_range(0, lo_open=True)),
+    Key("online_hold", "number", 30, "seconds on line power before trusting it again",
+        number_range(0)),
+    Key("on_unreachable", "string", "writethrough",
+        "cache mode when the UPS cannot be reached: writethrough|writeback",
+        choice("writethrough", "writeback")),
+    Key("safety_factor", "number", 0.5,
+        "fraction of reported runtime to rely on (0 < f <= 1)",
+        number_range(0, 1, lo_open=True)),
+))
+
+SECTIONS: tuple[Section, ...] = (DAEMON, EXPORT, DEVICE, POWER)
+
+
+# ---- printing --------------------------------------------------------------
+
+def _render(value: Any) -> str:
+    if value is REQUIRED:
+        return "(required)"
+    if value is None:
+        return "(unset)"
+    return json.dumps(value)     # TOML and JSON agree for strings, bools, numbers
+
+
+def describe() -> str:
+    """Human-readable listing of every table and key, with defaults and docs."""
+    out: list[str] = []
+    for s in SECTIONS:
+        header = f"[[{s.name}]]" if s.array else f"[{s.name}]"
+        out.append(f"{header}  # {s.doc}")
+        width = max(len(k.name) for k in s.keys)
+        for k in s.keys:
+            t = TYPE_DOCS.get(k.type, k.type)
+            out.append(f"  {k.name:<{width}} = {_render(k.default):<30} # {t}: {k.doc}")
+        out.append("")
+    return "\n".join(out)

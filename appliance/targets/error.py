@@ -1,0 +1,21 @@
+"""error: every I/O fails with EIO (dm-error). Flush succeeds: there is nothing to flush."""
+
+import errno
+
+from .. import io as bio
+from . import Target, TargetError
+
+
+class Error(Target):
+    name = "error"
+
+    def ctr(self, args):
+        if args:
+            raise TargetError("error takes no arguments")
+
+    def map(self, io):
+        if io.op == bio.FLUSH:
+            io.complete(0)
+            return bio.SUBMITTED
+        io.error = errno.EIO
+        return bio.KILL

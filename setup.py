@@ -1,0 +1,14 @@
+"""Only the compiled extensions live here; everything else is in pyproject.toml."""
+
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+
+MODULES = ["sync", "gate", "transmit"]
+
+extensions = [
+    Extension(f"appliance._fast.{name}", [f"appliance/_fast/{name}.pyx"], extra_compile_args=["-O2"])
+    for name in MODULES
+    if name != "sync"  # declarations only
+]
+
+setup(ext_modules=cythonize(extensions, compiler_directives={"language_level": 3}, include_path=["."]))
