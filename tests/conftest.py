@@ -1,0 +1,141 @@
+"""Shared fixtures: a real daemon in a subprocess, real NBD clients against it."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def need(*tools):
+    """Skip unless every tool is installed (the README's test command installs them all)."""
+    missing = [t for t in tools if shutil.which(t) is None]
+    if missing:
+        pytest.skip(f"not installed: {', '.join(missing)}")
+
+
+class Daemon:
+    """`appliance serve` on a config of its own, in a temporary directory."""
+
+    def __init__(self, workdir: Path, config_text: str, name="appliance"):
+        self.dir = workdir
+        self.config = workdir / f"{name}.toml"
+        self.config.write_text(config_text)
+        self.control = str(workdir / f"{name}-control.sock")
+        self.socket = str(workdir / f"{name}-nbd.sock")
+        self.log = workdir / f"{name}.log"
+        self.proc = None
+
+    def start(self, timeout=20, expect_ready=True):
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env.pop("NOTIFY_SOCKET", None)
+        self._logf = open(self.log, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "appliance", "--config", str(self.config), "serve"],
+            cwd=REPO,
+            stdout=self._logf,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+        if not expect_ready:
+            return self
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"daemon exited {self.proc.returncode}:\n{self.log.read_text()}")
+            if "connect with:" in self.log.read_text():
+                return self
+            time.sleep(0.05)
+        raise RuntimeError(f"daemon not ready in {timeout}s:\n{self.log.read_text()}")
+
+    def uri(self, export=""):
+        return f"nbd+unix:///{export}?socket={self.socket}"
+
+    def cli(self, *args, check=True, timeout=60):
+        r = subprocess.run(
+            [sys.executable, "-m", "appliance", "--config", str(self.config), *args],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        if check and r.returncode != 0:
+            raise AssertionError(f"appliance {' '.join(args)} failed ({r.returncode}): {r.stderr}")
+        return r
+
+    def status(self, name=None):
+        args = ["status", "--json"] + ([name] if name else [])
+        return json.loads(self.cli(*args).stdout)
+
+    def signal(self, sig):
+        self.proc.send_signal(sig)
+
+    def stop(self, timeout=60):
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode if self.proc else None
+
+    def kill(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def config_text(tmp: Path, devices: str, name="appliance", extra="", tcp=None) -> str:
+    """A config whose sockets live in `tmp`; `devices` is the [[device]] part."""
+    listen = f'unix = "{tmp}/{name}-nbd.sock"\n' + (f'tcp = "127.0.0.1:{tcp}"\n' if tcp else "")
+    return (
+        f'[daemon]\ncontrol = "{tmp}/{name}-control.sock"\nstate_dir = "{tmp}/state"\n\n'
+        f"[export]\n{listen}\n{extra}\n{devices}"
+    )
+
+
+@pytest.fixture
+def make_daemon(tmp_path):
+    """make_daemon(devices_toml, **kw) -> a started Daemon; stopped at the end of the test."""
+    started = []
+
+    def make(devices, *, name="appliance", extra="", tcp=None, start=True):
+        d = Daemon(tmp_path, config_text(tmp_path, devices, name, extra, tcp), name)
+        started.append(d)
+        return d.start() if start else d
+
+    yield make
+    for d in started:
+        d.stop()
+        if d.proc and d.proc.returncode not in (0, None, -9):
+            print(d.log.read_text())
+
+
+@pytest.fixture
+def image(tmp_path):
+    """image(name, size) -> path of a sparse file."""
+
+    def make(name="disk.img", size=64 << 20):
+        p = tmp_path / name
+        with open(p, "wb") as f:
+            f.truncate(size)
+        return str(p)
+
+    return make
+
+
+def run(*cmd, check=True, timeout=120, **kw):
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)
+    if check and r.returncode != 0:
+        raise AssertionError(f"{' '.join(map(str, cmd))} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
+    return r
