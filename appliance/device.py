@@ -128,6 +128,16 @@ class MappedDevice:
     def size(self):
         return self.table.size if self.table else 0
 
+    @property
+    def align(self):
+        """The alignment every request needs: the largest of the devices below (O_DIRECT)."""
+        a = 1
+        if self.table:
+            for t in self.table.targets:
+                for d in t.iterate_devices():
+                    a = max(a, getattr(d, "align", 1))
+        return a
+
     def load(self, lines):
         """Construct a table into the inactive slot (dmsetup load). Raises TableError."""
         segments = parse_table(lines)

@@ -61,11 +61,7 @@ class Catalog:
 
 
 def export_info(dev):
-    align = 1
-    if dev.table is not None:
-        for t in dev.table.targets:
-            for d in t.iterate_devices():
-                align = max(align, getattr(d, "align", 1))
+    align = dev.align
     return ExportInfo(
         name=dev.name,
         size=dev.size,
