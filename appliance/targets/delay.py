@@ -95,14 +95,13 @@ class Delay(Target):
         self.by_class = (read, write, flush)
 
         self._cond = threading.Condition(threading.Lock())
-        self._heap = []  # (due, seq, io, path) when concurrent
-        self._fifo = collections.deque()  # (io, path) when serialized
+        self._heap = []  # (due, seq, io, path, class) when concurrent
+        self._fifo = collections.deque()  # (io, path, class) when serialized
         self._seq = itertools.count()
         self._queued = [0, 0, 0]  # per class
         self._delayed = [0, 0, 0]
         self._may_delay = True
         self._stopping = False
-        self._busy = False  # the worker holds a request it took off the queue
         self._thread = threading.Thread(
             target=self._serial_worker if self.serialize else self._timer_worker,
             name=f"delay {args[0]}",
@@ -244,6 +243,9 @@ class Delay(Target):
         with self._cond:
             if not self._stopping:
                 self._may_delay = True
+
+    def fast_map(self):
+        return None  # every request is judged by map(); the NBD loop never bypasses it
 
     def block_status(self, offset, length):
         read = self.by_class[READ]

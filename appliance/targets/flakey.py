@@ -31,7 +31,7 @@ import time
 
 from .. import SECTOR_SIZE
 from .. import io as bio
-from . import Target, TargetError, parse_int
+from . import Target, TargetError, _word, parse_int
 
 UINT_MAX = 2**32 - 1
 PROBABILITY_BASE = 1_000_000_000
@@ -243,6 +243,9 @@ class Flakey(Target):
         io.private = None
         return bio.DONE
 
+    def fast_map(self):
+        return None  # every request is judged by map(); the NBD loop never bypasses it
+
     def block_status(self, offset, length):
         return self.dev.block_status(self.start + offset, length)
 
@@ -258,6 +261,12 @@ class Flakey(Target):
             "dropped": dropped,
             "corrupted": corrupted,
         }
+
+    def status_line(self):
+        info = self.status_info()
+        if info["seconds_to_switch"] is None:
+            info["seconds_to_switch"] = "never"
+        return " ".join(f"{k}={_word(v)}" for k, v in info.items())
 
     def status_table(self):
         out = [self.dev_word, str(self.start // SECTOR_SIZE), str(self.up_interval), str(self.down_interval)]
