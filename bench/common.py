@@ -84,7 +84,10 @@ def tool_version(cmd: list[str]) -> str:
 def environment() -> dict:
     """What a reader of a results file needs to judge the numbers."""
     def git(*args):
-        r = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True)
+        try:
+            r = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
         return r.stdout.strip() if r.returncode == 0 else None
 
     return {
@@ -151,13 +154,14 @@ def _proc_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def wait_for_socket(path: str, proc: subprocess.Popen, timeout: float, log: Path | None = None) -> None:
-    """Until `path` accepts a connection; fails early if `proc` exits."""
+def wait_for_socket(path: str, proc: subprocess.Popen, timeout: float, log=None) -> None:
+    """Until `path` accepts a connection; fails early if `proc` exits. log: a callable
+    returning the server's output, shown in the error."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise BenchError(f"{proc.args[0]} exited with {proc.returncode} before listening"
-                             + (f":\n{log.read_text(errors='replace')}" if log and log.exists() else ""))
+                             + (f":\n{log()}" if log else ""))
         if os.path.exists(path):
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
                 try:
@@ -167,7 +171,7 @@ def wait_for_socket(path: str, proc: subprocess.Popen, timeout: float, log: Path
                     pass
         time.sleep(0.05)
     raise BenchError(f"{proc.args[0]} did not listen on {path} within {timeout}s"
-                     + (f":\n{log.read_text(errors='replace')}" if log and log.exists() else ""))
+                     + (f":\n{log()}" if log else ""))
 
 
 class Server:
@@ -184,6 +188,7 @@ class Server:
         self.log = self.dir / f"{name}.log"
         self.proc: subprocess.Popen | None = None
         self._logf = None
+        self._log_start = 0
 
     def command(self) -> list[str]:
         raise NotImplementedError
@@ -195,12 +200,13 @@ class Server:
         return dict(os.environ)
 
     def _ready(self, timeout: float) -> None:
-        wait_for_socket(self.socket, self.proc, timeout, self.log)
+        wait_for_socket(self.socket, self.proc, timeout, self.log_text)
 
     def start(self, timeout: float = 30) -> "Server":
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.socket)  # nbdkit refuses a stale socket
         self._logf = open(self.log, "ab")
+        self._log_start = self._logf.tell()  # the log is appended to across restarts
         self.proc = subprocess.Popen(
             self.command(), cwd=self.cwd(), env=self.env(), stdin=subprocess.DEVNULL,
             stdout=self._logf, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent,
@@ -244,7 +250,12 @@ class Server:
         return f"nbd+unix:///{self.default_export if export is None else export}?socket={self.socket}"
 
     def log_text(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.exists() else ""
+        """What this run of the server logged (not earlier runs on the same log file)."""
+        if not self.log.exists():
+            return ""
+        with open(self.log, "rb") as f:
+            f.seek(self._log_start)
+            return f.read().decode(errors="replace")
 
 
 class Appliance(Server):
@@ -406,9 +417,19 @@ class FioResult:
     def mib_s(self) -> float:
         return self.bw_bytes / MiB
 
+    @property
+    def server_us_per_io(self) -> float | None:
+        """Server CPU time per request, in microseconds: a figure much less
+        sensitive to other load on the machine than IOPS. Slightly high,
+        since the ramp's requests are not in total_ios but its CPU is."""
+        if self.server_cpu is None or not self.iops:
+            return None
+        return self.server_cpu * 1e4 / self.iops
+
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["mib_s"] = self.mib_s
+        d["server_us_per_io"] = self.server_us_per_io
         return d
 
 
@@ -429,11 +450,11 @@ def run_fio(uri: str, *, rw: str, bs: str, iodepth: int, runtime: float, numjobs
     cmd = [
         "fio", f"--name={name}", "--ioengine=nbd", f"--uri={uri}", f"--rw={rw}", f"--bs={bs}",
         f"--iodepth={iodepth}", f"--numjobs={numjobs}", "--group_reporting",
-        "--time_based", f"--runtime={runtime:g}", "--output-format=json",
+        "--time_based", f"--runtime={round(runtime * 1000)}ms", "--output-format=json",
         "--norandommap", "--randrepeat=0",
     ]
     if ramp_time:
-        cmd.append(f"--ramp_time={ramp_time:g}")
+        cmd.append(f"--ramp_time={round(ramp_time * 1000)}ms")  # plain numbers are whole seconds
     cmd += list(extra)
     if timeout is None:
         timeout = ramp_time + runtime + 60

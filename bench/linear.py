@@ -115,6 +115,9 @@ def main(argv=None) -> int:
     p.add_argument("--keep", action="store_true", help="keep the temp dir (configs, server logs)")
     p.add_argument("--no-save", action="store_true", help="do not write bench/results/linear-*.json")
     p.add_argument("--check", action="store_true", help="exit 1 if a bar FAILs")
+    p.add_argument("--nice", type=int, default=0,
+                   help="adjust the niceness of this script, the servers and fio (e.g. -10, needs root): "
+                        "less noise from other work on the machine")
     args = p.parse_args(argv)
 
     servers = [s.strip() for s in args.servers.split(",") if s.strip()]
@@ -132,7 +135,13 @@ def main(argv=None) -> int:
 
     need_tools("fio", *[s for s in servers if s != "appliance"])
     terminate_on_signals()
+    if args.nice:
+        try:
+            os.nice(args.nice)
+        except PermissionError:
+            raise BenchError(f"--nice {args.nice}: not permitted (negative values need root)") from None
     env = environment()
+    env["nice"] = os.nice(0)
 
     # results[server][workload key] = [FioResult per round]
     results = {s: {w.key: [] for w in wls} for s in servers}
@@ -144,7 +153,8 @@ def main(argv=None) -> int:
         try:
             make_data_file(data, size)
             for rnd in range(args.repeat):
-                for kind in servers:
+                # rotate the order each round so no server always goes first
+                for kind in servers[rnd % len(servers):] + servers[:rnd % len(servers)]:
                     srv = make_server(kind, wd, data, size)
                     log(f"[round {rnd + 1}/{args.repeat}] starting {kind}: {' '.join(srv.command())}")
                     with srv:
@@ -154,10 +164,11 @@ def main(argv=None) -> int:
                             if kind == "appliance":
                                 r.extra["fast_ios"] = srv.fast_ios() - fast0
                             results[kind][wl.key].append(r)
-                            extra = (f", fast-path IOs {r.extra['fast_ios']} (fio counted {r.total_ios}"
-                                     f" after ramp)" if "fast_ios" in r.extra else "")
+                            extra = (f", fast-path IOs {r.extra['fast_ios']} (incl. ramp; fio measured {r.total_ios})"
+                                     if "fast_ios" in r.extra else "")
                             log(f"  {wl.title:<42} {fmt_num(wl.value(r), wl.metric):>7} {wl.unit:<5}"
                                 f"  p99 {r.lat_p99_us:.0f} us  server CPU {r.server_cpu:.0f}%"
+                                f" ({r.server_us_per_io:.1f} us/IO)"
                                 f"  fio CPU {r.fio_cpu:.0f}%{extra}")
                     rc = srv.proc.returncode
                     if rc not in (0, None) and kind == "appliance":
@@ -209,12 +220,13 @@ def main(argv=None) -> int:
             for i, r in enumerate(results[s][w.key]):
                 drows.append([w.title if s == servers[0] and i == 0 else "", s + (f" #{i + 1}" if args.repeat > 1 else ""),
                               fmt_num(r.iops), f"{r.mib_s:.0f}", f"{r.lat_p50_us:.0f}", f"{r.lat_p99_us:.0f}",
-                              f"{r.server_cpu:.0f}%", f"{r.fio_cpu:.0f}%",
+                              f"{r.server_cpu:.0f}%", f"{r.server_us_per_io:.1f}", f"{r.fio_cpu:.0f}%",
                               str(r.extra.get("fast_ios", ""))])
-    print_table(["workload", "server", "IOPS", "MiB/s", "p50 us", "p99 us", "server CPU", "fio CPU",
-                 "fast-path IOs"], drows, align="llrrrrrrr")
+    print_table(["workload", "server", "IOPS", "MiB/s", "p50 us", "p99 us", "server CPU", "srv us/IO",
+                 "fio CPU", "fast-path IOs"], drows, align="llrrrrrrrr")
     load = os.getloadavg()
-    print(f"\nload average at start {env['loadavg_at_start'][0]:.2f}, at end {load[0]:.2f}; took {elapsed:.0f}s")
+    print(f"\nload average at start {env['loadavg_at_start'][0]:.2f}, at end {load[0]:.2f}"
+          f"{'; nice ' + str(env['nice']) if env['nice'] else ''}; took {elapsed:.0f}s")
 
     if not args.no_save:
         out = write_results("linear", {
