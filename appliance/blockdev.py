@@ -225,16 +225,22 @@ def _open(path, writable, direct, exclusive):
 class DevicePool:
     """Open underlying devices, shared and reference counted across tables."""
 
-    def __init__(self):
+    def __init__(self, resolve=None):
         self._lock = threading.Lock()
         self._devices = {}  # realpath -> FileDevice
+        # word in a table -> path to open (appliance.udev.resolve: wwn:, serial:, by-id)
+        self.resolve = resolve
 
     def get(self, path, *, writable=True, direct=False, exclusive=True):
+        word, path = path, self.resolve(path) if self.resolve else path
         key = os.path.realpath(path)
         with self._lock:
             dev = self._devices.get(key)
             if dev is None:
                 dev = _open(path, writable, direct, exclusive)
+                # what appliance.udev needs to match kernel events and to reopen a returning disk
+                dev.word, dev.writable, dev.exclusive = word, writable, exclusive
+                dev.rdev = os.fstat(dev.fd).st_rdev if dev.is_block else None
                 self._devices[key] = dev
             elif dev.direct != direct:
                 raise DeviceError(errno.EBUSY, f"{path}: already open with direct={dev.direct}")

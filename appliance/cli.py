@@ -18,7 +18,25 @@ def _control_path(args):
     try:
         return cfg.load_or_default(args.config).daemon.control
     except cfg.ConfigError as e:
-        raise SystemExit(f"appliance: {e}")
+        # A broken file must not lock the administrator out of the running daemon,
+        # whose status says why it refused to reload that file.
+        path = _control_in_broken_config(cfg.config_path(args.config))
+        print(f"appliance: warning: {e}; trying the control socket {path}", file=sys.stderr)
+        return path
+
+
+def _control_in_broken_config(path):
+    import re
+
+    from .schema import DEFAULT_CONTROL
+
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            text = f.read()
+    except OSError:
+        return DEFAULT_CONTROL
+    m = re.search(r"^\[daemon\][^\[]*?^\s*control\s*=\s*[\"']([^\"']+)[\"']", text, re.M | re.S)
+    return m.group(1) if m else DEFAULT_CONTROL
 
 
 def cmd_serve(args):
@@ -71,6 +89,10 @@ def cmd_status(args):
     if args.json:
         print(json.dumps(st, indent=2))
         return 0
+    if st.get("power") and not args.name:
+        from .power import describe
+
+        print(describe(st["power"]))
     for dev in st["devices"]:
         for line in dev["lines"]:
             print(f"{dev['name']}: {line}" if not args.name else line)
@@ -111,6 +133,12 @@ def cmd_load(args):
 def cmd_reload(args):
     _ask(args, "reload")
     return 0
+
+
+def cmd_power(args):
+    from .power.command import power_command
+
+    return power_command(args, lambda cmd, **kw: _ask(args, cmd, **kw))
 
 
 def parser():
@@ -158,6 +186,14 @@ def parser():
     s.set_defaults(fn=cmd_load)
 
     sub.add_parser("reload", help="re-read the config and apply it").set_defaults(fn=cmd_reload)
+
+    s = sub.add_parser("power", help="feed a UPS event (upsmon's NOTIFYCMD), or wait-clean")
+    s.add_argument("words", nargs="*", metavar="EVENT|wait-clean",
+                   help="ONBATT, ONLINE, LOWBATT, FSD, SHUTDOWN, COMMBAD, COMMOK (default: $NOTIFYTYPE, "
+                        "and the words are upsmon's message); wait-clean: exit 0 once every ramback is clean")
+    s.add_argument("--timeout", type=float, default=60, help="wait-clean: give up after this many seconds")
+    s.add_argument("--ups", help="the UPS the event is about (default: $UPSNAME)")
+    s.set_defaults(fn=cmd_power)
     return p
 
 

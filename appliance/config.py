@@ -42,6 +42,8 @@ class DaemonConfig:
     control: str
     state_dir: str
     log_level: str
+    disk_timeout: float = 30
+    shm_dir: str | None = None  # ramback RAM stores; None: a directory under /dev/shm per daemon
 
 
 @dataclass(frozen=True)

@@ -13,14 +13,21 @@ import threading
 import time
 
 from . import config as cfg
-from . import sdnotify
+from . import drain, sdnotify, udev
 from .blockdev import DevicePool
 from .control import ControlError, ControlServer
 from .device import MappedDevice, Registry
 from .nbd.server import Catalog, Server
+from .power.monitor import Monitor as PowerMonitor
 from .table import TableError
+from .watchdog import Watchdog
 
 log = logging.getLogger("appliance")
+
+
+STATUS_PERIOD = 5.0  # seconds between STATUS= refreshes (sent only when the text changed)
+DISK_RETRY = 10.0  # seconds between attempts to reopen a lost disk, besides kernel events
+CLIENT_DRAIN = 10.0  # seconds stop waits for connected clients to finish what is in flight
 
 
 class AssemblyError(Exception):
@@ -31,8 +38,10 @@ class Daemon:
     def __init__(self, config, config_arg=None):
         self.config = config
         self.config_arg = config_arg
-        self.pool = DevicePool()
+        self.pool = DevicePool(resolve=udev.resolve)
         self.registry = Registry()
+        self.power = self.registry.power = PowerMonitor(config.power, self.registry)
+        self.registry.daemon_config = config.daemon  # state_dir, shm_dir: ramback's store and marker
         self.catalog = Catalog()
         self.server = Server(self.catalog)
         self.control = None
@@ -42,6 +51,11 @@ class Daemon:
         self.last_reload = None  # (time, error or None)
         self.stopping = False
         self.endpoints = []
+        self.waiting = {}  # device name -> the disks (or @devices) it waits for
+        self.disks = udev.Disks(self.pool, self.registry)
+        self.monitor = None  # udev.Monitor: kernel block events -> ("disk", event)
+        self.watchdog = None
+        self._status_sent = None
 
     # assembly
 
@@ -63,7 +77,8 @@ class Daemon:
         return dev
 
     def assemble(self):
-        """Build every device, or none: a bad config never half-starts the daemon."""
+        """Build every device, or none: a bad config never half-starts the daemon. A device whose
+        disk is not attached (after waiting daemon.disk_timeout for it) waits, with those stacked on it."""
         if self.config.needs_default_image:
             path, size = self.config.needs_default_image
             if not os.path.exists(path):
@@ -71,9 +86,15 @@ class Daemon:
                 with open(path, "wb") as f:
                     f.truncate(size)
                 log.info("created the embedded default's sparse image %s (%d bytes)", path, size)
+        self._wait_for_disks()
         built = []
         try:
             for dc in self.config.device_order():
+                missing = self._missing(dc)
+                if missing:
+                    self.waiting[dc.name] = missing
+                    log.warning("%s waits for %s", dc.name, ", ".join(missing))
+                    continue
                 dev = self._build(dc)
                 self.registry.add(dev)
                 built.append(dev)
@@ -83,6 +104,50 @@ class Daemon:
                 dev.remove()
             raise
         self._publish()
+
+    def _missing(self, dc):
+        """What a device waits for: its disks that are not attached, and waiting devices it stacks on."""
+        return [w for w in udev.disk_words(dc.table) if udev.find(w) is None] + [
+            f"@{r}" for r in dc.refs if r in self.waiting
+        ]
+
+    def _wait_for_disks(self):
+        words = sorted({w for dc in self.config.devices for w in udev.disk_words(dc.table)})
+
+        def progress(missing, left):
+            sdnotify.notify(
+                f"STATUS=waiting {left:.0f}s more for disk(s): {', '.join(missing)}",
+                "WATCHDOG=1",  # alive: there is nothing to probe yet
+                f"EXTEND_TIMEOUT_USEC={int((left + 30) * 1e6)}",
+            )
+
+        missing = udev.wait_for(words, self.config.daemon.disk_timeout, progress)
+        if missing:
+            log.warning("still missing after %ss: %s", self.config.daemon.disk_timeout, ", ".join(missing))
+
+    def _attach_waiting(self):
+        """Build the waiting devices whose disks are here now. True if any was built."""
+        built = False
+        for dc in self.config.device_order():
+            if dc.name not in self.waiting:
+                continue
+            missing = self._missing(dc)
+            if missing:
+                self.waiting[dc.name] = missing
+                continue
+            try:
+                dev = self._build(dc)
+            except (AssemblyError, OSError) as e:
+                log.error("%s: its disks are here but it cannot be built: %s", dc.name, e)
+                self.waiting[dc.name] = [f"(error: {e})"]
+                continue
+            self.registry.add(dev)
+            del self.waiting[dc.name]
+            log.info("%s: disks attached; device assembled", dc.name)
+            built = True
+        if built:
+            self._publish()
+        return built
 
     def _publish(self):
         exported = [self.registry.get(d.name) for d in self.config.devices if d.export]
@@ -111,7 +176,8 @@ class Daemon:
                     uris.append(f"nbd+unix:///{d.name}?socket={where}")
                 else:
                     uris.append(f"nbd://{where}/{d.name}")
-            lines.append(f"  {d.name:<12} {_size(dev.size):>10}  " + "  ".join(uris))
+            size = "waiting" if dev is None else _size(dev.size)  # for a disk (udev)
+            lines.append(f"  {d.name:<12} {size:>10}  " + "  ".join(uris))
         return lines
 
     # the loop
@@ -123,42 +189,104 @@ class Daemon:
         try:
             self.control = ControlServer(self.config.daemon.control, self.handle)
             self.control.start()
+            self.power.start()
             self.open_listeners()
         except BaseException:
             self.teardown()
             raise
-        log.info("serving %d device(s) from %s", len(self.config.devices), self.config.source)
+        try:
+            self.monitor = udev.Monitor(lambda *event: self.events.put(("disk", event)))
+        except Exception as e:
+            log.warning("cannot watch kernel block events (%s): lost disks are noticed by their I/O errors only", e)
+        interval = sdnotify.watchdog_interval()
+        if interval:
+            self.watchdog = Watchdog(interval, lambda: list(self.registry.devices.values()))
+        log.info("serving %d device(s) from %s", len(self.registry.devices), self.config.source)
         if on_ready:
             on_ready(self)
-        sdnotify.notify("READY=1", f"STATUS={self.summary()}")
+        # every device is assembled and every listener accepts: only now READY
+        self._status_sent = self.summary()
+        sdnotify.notify("READY=1", f"STATUS={self._status_sent}")
+        next_status = next_retry = time.monotonic()
         while True:
-            event, reply = self.events.get()
+            now = time.monotonic()
+            timeout = min(next_status, next_retry) - now
+            if self.watchdog:
+                self.watchdog.tick()
+                timeout = min(timeout, self.watchdog.timeout())
+            try:
+                event, arg = self.events.get(timeout=max(0.0, timeout))
+            except queue.Empty:
+                event, arg = None, None
+            now = time.monotonic()
             if event == "stop":
                 self.stopping = True
-                sdnotify.notify("STOPPING=1", "STATUS=stopping: draining devices")
+                sdnotify.notify("STOPPING=1", "STATUS=stopping: closing exports, draining devices")
                 self.teardown()
-                if reply:
-                    reply.put(None)
+                sdnotify.notify("STATUS=stopped: every device drained and closed")
+                if arg:
+                    arg.put(None)
                 return 0
             if event == "reload":
                 sdnotify.notify("RELOADING=1", f"MONOTONIC_USEC={int(time.monotonic() * 1e6)}")
                 error = self.reload()
-                sdnotify.notify("READY=1", f"STATUS={self.summary()}")
-                if reply:
-                    reply.put(error)
+                self._status_sent = self.summary()
+                sdnotify.notify("READY=1", f"STATUS={self._status_sent}")
+                if arg:
+                    arg.put(error)
+            elif event == "disk":
+                with self.lock:
+                    changed = self.disks.event(*arg)
+                    changed |= self._attach_waiting()
+                if changed:
+                    next_status = now
+            if now >= next_retry:
+                next_retry = now + DISK_RETRY
+                if self.disks.lost or self.waiting:
+                    with self.lock:
+                        if self.disks.retry() | self._attach_waiting():
+                            next_status = now
+            if now >= next_status:
+                next_status = now + STATUS_PERIOD
+                text = self.summary()
+                if text != self._status_sent:
+                    self._status_sent = text
+                    sdnotify.notify(f"STATUS={text}")
 
     def teardown(self):
+        """Stop accepting clients; let connected ones get answers for what is in flight; then,
+        top-down, flush each device and remove it (a ramback's dtr drains it to backing), which
+        closes and fsyncs its backing devices. Progress goes to STATUS= while it runs."""
+        self.power.stop()
+        if self.monitor:
+            self.monitor.stop()
         self.server.stop("daemon stopping")
-        if self.control:
-            self.control.stop()
-        for dc in reversed(self.config.device_order()):
-            dev = self.registry.remove(dc.name)
-            if dev is not None:
+        deadline = time.monotonic() + CLIENT_DRAIN
+        while self.server.clients() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        progress = drain.StopProgress(self)
+        try:
+            for dc in reversed(self.config.device_order()):
+                dev = self.registry.get(dc.name)
+                if dev is None:
+                    continue
+                progress.now = dc.name
                 try:
                     dev.resume()  # let deferred I/O finish before the drain
+                    drain.flush(dev)
                     dev.remove()
                 except Exception:
                     log.exception("%s: teardown failed", dc.name)
+                self.registry.remove(dc.name)
+            for fdev in self.pool.devices():  # none, unless a target leaked one
+                try:
+                    os.fsync(fdev.fd)
+                except OSError:
+                    pass
+        finally:
+            progress.stop()
+        if self.control:
+            self.control.stop()
         log.info("stopped")
 
     # reload: all or nothing
@@ -173,10 +301,11 @@ class Daemon:
         with self.lock:
             try:
                 self._apply(new)
-            except (AssemblyError, TableError, OSError) as e:
+            except Exception as e:  # whatever it is, the running set stays and the daemon lives
                 log.error("reload refused: %s", e)
                 self.last_reload = (time.time(), str(e))
                 return str(e)
+            self._attach_waiting()
         self.last_reload = (time.time(), None)
         log.info("reloaded %s", new.source)
         return None
@@ -184,14 +313,21 @@ class Daemon:
     def _apply(self, new):
         old = {d.name: d for d in self.config.devices}
         fresh = {d.name: d for d in new.devices}
-        changed = [d for d in new.device_order() if d.name in old and old[d.name] != d]
-        added = [d for d in new.device_order() if d.name not in old]
+        # a waiting device is not built: a change to it only changes what it waits for
+        changed = [d for d in new.device_order() if d.name in old and old[d.name] != d and d.name not in self.waiting]
+        added = [d for d in new.device_order() if d.name not in old or d.name in self.waiting]
         removed = [d for d in reversed(self.config.device_order()) if d.name not in fresh]
+        retabled = {d.name for d in changed if tuple(old[d.name].table) != tuple(d.table)}
         for d in removed:
             dev = self.registry.get(d.name)
-            busy = [h.name for h in dev.holders if h.name in fresh]
+            busy = [h.name for h in (dev.holders if dev else ()) if h.name in fresh and h.name not in retabled]
             if busy:
                 raise AssemblyError(f"cannot remove {d.name}: {', '.join(busy)} still stacks on it")
+        for d in changed:
+            absent = [w for w in udev.disk_words(d.table) if udev.find(w) is None]
+            if absent:
+                raise AssemblyError(f"device {d.name}: disk {', '.join(absent)} is not attached")
+        waiting = {}
         if new.daemon.control != self.config.daemon.control:
             raise AssemblyError("daemon.control cannot change on reload; restart the daemon")
         # load every changed table first: any error leaves the running set untouched
@@ -199,38 +335,60 @@ class Daemon:
         created = []
         try:
             for d in added:
+                missing = [w for w in udev.disk_words(d.table) if udev.find(w) is None]
+                missing += [f"@{r}" for r in d.refs if r in waiting]
+                if missing:
+                    waiting[d.name] = missing
+                    continue
                 dev = self._build(d)
                 self.registry.add(dev)
                 created.append(dev)
             for d in changed:
                 dev = self.registry.get(d.name)
-                if tuple(old[d.name].table) != tuple(d.table) or (old[d.name].direct, old[d.name].exclusive) != (d.direct, d.exclusive):
+                if d.name in retabled or (old[d.name].direct, old[d.name].exclusive) != (d.direct, d.exclusive):
+                    before = dev.direct, dev.exclusive
                     dev.direct, dev.exclusive = d.direct, d.exclusive
                     try:
                         dev.load(list(d.table))
                     except TableError as e:
+                        dev.direct, dev.exclusive = before
                         raise AssemblyError(f"device {d.name}: table {e}") from None
-                    loaded.append(dev)
+                    loaded.append((dev, before))
         except BaseException:
-            for dev in loaded:
+            for dev, before in loaded:
                 dev.clear()
+                dev.direct, dev.exclusive = before
             for dev in reversed(created):
                 self.registry.remove(dev.name)
                 dev.remove()
             raise
         # commit: suspend, swap, resume each changed device; clients stay connected
-        for dev in loaded:
+        for dev, _ in loaded:
             dev.suspend()
             dev.resume()
         for d in changed:
             dev = self.registry.get(d.name)
             dev.read_only, dev.description = d.read_only, d.description
+            # what a client negotiated no longer holds: it must reconnect to learn it
+            if d.read_only and not old[d.name].read_only:
+                self.server.disconnect(d.name, "device made read-only by reload")
+            if old[d.name].export and not d.export:
+                self.server.disconnect(d.name, "device no longer exported")
         for d in removed:
+            self.waiting.pop(d.name, None)
             self.server.disconnect(d.name, "device removed by reload")
             dev = self.registry.remove(d.name)
-            dev.resume()
-            dev.remove()
+            if dev is not None:
+                dev.resume()
+                dev.remove()
+        for name in [n for n in self.waiting if n in fresh and n not in waiting]:
+            waiting[name] = self.waiting[name]  # re-checked by _attach_waiting
+        self.waiting = waiting
         listeners_changed = new.export != self.config.export
+        if new.power != self.config.power:
+            self.power.stop()
+            self.power = self.registry.power = PowerMonitor(new.power, self.registry)
+            self.power.start()
         self.config = new
         self._publish()
         if listeners_changed:
@@ -243,7 +401,7 @@ class Daemon:
     def handle(self, req):
         cmd = req["cmd"]
         fn = getattr(self, f"cmd_{cmd.replace('-', '_')}", None)
-        if fn is None:
+        if fn is None and cmd not in ("reload", "stop"):  # those two go through the run loop
             raise ControlError(f"unknown command {cmd!r}")
         if cmd in ("reload", "stop"):
             reply = queue.Queue()
@@ -252,6 +410,8 @@ class Daemon:
             if error:
                 raise ControlError(f"reload refused: {error}")
             return {}
+        if cmd.startswith("power"):  # UPS events never wait behind a reload: the monitor has its own queue
+            return fn(req)
         with self.lock:
             return fn(req)
 
@@ -282,8 +442,13 @@ class Daemon:
                 "uptime": round(time.time() - self.started, 1),
                 "exports": [f"{k}:{w}" for k, w in self.endpoints],
                 "last_reload": self.last_reload and {"time": self.last_reload[0], "error": self.last_reload[1]},
+                "summary": self.summary(),
+                "waiting": dict(self.waiting),
+                "lost_disks": self.disks.status(),
+                "watchdog_pings": self.watchdog.pings if self.watchdog else None,
             },
             "devices": devices,
+            "power": self.power.snapshot(),
         }
 
     def cmd_table(self, req):
@@ -295,6 +460,7 @@ class Daemon:
             out = dev.message(int(req.get("sector", 0)), list(req.get("words", [])))
         except ValueError as e:
             raise ControlError(str(e)) from None
+        self.power.manual_mode(dev.name, list(req.get("words", [])))
         return {"result": out or ""}
 
     def cmd_suspend(self, req):
@@ -317,9 +483,39 @@ class Daemon:
         self._device(req).clear()
         return {}
 
+    def cmd_power(self, req):
+        """A UPS event from upsmon's NOTIFYCMD (`appliance power EVENT`)."""
+        return self.power.push(str(req.get("event", "")), ups=req.get("ups"), message=req.get("message"))
+
+    def cmd_power_wait_clean(self, req):
+        try:
+            seconds = float(req.get("seconds", 60))
+        except (TypeError, ValueError):
+            raise ControlError("power-wait-clean: seconds must be a number") from None
+        return self.power.wait_clean(seconds)
+
     def summary(self):
+        """One line for STATUS=: devices, exports, clients, power, dirty data, what waits for a disk."""
         n = len(self.registry.devices)
-        return f"{n} device{'s' if n != 1 else ''}, exports {', '.join(f'{k}:{w}' for k, w in self.endpoints) or 'none'}"
+        parts = [f"{n} device{'s' if n != 1 else ''}"]
+        clients = len(self.server.clients())
+        parts.append(f"exports {', '.join(f'{k}:{w}' for k, w in self.endpoints) or 'none'}, {clients} client{'s' if clients != 1 else ''}")
+        if self.config.power is not None and getattr(self, "power", None) is not None:
+            try:
+                p = self.power.snapshot()
+                parts.append(f"power {p['state']} ({p['mode']})")
+            except Exception:
+                log.exception("power snapshot failed")
+        dirty = drain.dirty_bytes(self.registry.devices.values())
+        if dirty is not None:
+            parts.append(f"dirty {_size(dirty)}")
+        if self.waiting:
+            parts.append("waiting: " + ", ".join(f"{name} for {' '.join(w)}" for name, w in sorted(self.waiting.items())))
+        for lost in self.disks.status():
+            parts.append(f"disk {lost['disk']} {lost['state']}")
+        if self.last_reload and self.last_reload[1]:
+            parts.append(f"last reload refused: {self.last_reload[1]}")
+        return "; ".join(parts)
 
 
 def _rebind(server, catalog):

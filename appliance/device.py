@@ -13,10 +13,13 @@ import threading
 
 from . import io as bio
 from ._fast.gate import Gate
+from .blockdev import DeviceError
+from .power.state import NO_POWER as NO_POWER_MODE
 from .table import TableError, parse_table, table_size
 from .targets import TargetError, target_class
 
 log = logging.getLogger(__name__)
+
 
 
 class DeviceBusy(RuntimeError):
@@ -47,11 +50,11 @@ class Table:
         out = []
         for seg, t in zip(self.segments, self.targets):
             fm = t.fast_map()
-            if fm is None:
+            if fm is None or any(getattr(d, "failed", None) for d in t.iterate_devices()):
                 out.append((seg.offset, seg.offset + seg.size, 0, -1, 0, 1))
             else:
-                kind, fd, fd_offset, align = fm
-                out.append((seg.offset, seg.offset + seg.size, kind, fd, fd_offset, align))
+                kind, fd, fd_offset, align, *extra = fm  # extra: a ramback's ChunkState
+                out.append((seg.offset, seg.offset + seg.size, kind, fd, fd_offset, align, *extra))
         return out
 
     def text(self):
@@ -80,8 +83,22 @@ class TableContext:
             return self.registry.hold(word[1:], self.device)
         try:
             return self.pool.get(word, direct=self.direct, exclusive=self.exclusive)
+        except DeviceError as e:  # already one sentence naming the path, without "[Errno N]"
+            raise TargetError(e.strerror) from None
         except OSError as e:
             raise TargetError(str(e)) from None
+
+    @property
+    def daemon_config(self):
+        """The daemon's [daemon] settings (state_dir, shm_dir, control), or None outside a daemon."""
+        return getattr(self.registry, "daemon_config", None)
+
+    @property
+    def ramback_mode(self):
+        """(mode, reason) a ramback starts in: the daemon's power monitor decides
+        (appliance.power); with none attached, as without a [power] section."""
+        power = getattr(self.registry, "power", None)
+        return power.ramback_mode() if power is not None else NO_POWER_MODE
 
     def put_device(self, dev):
         if isinstance(dev, MappedDevice):
@@ -203,6 +220,21 @@ class MappedDevice:
             for t in self.table.targets:
                 t.resume()
             self.suspended = False
+            deferred = self.gate.open()
+        for io in deferred:
+            self.submit(io)
+
+    def refresh_fastmap(self):
+        """Rebuild the fast map from the live table (a backing disk failed or came back)."""
+        with self._control:
+            if self.table is None:
+                return
+            if self.suspended:  # closed and idle already; resume() reopens
+                self.gate.set_fastmap(self.table.fastmap())
+                return
+            self.gate.close()
+            self.gate.wait_idle()
+            self.gate.set_fastmap(self.table.fastmap())
             deferred = self.gate.open()
         for io in deferred:
             self.submit(io)
@@ -406,6 +438,8 @@ class Registry:
     def __init__(self):
         self.devices = {}
         self._lock = threading.Lock()
+        self.power = None  # the daemon's power monitor, for TableContext.ramback_mode
+        self.daemon_config = None  # the daemon's [daemon] section, for TableContext.daemon_config
 
     def add(self, dev):
         with self._lock:

@@ -207,6 +207,12 @@ DAEMON = Section("daemon", doc="the daemon process", when_absent={}, keys=(
         abs_path),
     Key("log_level", "string", "info", "one of " + "|".join(LOG_LEVELS),
         choice(*LOG_LEVELS)),
+    Key("disk_timeout", "number", 30,
+        "seconds to wait at start for disks a table names (wwn:, serial:, /dev/...)",
+        number_range(0)),
+    Key("shm_dir", "string", None,
+        "directory for ramback RAM stores (default: /dev/shm/appliance-<hash of control path>)",
+        abs_path),
 ))
 
 EXPORT = Section(

@@ -119,6 +119,17 @@ def make_daemon(tmp_path):
         d.stop()
         if d.proc and d.proc.returncode not in (0, None, -9):
             print(d.log.read_text())
+        _remove_ram_stores(d.control)
+
+
+def _remove_ram_stores(control):
+    """ramback keeps its RAM store in /dev/shm after a clean stop (a restart reattaches it);
+    a test's stores go with the test, or /dev/shm fills up over a run."""
+    try:
+        from appliance.targets.ramback.store import default_dir
+    except ImportError:
+        return
+    shutil.rmtree(default_dir(control), ignore_errors=True)
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ that got in keeps a valid map until it leaves.
 from libc.stdlib cimport malloc, free
 from appliance._fast.sync cimport (pthread_mutex_init, pthread_mutex_lock, pthread_mutex_unlock,
     pthread_cond_init, pthread_cond_wait, pthread_cond_broadcast)
+from appliance._fast.chunkstate cimport ChunkState
 
 
 cdef class Gate:
@@ -24,6 +25,7 @@ cdef class Gate:
         self.segs = NULL
         self.nsegs = 0
         self.deferred = []
+        self.keep = []
 
     def __dealloc__(self):
         if self.segs != NULL:
@@ -33,7 +35,7 @@ cdef class Gate:
         """Let a request in on the fast path: 1 if [offset, offset+length) lies in fast
         segments and the gate is open, else 0 (the caller takes the slow path)."""
         cdef int lo = 0, hi = self.nsegs - 1, mid, i
-        cdef uint64_t end = offset + length, pos
+        cdef uint64_t end = offset + length, pos, n
         pthread_mutex_lock(&self.lock)
         if self.suspended or self.nsegs == 0:
             pthread_mutex_unlock(&self.lock)
@@ -50,7 +52,10 @@ cdef class Gate:
             if i >= self.nsegs or self.segs[i].kind == FAST_NONE or self.segs[i].start > pos:
                 pthread_mutex_unlock(&self.lock)
                 return 0
-            if ((pos - self.segs[i].start) | (end - pos)) & (self.segs[i].align - 1):
+            # the piece in this segment is one pread/pwrite: O_DIRECT wants its file offset,
+            # its length and its place in the (page-aligned) buffer aligned
+            n = (self.segs[i].end if self.segs[i].end < end else end) - pos
+            if ((self.segs[i].fd_offset + pos - self.segs[i].start) | n | (pos - offset)) & (self.segs[i].align - 1):
                 pthread_mutex_unlock(&self.lock)
                 return 0
             pos = self.segs[i].end
@@ -85,6 +90,15 @@ cdef class Gate:
         with nogil:
             self.exit()
 
+    def probe(self, uint64_t offset, uint64_t length):
+        """For tests: would the fast path take [offset, offset+length)? (fast_enter, then exit)"""
+        cdef int r
+        with nogil:
+            r = self.fast_enter(offset, length)
+            if r:
+                self.exit()
+        return bool(r)
+
     def defer(self, io):
         """Keep a request that went through the gate and must wait for resume (a requeue)."""
         pthread_mutex_lock(&self.lock)
@@ -115,14 +129,24 @@ cdef class Gate:
         return deferred
 
     def set_fastmap(self, segments):
-        """segments: [(start, end, kind, fd, fd_offset, align)] sorted, in bytes. Only while closed and idle."""
+        """segments: [(start, end, kind, fd, fd_offset, align[, ChunkState])] sorted, in bytes.
+        FAST_RAMBACK segments carry the ChunkState they serve from. Only while closed and idle."""
         cdef FastSeg *segs = NULL
         cdef int i, n = len(segments)
+        cdef list keep = []
         if n:
             segs = <FastSeg *>malloc(n * sizeof(FastSeg))
             if segs == NULL:
                 raise MemoryError()
-            for i, (start, end, kind, fd, fd_offset, align) in enumerate(segments):
+            for i, seg in enumerate(segments):
+                start, end, kind, fd, fd_offset, align = seg[:6]
+                segs[i].ram = NULL
+                if kind == FAST_RAMBACK:
+                    if len(seg) < 7 or not isinstance(seg[6], ChunkState):
+                        free(segs)
+                        raise ValueError("a FAST_RAMBACK segment needs its ChunkState")
+                    segs[i].ram = (<ChunkState>seg[6]).fast()
+                    keep.append(seg[6])
                 if align < 1 or (align & (align - 1)):
                     free(segs)
                     raise ValueError(f"alignment {align} is not a power of two")
@@ -141,6 +165,7 @@ cdef class Gate:
             free(self.segs)
         self.segs = segs
         self.nsegs = n
+        self.keep = keep
         pthread_mutex_unlock(&self.lock)
 
     @property

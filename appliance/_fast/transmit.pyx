@@ -13,12 +13,13 @@ serialized by `send_lock`, so a reply is never interleaved with another.
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
 from libc.string cimport memcpy, memset, memmove
 from libc.stdlib cimport malloc, free
-from libc.errno cimport errno, EINTR, EIO, EINVAL, ENOSPC, EPERM, ENOMEM, EOVERFLOW
+from libc.errno cimport errno, EINTR, EAGAIN, EIO, EINVAL, ENOSPC, EPERM, ENOMEM, EOVERFLOW
 from posix.unistd cimport pread, pwrite, fdatasync
 from posix.uio cimport iovec
 from appliance._fast.sync cimport (pthread_mutex_init, pthread_mutex_lock, pthread_mutex_unlock,
     pthread_cond_init, pthread_cond_wait, pthread_cond_broadcast)
-from appliance._fast.gate cimport Gate, FastSeg, FAST_FD, FAST_ZERO
+from appliance._fast.gate cimport Gate, FastSeg, FAST_FD, FAST_ZERO, FAST_RAMBACK
+from appliance._fast.chunkstate cimport rb_read, rb_write
 
 cdef extern from "<endian.h>" nogil:
     uint16_t be16toh(uint16_t)
@@ -45,6 +46,7 @@ cdef extern from "<sys/socket.h>" nogil:
     ssize_t sendmsg(int, const msghdr *, int)
     int MSG_NOSIGNAL
     int MSG_WAITALL
+    int MSG_DONTWAIT
 
 DEF REQUEST_MAGIC = 0x25609513
 DEF SIMPLE_REPLY_MAGIC = 0x67446698
@@ -54,6 +56,9 @@ DEF RBUF = 65536
 # A write longer than this is not even read to be discarded: the stream is
 # hostile or broken, and the connection is closed.
 DEF HARD_MAX = 64 * 1024 * 1024
+# Replies queued for a client that does not read them are capped: past this
+# the client is dropped rather than the daemon's memory filled.
+DEF QUEUE_MAX = 256 * 1024 * 1024
 
 DEF CMD_READ = 0
 DEF CMD_WRITE = 1
@@ -146,11 +151,20 @@ cdef class Connection:
         self.iobuf = NULL
         self.iocap = 0
         pthread_mutex_init(&self.send_lock, NULL)
+        pthread_mutex_init(&self.qlock, NULL)
+        pthread_cond_init(&self.qcond, NULL)
+        self.qhead = NULL
+        self.qtail = NULL
         pthread_mutex_init(&self.lock, NULL)
         pthread_cond_init(&self.idle, NULL)
         self.close_reason = None
 
     def __dealloc__(self):
+        cdef OutMsg *m
+        while self.qhead != NULL:
+            m = self.qhead
+            self.qhead = m.next
+            free(m)
         free(self.rbuf)
         free(self.iobuf)
 
@@ -221,13 +235,26 @@ cdef class Connection:
     # sending
 
     cdef int sendv(self, iovec *iov, int n) noexcept nogil:
-        """Send all of iov, under the send lock. 0 ok, -1 the client is gone."""
+        """Send one whole reply. The connection's own loop thread may block on its
+        client; any other thread (a completion, a resume releasing held I/O, a
+        control request) must never wait for a client that stopped reading."""
+        if self.looping and pthread_equal(pthread_self(), self.loop_thread):
+            # let queued replies out first, so none is cut by this one
+            pthread_mutex_lock(&self.qlock)
+            while (self.qhead != NULL or self.sender_busy) and not self.dead:
+                pthread_cond_wait(&self.qcond, &self.qlock)
+            pthread_mutex_lock(&self.send_lock)  # free: posters hold qlock, the sender is idle
+            pthread_mutex_unlock(&self.qlock)
+            n = self.send_blocking(iov, n)
+            pthread_mutex_unlock(&self.send_lock)
+            return n
+        return self.post(iov, n)
+
+    cdef int send_blocking(self, iovec *iov, int n) noexcept nogil:
+        """Write all of iov; the caller holds send_lock. 0 ok, -1 the client is gone."""
         cdef msghdr msg
         cdef ssize_t sent
-        cdef int rc = 0
-        pthread_mutex_lock(&self.send_lock)
         if self.dead:
-            pthread_mutex_unlock(&self.send_lock)
             return -1
         memset(&msg, 0, sizeof(msg))
         while n > 0:
@@ -238,8 +265,7 @@ cdef class Connection:
                 if errno == EINTR:
                     continue
                 self.dead = 1
-                rc = -1
-                break
+                return -1
             while n > 0 and <size_t>sent >= iov[0].iov_len:
                 sent -= iov[0].iov_len
                 iov += 1
@@ -247,8 +273,104 @@ cdef class Connection:
             if n > 0:
                 iov[0].iov_base = <char *>iov[0].iov_base + sent
                 iov[0].iov_len -= sent
-        pthread_mutex_unlock(&self.send_lock)
-        return rc
+        return 0
+
+    cdef int post(self, iovec *iov, int n) noexcept nogil:
+        """Send what the socket takes now, without waiting; queue the rest (or all of it,
+        if replies are already queued or the socket is in use) for the sender thread."""
+        cdef msghdr msg
+        cdef ssize_t sent
+        cdef size_t total = 0, off = 0
+        cdef int i
+        cdef OutMsg *m
+        pthread_mutex_lock(&self.qlock)
+        if self.dead:
+            pthread_mutex_unlock(&self.qlock)
+            return -1
+        if self.qhead == NULL and not self.sender_busy and pthread_mutex_trylock(&self.send_lock) == 0:
+            memset(&msg, 0, sizeof(msg))
+            while n > 0:
+                msg.msg_iov = iov
+                msg.msg_iovlen = n
+                sent = sendmsg(self.fd, &msg, MSG_NOSIGNAL | MSG_DONTWAIT)
+                if sent < 0:
+                    if errno == EINTR:
+                        continue
+                    if errno != EAGAIN:
+                        self.dead = 1
+                    break
+                while n > 0 and <size_t>sent >= iov[0].iov_len:
+                    sent -= iov[0].iov_len
+                    iov += 1
+                    n -= 1
+                if n > 0:
+                    iov[0].iov_base = <char *>iov[0].iov_base + sent
+                    iov[0].iov_len -= sent
+            pthread_mutex_unlock(&self.send_lock)
+            if n == 0 or self.dead:
+                pthread_mutex_unlock(&self.qlock)
+                return -1 if self.dead else 0
+        # copy what is left; a partly sent reply goes first (the queue is empty then)
+        for i in range(n):
+            total += iov[i].iov_len
+        if self.qbytes + total > QUEUE_MAX:
+            self.dead = 1
+            pthread_cond_broadcast(&self.qcond)
+            pthread_mutex_unlock(&self.qlock)
+            return -1
+        self.qbytes += total
+        m = <OutMsg *>malloc(sizeof(OutMsg) + total)
+        if m == NULL:
+            self.dead = 1  # cannot keep the stream whole: drop the client
+            pthread_cond_broadcast(&self.qcond)
+            pthread_mutex_unlock(&self.qlock)
+            return -1
+        m.next = NULL
+        m.length = total
+        m.sent = 0
+        m.data = <char *>m + sizeof(OutMsg)
+        for i in range(n):
+            memcpy(m.data + off, iov[i].iov_base, iov[i].iov_len)
+            off += iov[i].iov_len
+        if self.qtail == NULL:
+            self.qhead = m
+        else:
+            self.qtail.next = m
+        self.qtail = m
+        pthread_cond_broadcast(&self.qcond)
+        pthread_mutex_unlock(&self.qlock)
+        return 0
+
+    def sender(self):
+        """The thread that writes queued replies, blocking on the client so nobody else does.
+        Runs until the connection is closed and the queue is empty."""
+        cdef OutMsg *m
+        cdef iovec iov[1]
+        with nogil:
+            while True:
+                pthread_mutex_lock(&self.qlock)
+                while self.qhead == NULL and not self.closing:
+                    pthread_cond_wait(&self.qcond, &self.qlock)
+                m = self.qhead
+                if m == NULL:
+                    pthread_mutex_unlock(&self.qlock)
+                    break
+                self.qhead = m.next
+                if self.qhead == NULL:
+                    self.qtail = NULL
+                self.qbytes -= m.length
+                self.sender_busy = 1
+                pthread_mutex_unlock(&self.qlock)
+                pthread_mutex_lock(&self.send_lock)
+                iov[0].iov_base = m.data
+                iov[0].iov_len = m.length
+                self.send_blocking(iov, 1)
+                pthread_mutex_unlock(&self.send_lock)
+                free(m)
+                pthread_mutex_lock(&self.qlock)
+                self.sender_busy = 0
+                pthread_cond_broadcast(&self.qcond)
+                pthread_mutex_unlock(&self.qlock)
 
     cdef int send_simple(self, uint64_t cookie, uint32_t error, char *data, size_t length) noexcept nogil:
         cdef char hdr[16]
@@ -330,15 +452,16 @@ cdef class Connection:
             self.sendv(iov, 1)
             self.done_one()
 
-    def abort(self, reason):
-        """Stop serving: the loop ends once the requests in flight are answered."""
+    def abort(self, reason, force=False):
+        """Stop serving: the loop ends once the requests in flight are answered. With
+        force, replies not yet sent are dropped too (a client that stopped reading)."""
         import socket
         if self.close_reason is None:
             self.close_reason = reason
         try:
             s = socket.socket(fileno=self.fd)  # borrowed: detach, never close it here
             try:
-                s.shutdown(socket.SHUT_RD)
+                s.shutdown(socket.SHUT_RDWR if force else socket.SHUT_RD)
             finally:
                 s.detach()
         except OSError:
@@ -372,6 +495,25 @@ cdef class Connection:
         pos = offset
         end = offset + length
         p = self.iobuf
+        # ramback serves a request whole or declines it before touching anything (a load
+        # needed, writethrough, the dirty cap): one that is not inside a single ramback
+        # segment goes to the slow path, so nothing is ever left half done here
+        seg = &self.gate.segs[i]
+        if seg.kind == FAST_RAMBACK or (end > seg.end and self.ramback_after(i, end)):
+            if end > seg.end or seg.kind != FAST_RAMBACK:
+                r = 0
+            elif cmd == CMD_READ:
+                r = rb_read(seg.ram, offset - seg.start, p, length)
+            else:
+                r = rb_write(seg.ram, offset - seg.start, p, length, flags & F_FUA)
+            self.gate.exit()
+            if not r:
+                return 0
+            if cmd == CMD_READ:
+                self.send_data(cookie, offset, self.iobuf, length)
+            else:
+                self.send_simple(cookie, 0, NULL, 0)
+            return 1
         while pos < end and not err:
             seg = &self.gate.segs[i]
             n = seg.end - pos
@@ -424,6 +566,15 @@ cdef class Connection:
             self.send_simple(cookie, 0, NULL, 0)
         return 1
 
+    cdef int ramback_after(self, int i, uint64_t end) noexcept nogil:
+        """1 if a segment after i that [.., end) reaches is a ramback one."""
+        i += 1
+        while i < self.gate.nsegs and self.gate.segs[i].start < end:
+            if self.gate.segs[i].kind == FAST_RAMBACK:
+                return 1
+            i += 1
+        return 0
+
     cdef int check(self, uint16_t cmd, uint16_t flags, uint64_t offset, uint32_t length) noexcept nogil:
         """The spec's checks, before any target sees the request. Returns an NBD errno or 0."""
         cdef uint16_t allowed = 0
@@ -437,6 +588,10 @@ cdef class Connection:
             allowed = F_FUA
         elif cmd == CMD_BLOCK_STATUS:
             allowed = F_REQ_ONE
+        if not self.read_only:
+            # SEND_FUA is advertised on writable exports, and then the spec says the
+            # server MUST accept FUA on every command (clients are known to set it)
+            allowed |= F_FUA
         if flags & ~allowed:
             return NBD_EINVAL
         if cmd == CMD_FLUSH:
@@ -467,6 +622,8 @@ cdef class Connection:
         cdef char *h
         cdef object reason = None
         cdef object payload
+        self.loop_thread = pthread_self()
+        self.looping = 1
         with nogil:
             while True:
                 rc = self.fill(HEADER)
@@ -548,6 +705,13 @@ cdef class Connection:
             while self.inflight > 0:
                 pthread_cond_wait(&self.idle, &self.lock)
             pthread_mutex_unlock(&self.lock)
+            # and let the sender thread write out what is queued, then stop
+            pthread_mutex_lock(&self.qlock)
+            self.closing = 1
+            pthread_cond_broadcast(&self.qcond)
+            while (self.qhead != NULL or self.sender_busy) and not self.dead:
+                pthread_cond_wait(&self.qcond, &self.qlock)
+            pthread_mutex_unlock(&self.qlock)
         if self.close_reason is None:
             self.close_reason = reason
         return self.close_reason

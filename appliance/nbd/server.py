@@ -130,7 +130,12 @@ class Session:
         conn.send_raw(head + body)
 
     def run(self):
-        reason = self.conn.run()
+        sender = threading.Thread(target=self.conn.sender, name="nbd-send", daemon=True)
+        sender.start()
+        try:
+            reason = self.conn.run()
+        finally:
+            sender.join()
         log.info("%s: %s: %s", self.device.name, self.peer, reason)
 
 
@@ -255,7 +260,10 @@ class Server:
                 if isinstance(event, ExportSelected):
                     sock.settimeout(None)
                     return event, hs.trailing_data
-                if isinstance(event, (Aborted, ConnectionClosed)):
+                if isinstance(event, ConnectionClosed):
+                    log.info("%s: closed the connection during the handshake", peer)
+                    return None
+                if isinstance(event, Aborted):
                     return None
         except RemoteProtocolError as e:
             log.warning("%s: closing: %s", peer, e.reason if hasattr(e, "reason") else e)
