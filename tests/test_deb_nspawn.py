@@ -29,7 +29,7 @@ CACHE = Path(os.environ.get("APPLIANCE_TEST_CACHE", "/var/cache/appliance-tests"
 MIRROR = os.environ.get("APPLIANCE_TEST_MIRROR", "http://deb.debian.org/debian")
 BOOT_PACKAGES = ["systemd", "systemd-sysv", "dbus"]
 # what goes into the .deb: a change here rebuilds it
-DEB_INPUTS = ["appliance", "packaging", "systemd", "etc", "pyproject.toml", "setup.py", "README.md", "docs/service.md"]
+DEB_INPUTS = ["appliance", "packaging", "systemd", "etc", "pyproject.toml", "setup.py", "README.md"]
 PORT = 10809  # the shipped config's TCP listener
 
 pytestmark = pytest.mark.timeout(1800)

@@ -3,7 +3,7 @@
 `state` is the sans-IO state machine (observations in, a plan out), `ups`
 polls upsd with nut2, `monitor` runs the threads and applies the plan to the
 rambacks, `command` is `appliance power` (upsmon's NOTIFYCMD, wait-clean).
-See docs/power.md.
+See "Power" in README.md.
 """
 
 from .state import EVENTS, NO_POWER, NO_UPS, describe
