@@ -145,6 +145,23 @@ def image(tmp_path):
     return make
 
 
+def device(name, *lines, **opts):
+    """One [[device]] table of a config: `device("d", "0 8 zero", read_only=True)`."""
+    text = f'[[device]]\nname = "{name}"\ntable = {json.dumps(list(lines))}\n'
+    for key, value in opts.items():
+        text += f"{key} = {json.dumps(value)}\n"
+    return text + "\n"
+
+
+def nbdsh_env():
+    """nbdsh runs `python3 -m nbd`: put first on PATH a python3 that has the libnbd bindings
+    (Debian's python3-libnbd is for /usr/bin/python3, not a pyenv python3 first on PATH)."""
+    for py in (shutil.which("python3"), "/usr/bin/python3"):
+        if py and subprocess.run([py, "-c", "import nbd"], capture_output=True).returncode == 0:
+            return dict(os.environ, PATH=os.path.dirname(py) + os.pathsep + os.environ["PATH"])
+    pytest.skip("python3-libnbd (nbdsh's module) is not importable")
+
+
 def run(*cmd, check=True, timeout=120, **kw):
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)
     if check and r.returncode != 0:

@@ -7,30 +7,15 @@ with wide margins so a loaded 2-core machine does not flake.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import time
 
-import pytest
 
-from conftest import need, run
+from conftest import need, run, nbdsh_env, device
 
 MiB = 1 << 20
 SIZE = 4 * MiB
 SECTORS = SIZE // 512
-
-
-def device(name, *lines):
-    return f'[[device]]\nname = "{name}"\ntable = {json.dumps(list(lines))}\n\n'
-
-
-def nbdsh_env():
-    """nbdsh runs `python3 -m nbd`: put first on PATH a python3 that has the libnbd bindings."""
-    for py in (shutil.which("python3"), "/usr/bin/python3"):
-        if py and subprocess.run([py, "-c", "import nbd"], capture_output=True).returncode == 0:
-            return dict(os.environ, PATH=os.path.dirname(py) + os.pathsep + os.environ["PATH"])
-    pytest.skip("python3-libnbd (nbdsh's module) is not importable")
 
 
 def nbdsh_json(uri, script, timeout=60):

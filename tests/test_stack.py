@@ -4,35 +4,18 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import struct
 import subprocess
 import sys
 import textwrap
 import time
 
-import pytest
 
 from appliance import control
-from conftest import REPO, need, run
+from conftest import REPO, need, run, nbdsh_env, device
 
 MiB = 1 << 20
 S = 512  # sector
-
-
-def device(name, *lines, **opts):
-    text = f'[[device]]\nname = "{name}"\ntable = {json.dumps(list(lines))}\n'
-    for key, value in opts.items():
-        text += f"{key} = {json.dumps(value)}\n"
-    return text + "\n"
-
-
-def nbdsh_env():
-    """nbdsh runs `python3 -m nbd`: put first on PATH a python3 that has the libnbd bindings."""
-    for py in (shutil.which("python3"), "/usr/bin/python3"):
-        if py and subprocess.run([py, "-c", "import nbd"], capture_output=True).returncode == 0:
-            return dict(os.environ, PATH=os.path.dirname(py) + os.pathsep + os.environ["PATH"])
-    pytest.skip("python3-libnbd (nbdsh's module) is not importable")
 
 
 def nbdsh_script(body):
