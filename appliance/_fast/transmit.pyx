@@ -124,6 +124,21 @@ cdef inline void put64(char *p, uint64_t v) noexcept nogil:
     memcpy(p, &v, 8)
 
 
+cdef inline int consumed(iovec **iovp, int n, size_t sent) noexcept nogil:
+    """Drop `sent` bytes off the front of an iovec array after a short send; returns the
+    entries left (the first one trimmed)."""
+    cdef iovec *iov = iovp[0]
+    while n > 0 and sent >= iov[0].iov_len:
+        sent -= iov[0].iov_len
+        iov += 1
+        n -= 1
+    if n > 0:
+        iov[0].iov_base = <char *>iov[0].iov_base + sent
+        iov[0].iov_len -= sent
+    iovp[0] = iov
+    return n
+
+
 cdef class Connection:
     """One client in transmission phase. `dispatch(conn, cmd, flags, cookie, offset, length, payload)`
     is called with the GIL for everything the fast path does not serve, and must
@@ -266,13 +281,7 @@ cdef class Connection:
                     continue
                 self.dead = 1
                 return -1
-            while n > 0 and <size_t>sent >= iov[0].iov_len:
-                sent -= iov[0].iov_len
-                iov += 1
-                n -= 1
-            if n > 0:
-                iov[0].iov_base = <char *>iov[0].iov_base + sent
-                iov[0].iov_len -= sent
+            n = consumed(&iov, n, sent)
         return 0
 
     cdef int post(self, iovec *iov, int n) noexcept nogil:
@@ -299,13 +308,7 @@ cdef class Connection:
                     if errno != EAGAIN:
                         self.dead = 1
                     break
-                while n > 0 and <size_t>sent >= iov[0].iov_len:
-                    sent -= iov[0].iov_len
-                    iov += 1
-                    n -= 1
-                if n > 0:
-                    iov[0].iov_base = <char *>iov[0].iov_base + sent
-                    iov[0].iov_len -= sent
+                n = consumed(&iov, n, sent)
             pthread_mutex_unlock(&self.send_lock)
             if n == 0 or self.dead:
                 pthread_mutex_unlock(&self.qlock)
