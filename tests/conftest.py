@@ -153,13 +153,18 @@ def device(name, *lines, **opts):
     return text + "\n"
 
 
-def nbdsh_env():
-    """nbdsh runs `python3 -m nbd`: put first on PATH a python3 that has the libnbd bindings
-    (Debian's python3-libnbd is for /usr/bin/python3, not a pyenv python3 first on PATH)."""
+def nbd_python():
+    """A python3 with libnbd's bindings (the `nbd` module). Debian's python3-libnbd is for
+    /usr/bin/python3, not for a pyenv python3 that may come first on PATH."""
     for py in (shutil.which("python3"), "/usr/bin/python3"):
         if py and subprocess.run([py, "-c", "import nbd"], capture_output=True).returncode == 0:
-            return dict(os.environ, PATH=os.path.dirname(py) + os.pathsep + os.environ["PATH"])
+            return py
     pytest.skip("python3-libnbd (nbdsh's module) is not importable")
+
+
+def nbdsh_env():
+    """nbdsh runs `python3 -m nbd`: put a python3 with the bindings first on PATH."""
+    return dict(os.environ, PATH=os.path.dirname(nbd_python()) + os.pathsep + os.environ["PATH"])
 
 
 def run(*cmd, check=True, timeout=120, **kw):

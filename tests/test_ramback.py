@@ -12,7 +12,7 @@ import textwrap
 import time
 
 import pytest
-from conftest import config_text, need, run
+from conftest import config_text, need, run, nbd_python
 
 from appliance.targets.ramback.store import default_dir
 
@@ -20,14 +20,6 @@ CHUNK = 4096
 
 
 # ---- helpers ---------------------------------------------------------------------------
-
-
-def nbd_python():
-    """A python3 with libnbd's bindings (the `nbd` module nbdsh uses)."""
-    for py in (shutil.which("python3"), "/usr/bin/python3"):
-        if py and subprocess.run([py, "-c", "import nbd"], capture_output=True).returncode == 0:
-            return py
-    pytest.skip("python3-libnbd is not importable")
 
 
 def nbd_script(body, *args, timeout=120, background=False, **kw):
@@ -125,15 +117,6 @@ def device(name, line, **opts):
     for k, v in opts.items():
         text += f"{k} = {str(v).lower() if isinstance(v, bool) else repr(v)}\n"
     return text + "\n"
-
-
-@pytest.fixture(autouse=True)
-def _stores_cleaned(tmp_path):
-    """Stores at the default place live under /dev/shm (per daemon: the control socket path);
-    remove them when the test ends."""
-    yield
-    for name in ("appliance", "a", "b"):
-        shutil.rmtree(default_dir(str(tmp_path / f"{name}-control.sock")), ignore_errors=True)
 
 
 # ---- tests -------------------------------------------------------------------------------

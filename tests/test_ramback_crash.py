@@ -7,8 +7,7 @@ import os
 import random
 import time
 
-from test_ramback import (  # noqa: F401  (the autouse fixture cleans /dev/shm)
-    _stores_cleaned,
+from test_ramback import (
     device,
     device_bytes,
     message,

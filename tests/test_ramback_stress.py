@@ -16,8 +16,7 @@ import json
 import struct
 import time
 
-from test_ramback import (  # noqa: F401  (the autouse fixture cleans /dev/shm)
-    _stores_cleaned,
+from test_ramback import (
     device,
     device_bytes,
     message,
