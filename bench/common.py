@@ -443,12 +443,17 @@ def parse_fio_json(text: str) -> dict:
     return json.loads(text[start:])
 
 
-def run_fio(uri: str, *, rw: str, bs: str, iodepth: int, runtime: float, numjobs: int = 1,
-            ramp_time: float = 0, name: str = "bench", extra=(), timeout: float | None = None) -> FioResult:
-    """One fio run with the nbd ioengine against `uri`. `numjobs` > 1 opens that many
-    connections (one per job); the figures are summed over jobs (group_reporting)."""
+def run_fio(uri: str | None, *, rw: str, bs: str, iodepth: int, runtime: float, numjobs: int = 1,
+            ramp_time: float = 0, name: str = "bench", extra=(), timeout: float | None = None,
+            filename: str | None = None) -> FioResult:
+    """One fio run with the nbd ioengine against `uri`, or, with `filename` instead, with
+    io_uring and O_DIRECT on that file (the physical limit the servers are measured
+    against). `numjobs` > 1 opens that many connections (one per job); the figures are
+    summed over jobs (group_reporting)."""
+    target = ([f"--filename={filename}", "--ioengine=io_uring", "--direct=1"] if filename
+              else ["--ioengine=nbd", f"--uri={uri}"])
     cmd = [
-        "fio", f"--name={name}", "--ioengine=nbd", f"--uri={uri}", f"--rw={rw}", f"--bs={bs}",
+        "fio", f"--name={name}", *target, f"--rw={rw}", f"--bs={bs}",
         f"--iodepth={iodepth}", f"--numjobs={numjobs}", "--group_reporting",
         "--time_based", f"--runtime={round(runtime * 1000)}ms", "--output-format=json",
         "--norandommap", "--randrepeat=0",

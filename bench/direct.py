@@ -1,0 +1,187 @@
+#!/usr/bin/env python3
+"""linear on a real disk: `direct = true` over a file on the root filesystem, against the
+disk itself and the peers that also bypass the page cache, in one invocation.
+
+    python bench/direct.py [--runtime S] [--size MiB] [--data-dir DIR] [--only KEYS]
+
+One data file (random data) on a real disk (not tmpfs: --data-dir must be on one) is
+  (a) measured with fio itself, `--ioengine=io_uring --direct=1` on the file: the
+      physical limit of this disk at each queue depth,
+  (b) served by `appliance serve` with one device `0 <sectors> linear FILE 0`,
+      `direct = true`,
+  (c) served by `qemu-nbd --cache=none --aio=io_uring` (O_DIRECT, asynchronous),
+  (d) served by `nbdkit file FILE cache=none` (no O_DIRECT in Debian 12's nbdkit: it
+      drops pages after each request; shown, not judged),
+and fio's nbd engine runs the same 4 KiB random reads at QD1, QD8 and QD32 on one
+connection against each server. Bars (issue 8): at QD32 the appliance reaches at least
+0.9x fio's own figure and at least 1.0x qemu-nbd's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import (  # noqa: E402
+    MiB,
+    Appliance,
+    BenchError,
+    Nbdkit,
+    QemuNbd,
+    Workload,
+    environment,
+    fmt_num,
+    fmt_ratio,
+    make_data_file,
+    measure,
+    need_tools,
+    print_table,
+    ratio,
+    run_fio,
+    settle,
+    terminate_on_signals,
+    workdir,
+    write_results,
+)
+
+SOURCES = ("fio", "appliance", "qemu-nbd", "nbdkit")
+DEVICE = "bench"
+WORKLOADS = [
+    Workload("randread-4k-qd1", "4 KiB random read, QD1", "randread", "4k", 1),
+    Workload("randread-4k-qd8", "4 KiB random read, QD8", "randread", "4k", 8),
+    Workload("randread-4k-qd32", "4 KiB random read, QD32", "randread", "4k", 32),
+    Workload("randwrite-4k-qd32", "4 KiB random write, QD32", "randwrite", "4k", 32),
+]
+# (minimum ratio to fio on the file, minimum ratio to qemu-nbd), from the issue
+BARS = {"randread-4k-qd32": (0.9, 1.0)}
+
+
+def make_server(kind: str, wd: Path, data: str, size: int):
+    if kind == "appliance":
+        return Appliance(wd, [(DEVICE, [f"0 {size // 512} linear {data} 0"], {"direct": True})])
+    if kind == "qemu-nbd":
+        return QemuNbd(wd, data, fmt="raw", shared=16, cache="none", aio="io_uring")
+    if kind == "nbdkit":
+        return Nbdkit(wd, "file", [f"file={data}", "cache=none"])
+    raise ValueError(kind)
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def on_tmpfs(path: str) -> bool:
+    best, fstype = "", ""
+    with open("/proc/mounts") as f:
+        for line in f:
+            mnt, kind = line.split()[1], line.split()[2]
+            if path.startswith(mnt.rstrip("/") + "/") and len(mnt) > len(best):
+                best, fstype = mnt, kind
+    return fstype in ("tmpfs", "ramfs")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--runtime", type=float, default=10, help="seconds per fio run, measured (default 10)")
+    p.add_argument("--ramp", type=float, default=1, help="seconds of fio ramp before measuring (default 1)")
+    p.add_argument("--size", type=int, default=2048, help="data file size in MiB (default 2048)")
+    p.add_argument("--data-dir", default="/var/tmp", help="a directory on a real disk (default /var/tmp)")
+    p.add_argument("--sources", default=",".join(SOURCES), help=f"subset/order of {','.join(SOURCES)}")
+    p.add_argument("--only", help="comma-separated workload keys (default: all)")
+    p.add_argument("--no-save", action="store_true", help="do not write bench/results/direct-*.json")
+    p.add_argument("--check", action="store_true", help="exit 1 if a bar FAILs")
+    args = p.parse_args(argv)
+
+    sources = [s.strip() for s in args.sources.split(",") if s.strip()]
+    if any(s not in SOURCES for s in sources) or not sources:
+        p.error(f"--sources: choose from {', '.join(SOURCES)}")
+    wls = [w for w in WORKLOADS if not args.only or w.key in args.only.split(",")]
+    data_dir = os.path.realpath(args.data_dir)
+    if on_tmpfs(data_dir + "/"):
+        p.error(f"--data-dir {data_dir} is on tmpfs: O_DIRECT needs a real disk")
+    need_tools("fio", *[s for s in sources if s not in ("fio", "appliance")])
+    terminate_on_signals()
+    env = environment()
+    size = args.size * MiB
+
+    results = {s: {} for s in sources}
+    started = time.time()
+    with workdir() as wd:
+        data = os.path.join(data_dir, f"direct-bench-{os.getpid()}.img")
+        log(f"writing {args.size} MiB of random data to {data} ...")
+        try:
+            make_data_file(data, size)
+            for kind in sources:
+                if kind == "fio":
+                    for wl in wls:
+                        settle()
+                        r = run_fio(None, filename=data, rw=wl.rw, bs=wl.bs, iodepth=wl.iodepth,
+                                    runtime=args.runtime, ramp_time=args.ramp, name=wl.key)
+                        results[kind][wl.key] = r
+                        log(f"  fio on the file   {wl.title:<28} {fmt_num(r.iops):>7} IOPS  p99 {r.lat_p99_us:.0f} us")
+                    continue
+                srv = make_server(kind, wd, data, size)
+                log(f"starting {kind}: {' '.join(srv.command())}")
+                with srv:
+                    for wl in wls:
+                        r = measure(srv, wl, runtime=args.runtime, ramp_time=args.ramp)
+                        results[kind][wl.key] = r
+                        log(f"  {kind:<17} {wl.title:<28} {fmt_num(r.iops):>7} IOPS  p99 {r.lat_p99_us:.0f} us"
+                            f"  server {r.server_us_per_io or 0:.1f} us/IO")
+        finally:
+            try:
+                os.unlink(data)
+            except OSError:
+                pass
+    elapsed = time.time() - started
+
+    def val(s, w):
+        r = results.get(s, {}).get(w.key)
+        return r.iops if r else None
+
+    rows, summary, verdicts = [], [], []
+    for w in wls:
+        a, f, q, n = (val(s, w) for s in ("appliance", "fio", "qemu-nbd", "nbdkit"))
+        rf, rq, rn = ratio(a, f), ratio(a, q), ratio(a, n)
+        bar = BARS.get(w.key)
+        verdict = ""
+        if bar:
+            verdict = "n/a" if rf is None or rq is None else ("PASS" if rf >= bar[0] and rq >= bar[1] else "FAIL")
+            verdicts.append(verdict)
+        rows.append([w.title, fmt_num(a), fmt_num(f), fmt_num(q), fmt_num(n), fmt_ratio(rf), fmt_ratio(rq),
+                     fmt_ratio(rn), f">={bar[0]}x fio, >={bar[1]}x qemu-nbd" if bar else "", verdict])
+        summary.append({"workload": w.key, "appliance": a, "fio": f, "qemu-nbd": q, "nbdkit": n,
+                        "ratio_fio": rf, "ratio_qemu_nbd": rq, "ratio_nbdkit": rn, "verdict": verdict or None})
+    print(f"\nlinear, direct = true, over a {args.size} MiB file in {data_dir}; one connection, "
+          f"{args.runtime:g}s per run; {env['cpus']} CPUs\n")
+    print_table(["workload (IOPS)", "appliance", "fio file", "qemu-nbd", "nbdkit", "app/fio", "app/qemu",
+                 "app/nbdkit", "bar", "result"], rows, align="lrrrrrrrll")
+    cpu = [[w.title] + [f"{results[s][w.key].server_us_per_io:.1f}" if s in results and w.key in results[s]
+                        and results[s][w.key].server_us_per_io else "" for s in ("appliance", "qemu-nbd", "nbdkit")]
+           for w in wls]
+    print("\nserver CPU per request (us)\n")
+    print_table(["workload", "appliance", "qemu-nbd", "nbdkit"], cpu, align="lrrr")
+    print(f"\nload average at start {env['loadavg_at_start'][0]:.2f}, at end {os.getloadavg()[0]:.2f}; "
+          f"took {elapsed:.0f}s")
+    if not args.no_save:
+        out = write_results("direct", {"benchmark": "direct", "environment": env, "summary": summary,
+                                       "runs": {s: {k: r.to_dict() for k, r in v.items()} for s, v in results.items()}})
+        print(f"results: {out}")
+    return 1 if args.check and "FAIL" in verdicts else 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except BenchError as e:
+        print(f"bench: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("bench: interrupted", file=sys.stderr)
+        sys.exit(130)
