@@ -172,3 +172,13 @@ def run(*cmd, check=True, timeout=120, **kw):
     if check and r.returncode != 0:
         raise AssertionError(f"{' '.join(map(str, cmd))} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
     return r
+
+
+def replay_log(log, out, *flags, size=None):
+    """`appliance log-writes replay LOG OUT FLAGS...` onto a fresh file of `size` bytes; its bytes.
+    How tests see what reached the disk: the log below a device, replayed to a flush."""
+    out = Path(out)
+    with open(out, "wb") as f:
+        f.truncate(size or 0)
+    run(sys.executable, "-m", "appliance", "log-writes", "replay", str(log), str(out), *flags, cwd=REPO)
+    return out.read_bytes()

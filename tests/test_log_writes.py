@@ -9,7 +9,7 @@ import json
 import subprocess
 import sys
 
-from conftest import REPO, device, need, nbdsh_env
+from conftest import REPO, device, need, nbdsh_env, replay_log
 
 MiB = 1 << 20
 SECTORS = 8 * MiB // 512
@@ -44,12 +44,7 @@ def entries(log):
 
 
 def replayed(log, tmp_path, *flags, name="replayed.img"):
-    """Replay onto a fresh file the size of the device; return its bytes."""
-    out = tmp_path / name
-    with open(out, "wb") as f:
-        f.truncate(8 * MiB)
-    cli("replay", log, out, *flags)
-    return out.read_bytes()
+    return replay_log(log, tmp_path / name, *flags, size=8 * MiB)
 
 
 def logged(make_daemon, image, log_size=32 * MiB):
