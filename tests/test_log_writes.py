@@ -186,3 +186,26 @@ def test_the_constructor_refuses_a_log_it_cannot_use(make_daemon, image):
                       (f"{disk}", "takes <dev> <log_dev>")):
         r = d.cli("load", "data0", f"0 {SECTORS} log-writes {args}", check=False)
         assert r.returncode != 0 and why in r.stderr, (args, r.stderr)
+
+
+def test_a_write_that_completes_while_a_flush_is_in_flight_belongs_to_the_next_flush(make_daemon, image, tmp_path):
+    """dm's rule: a flush makes durable the writes completed before it was issued. The disk's
+    flushes take 300 ms here (delay), so a write issued after the flush completes first."""
+    disk, log = image("disk.img", 8 * MiB), image("log.img", 32 * MiB)
+    d = make_daemon(
+        device("slow", f"0 {SECTORS} delay {disk} 0 0 {disk} 0 0 {disk} 0 300", export=False)
+        + device("data0", f"0 {SECTORS} log-writes @slow {log}")
+    )
+    nbdsh(d.uri("data0"), """
+h.pwrite(b"\\x01" * 4096, 0)
+flush = h.aio_flush()
+h.pwrite(b"\\x02" * 4096, 4096)   # acknowledged while the flush is still in flight
+assert not h.aio_command_completed(flush)
+while not h.aio_command_completed(flush):
+    h.poll(1000)
+h.flush()
+""")
+    got = [(e["kind"], e["offset"]) for e in entries(log)["entries"]]
+    assert got == [("write", 0), ("flush", 0), ("write", 4096), ("flush", 0)]
+    first = replayed(log, tmp_path, "--to-flush", "1")
+    assert first[:4096] == b"\x01" * 4096 and first[4096:8192] == bytes(4096)

@@ -13,7 +13,7 @@ import textwrap
 
 import pytest
 
-from conftest import need, run, nbdsh_env, device, replay_log
+from conftest import need, run, nbdsh_env, device, replay_log, unwritten_pages
 
 MiB = 1 << 20
 
@@ -65,7 +65,7 @@ def logged(make_daemon, disk, image):
         device("inner", f"0 {8 * MiB // 512} log-writes {disk} {log}", export=False)
         + device("data0", f"0 {8 * MiB // 512} linear @inner 0")
     )
-    d.log_writes = log
+    d.log_writes, d.disk = log, disk
     return d
 
 
@@ -319,7 +319,8 @@ def test_fua_write_is_durable_when_it_completes(logged, tmp_path):
         """
     )
     assert r == {"can_fua": True}
-    disk = durable(logged, tmp_path, "--durable")
+    assert unwritten_pages(logged.disk, 12288, 8192) in (0, None)  # the disk file below was synced
+    disk = durable(logged, tmp_path, "--durable")  # and the FUA reached it as FUA
     assert disk[12288 : 12288 + 8192] == b"\x42" * 8192
     assert disk[65536 : 65536 + 8192] == bytes(8192)  # never flushed: a power cut may lose it
 
@@ -437,6 +438,7 @@ def test_write_on_one_connection_is_visible_and_flushed_through_another(logged, 
         """
     )
     assert r == {"multi_conn": True, "seen_by_b": True, "seen_by_a": True, "aio_done": True, "aio": True}
+    assert unwritten_pages(logged.disk) in (0, None)  # the last flush synced the disk file below
     disk = durable(logged, tmp_path, "--last-flush")  # each flush covered the other connection's writes
     for i in range(16):
         assert disk[i * 65536 : i * 65536 + 4096] == bytes([i + 1]) * 4096
