@@ -63,6 +63,9 @@ class LogWrites(Target):
         if self.log_dev.size < 2 * lw.SECTOR:
             raise TargetError(f"the log device {args[1]} is too small: {self.log_dev.size} bytes, "
                               f"at least {2 * lw.SECTOR} needed")
+        if self.log_dev.direct and self.log_dev.align > lw.SECTOR:
+            raise TargetError(f"the log device {args[1]} has {self.log_dev.align}-byte blocks; "
+                              f"the log is written in {lw.SECTOR}-byte sectors (use direct = false)")
         self.writer = lw.LogWriter(self.log_dev.fd, self.log_dev.size, self.log_dev.direct)
         self._lock = threading.Lock()
         self._pending = []  # completed writes no flush has taken yet: (flags, offset, length, data)
@@ -120,7 +123,7 @@ class LogWrites(Target):
             with self._lock:
                 if flags & lw.FUA:
                     self._log_batch([entry])
-                else:
+                elif self.error is None:  # a stopped log holds nothing in memory
                     self._pending.append(entry)
         io.complete(c.error)
 
