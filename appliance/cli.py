@@ -10,6 +10,7 @@ import os
 import sys
 
 from . import config as cfg
+from . import logwrites
 from .control import ControlError, call
 
 
@@ -193,6 +194,8 @@ def parser():
     s.add_argument("--timeout", type=float, default=60, help="wait-clean: give up after this many seconds")
     s.add_argument("--ups", help="the UPS the event is about (default: $UPSNAME)")
     s.set_defaults(fn=cmd_power)
+
+    logwrites.add_parser(sub)
     return p
 
 

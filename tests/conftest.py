@@ -172,3 +172,36 @@ def run(*cmd, check=True, timeout=120, **kw):
     if check and r.returncode != 0:
         raise AssertionError(f"{' '.join(map(str, cmd))} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
     return r
+
+
+def replay_log(log, out, *flags, size=None):
+    """`appliance log-writes replay LOG OUT FLAGS...` onto a fresh file of `size` bytes; its bytes.
+    How tests see what reached the disk: the log below a device, replayed to a flush."""
+    out = Path(out)
+    with open(out, "wb") as f:
+        f.truncate(size or 0)
+    run(sys.executable, "-m", "appliance", "log-writes", "replay", str(log), str(out), *flags, cwd=REPO)
+    return out.read_bytes()
+
+
+def unwritten_pages(path, offset=0, length=0):
+    """Pages of `path` in [offset, offset+length) (0: to the end) that the page cache holds dirty
+    or under writeback: not yet on the disk. Linux's cachestat(2) (6.5+); None where the kernel
+    cannot tell. What log-writes cannot see: whether the file below it was really synced."""
+    import ctypes
+
+    class Range(ctypes.Structure):
+        _fields_ = [("off", ctypes.c_uint64), ("len", ctypes.c_uint64)]
+
+    class Stat(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_uint64) for n in ("cache", "dirty", "writeback", "evicted", "recently_evicted")]
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        st = Stat()
+        if libc.syscall(451, fd, ctypes.byref(Range(offset, length)), ctypes.byref(st), 0) != 0:  # cachestat
+            return None
+        return st.dirty + st.writeback
+    finally:
+        os.close(fd)

@@ -13,7 +13,7 @@ import textwrap
 
 import pytest
 
-from conftest import need, run, nbdsh_env, device
+from conftest import need, run, nbdsh_env, device, replay_log, unwritten_pages
 
 MiB = 1 << 20
 
@@ -54,6 +54,25 @@ def disk(image):
 @pytest.fixture
 def daemon(make_daemon, disk):
     return make_daemon(device("data0", f"0 {8 * MiB // 512} linear {disk} 0", description="eight MiB"))
+
+
+@pytest.fixture
+def logged(make_daemon, disk, image):
+    """data0 as `daemon`'s, stacked on @inner: `log-writes disk log`, which records what reached
+    the disk and when it was flushed. The durability tests replay that log after a kill -9."""
+    log = image("log.img", 64 * MiB)
+    d = make_daemon(
+        device("inner", f"0 {8 * MiB // 512} log-writes {disk} {log}", export=False)
+        + device("data0", f"0 {8 * MiB // 512} linear @inner 0")
+    )
+    d.log_writes, d.disk = log, disk
+    return d
+
+
+def durable(d, tmp_path, *flags):
+    """Kill -9 the daemon and replay its log onto a fresh file: what a power cut would have kept."""
+    d.kill()
+    return replay_log(d.log_writes, tmp_path / "replayed.img", *flags, size=8 * MiB)
 
 
 def file_bytes(path, offset, length):
@@ -288,18 +307,22 @@ def test_fast_zero_that_succeeds_reads_back_as_zeros(daemon, disk):
     assert r["fast"] in ("ok", "ENOTSUP") and r["zero"]
 
 
-def test_fua_write_is_in_the_backing_file_when_it_completes(daemon, disk):
+def test_fua_write_is_durable_when_it_completes(logged, tmp_path):
+    """A FUA write reaches the disk as FUA: it survives a power cut that loses every
+    write after the last flush, and the plain write next to it does not."""
     r = script(
         f"""
-        connect(h, {daemon.uri("data0")!r})
+        connect(h, {logged.uri("data0")!r})
         R["can_fua"] = h.can_fua()
+        h.pwrite(b"\\x43" * 8192, 65536)
         h.pwrite(b"\\x42" * 8192, 12288, nbd.CMD_FLAG_FUA)
-        with open({disk!r}, "rb") as f:
-            f.seek(12288)
-            R["in_file"] = f.read(8192) == b"\\x42" * 8192
         """
     )
-    assert r == {"can_fua": True, "in_file": True}
+    assert r == {"can_fua": True}
+    assert unwritten_pages(logged.disk, 12288, 8192) in (0, None)  # the disk file below was synced
+    disk = durable(logged, tmp_path, "--durable")  # and the FUA reached it as FUA
+    assert disk[12288 : 12288 + 8192] == b"\x42" * 8192
+    assert disk[65536 : 65536 + 8192] == bytes(8192)  # never flushed: a power cut may lose it
 
 
 def test_fua_flag_is_accepted_on_commands_that_do_not_write(daemon):
@@ -385,11 +408,11 @@ def test_requests_out_of_bounds_or_too_big_get_the_spec_errors(daemon, disk):
 # multi-conn
 
 
-def test_write_on_one_connection_is_visible_and_flushed_through_another(daemon, disk):
+def test_write_on_one_connection_is_visible_and_flushed_through_another(logged, tmp_path):
     r = script(
         f"""
-        a = connect(nbd.NBD(), {daemon.uri("data0")!r})
-        b = connect(nbd.NBD(), {daemon.uri("data0")!r})
+        a = connect(nbd.NBD(), {logged.uri("data0")!r})
+        b = connect(nbd.NBD(), {logged.uri("data0")!r})
         R["multi_conn"] = a.can_multi_conn() and b.can_multi_conn()
         for i in range(16):
             a.pwrite(bytes([i + 1]) * 4096, i * 65536)
@@ -415,6 +438,11 @@ def test_write_on_one_connection_is_visible_and_flushed_through_another(daemon, 
         """
     )
     assert r == {"multi_conn": True, "seen_by_b": True, "seen_by_a": True, "aio_done": True, "aio": True}
+    assert unwritten_pages(logged.disk) in (0, None)  # the last flush synced the disk file below
+    disk = durable(logged, tmp_path, "--last-flush")  # each flush covered the other connection's writes
     for i in range(16):
-        assert file_bytes(disk, i * 65536, 4096) == bytes([i + 1]) * 4096
-    assert file_bytes(disk, 7 * MiB, 4096) == b"\xbb" * 4096
+        assert disk[i * 65536 : i * 65536 + 4096] == bytes([i + 1]) * 4096
+    assert disk[7 * MiB : 7 * MiB + 4096] == b"\xbb" * 4096
+    for i in range(32):
+        assert disk[4 * MiB + i * 8192 : 4 * MiB + (i + 1) * 8192] == bytes([0x80 + i]) * 8192
+        assert disk[5 * MiB + i * 8192 : 5 * MiB + (i + 1) * 8192] == bytes([0xc0 + i]) * 8192

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import need, run
+from conftest import need, replay_log, run
 
 REPO = Path(__file__).resolve().parent.parent
 # nbdsh runs `python3 -m nbd`: Debian's python3, which has python3-libnbd (not a pyenv one first in PATH)
@@ -169,10 +169,18 @@ def test_hup_adds_a_device_and_makes_a_device_read_only(make_daemon, tmp_path):
     assert run("qemu-io", "-f", "raw", "-c", "read -P 0xb1 0 4096", d.uri("b")).returncode == 0
 
 
+def logged(name, path, log, sectors=8192):
+    """`name` stacked on @NAME-log: `log-writes path log`, which records what reached `path` and
+    when it was flushed, so a test replays what a power cut would have kept, not the page cache."""
+    return (f'[[device]]\nname = "{name}-log"\nexport = false\n'
+            f'table = ["0 {sectors} log-writes {path} {log}"]\n\n' + dev(name, f"@{name}-log", sectors))
+
+
 def test_sigterm_answers_in_flight_flushes_and_exits_zero(make_daemon, tmp_path):
     need("nbdsh")
     a = filled(tmp_path / "a.img", 0)
-    d = make_daemon(dev("a", a))
+    log = filled(tmp_path / "a.log", 0, size=16 << 20)
+    d = make_daemon(logged("a", a, log))
     # a client that writes and never flushes or disconnects
     code = "h.pwrite(b'\\x77' * 65536, 1048576)\nprint('written', flush=True)\nimport time\ntime.sleep(30)\n"
     client = subprocess.Popen(["nbdsh", "-u", d.uri("a"), "-c", code], stdout=subprocess.PIPE, text=True, env=NBDSH_ENV)
@@ -183,11 +191,9 @@ def test_sigterm_answers_in_flight_flushes_and_exits_zero(make_daemon, tmp_path)
     finally:
         client.kill()
         client.wait()
-    log = d.log.read_text()
-    assert "stopped" in log
-    with open(a, "rb") as f:
-        f.seek(1048576)
-        assert f.read(65536) == b"\x77" * 65536
+    assert "stopped" in d.log.read_text()
+    durable = replay_log(log, tmp_path / "replayed.img", "--last-flush", size=4 << 20)
+    assert durable[1048576 : 1048576 + 65536] == b"\x77" * 65536, "stop did not flush the write to the disk"
     assert not Path(d.socket).exists(), "the NBD socket is removed on stop"
 
 
@@ -196,7 +202,9 @@ def test_sigterm_drains_ramback_dirty_data_to_backing(make_daemon, tmp_path):
         pytest.skip("no ramback target yet")
     need("nbdsh")
     backing = filled(tmp_path / "backing.img", 0, size=16 << 20)
-    table = f'[[device]]\nname = "rb"\ntable = ["0 32768 ramback - {backing} max_dirty=64M"]\n'
+    log = filled(tmp_path / "backing.log", 0, size=64 << 20)
+    table = (f'[[device]]\nname = "backing"\nexport = false\ntable = ["0 32768 log-writes {backing} {log}"]\n\n'
+             '[[device]]\nname = "rb"\ntable = ["0 32768 ramback - @backing max_dirty=64M"]\n')
     d = make_daemon(table, extra='[power]\nups = "none"\n')  # no UPS, on purpose: writeback
     code = (
         "import os\nfor i in range(64):\n    h.pwrite(bytes([i + 1]) * 65536, i * 65536)\n"
@@ -210,7 +218,6 @@ def test_sigterm_drains_ramback_dirty_data_to_backing(make_daemon, tmp_path):
     finally:
         client.kill()
         client.wait()
-    with open(backing, "rb") as f:
-        data = f.read(64 * 65536)
+    data = replay_log(log, tmp_path / "replayed.img", "--last-flush", size=16 << 20)  # what reached the disk
     bad = [i for i in range(64) if data[i * 65536 : (i + 1) * 65536] != bytes([i + 1]) * 65536]
     assert not bad, f"chunks {bad[:8]}... not on backing after stop; log:\n{d.log.read_text()[-2000:]}"

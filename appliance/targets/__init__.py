@@ -1,7 +1,9 @@
 """Targets: the small types a table maps ranges of a device to.
 
 The table keyword, the module name and the class name are the same word
-(`linear` is `appliance.targets.linear.Linear`). A target implements only the
+(`linear` is `appliance.targets.linear.Linear`); a keyword of several words has
+dashes where the module has underscores (`log-writes` is
+`appliance.targets.log_writes.LogWrites`), as dm's own names do. A target implements only the
 operations it needs; `Target` supplies the defaults, as dm's core does.
 """
 
@@ -125,12 +127,12 @@ def known_targets() -> dict[str, str]:
     """keyword -> module name, for every module in this package."""
     global _registry
     if _registry is None:
-        _registry = {m.name: m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")}
+        _registry = {m.name.replace("_", "-"): m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")}
     return _registry
 
 
 def target_class(keyword):
     if keyword not in known_targets():
         raise TargetError(f"unknown target {keyword!r}; targets: {', '.join(sorted(known_targets()))}")
-    module = importlib.import_module(f"{__name__}.{keyword}")
-    return getattr(module, keyword.capitalize())
+    module = known_targets()[keyword]
+    return getattr(importlib.import_module(f"{__name__}.{module}"), "".join(w.capitalize() for w in module.split("_")))
