@@ -141,7 +141,8 @@ def test_a_table_naming_a_missing_file_fails_start_naming_the_file_and_nothing_h
     missing = tmp_path / "missing.img"
     cfg = tmp_path / "appliance.toml"
     cfg.write_text(config_text(tmp_path, device("good", f"0 {MiB // S} linear {good} 0") + device("bad", f"0 {MiB // S} linear {missing} 0")))
-    assert appliance("check-config", str(cfg)).returncode == 0  # well formed; the file is only opened at start
+    r = appliance("check-config", str(cfg))  # check-config says what serve will
+    assert r.returncode == 1 and r.stderr == f"{cfg}: device[1].table[0]: device bad: linear: {missing}: no such file or device\n"
     r = appliance("--config", str(cfg), "serve", timeout=30)
     assert r.returncode != 0
     err = r.stderr.strip().splitlines()[-1]
