@@ -293,6 +293,8 @@ def refused(tmp_path, image):
         (device("d", f"0 {MiB // S} ramback - {disk} max_dirty=0"), "device[0].table[0]", "max_dirty '0' must be more than 0 bytes"),
         (device("d", f"0 {MiB // S} ramback - {disk} sync=never"), "device[0].table[0]", "sync=never must be ram or backing"),
         (device("d", f"0 {MiB // S} ramback {tmp_path}/no/dir/store {disk}"), "device[0].table[0]", f"cannot open RAM store {tmp_path}/no/dir/store"),
+        (device("d", f"0 {MiB // S} ramback {tmp_path} {disk}"), "device[0].table[0]", f"cannot open RAM store {tmp_path}: Is a directory"),
+        (device("d", f"0 {MiB // S} ramback /dev/null {disk}"), "device[0].table[0]", "RAM store /dev/null is not a regular file or block device"),
         (device("d", f"0 {MiB // S} linear {small} 0"), "device[0].table[0]", f"device {small} is too small: 128 sectors, the table needs 2048"),
         (device("d", f"0 {MiB // S} linear {disk} 8"), "device[0].table[0]", "too small: 2048 sectors, the table needs 2056"),
         (device("d", f"0 8 linear {tmp_path} 0"), "device[0].table[0]", f"{tmp_path}: not a regular file or block device"),
@@ -301,7 +303,7 @@ def refused(tmp_path, image):
     ]
 
 
-REFUSED = 16
+REFUSED = 18
 
 
 @pytest.mark.parametrize("case", range(REFUSED))
@@ -429,3 +431,18 @@ def test_a_ramback_whose_ram_is_a_file_in_dev_shm_comes_up_at_once_and_serves(ma
         d.stop()
         if os.path.exists(ram):
             os.unlink(ram)
+
+
+def test_check_config_refuses_a_ram_store_that_does_not_fit_its_directory(tmp_path, image):
+    # serve would fail at posix_fallocate; not run here: on a tmpfs that can eat the machine's RAM first
+    shm = os.statvfs("/dev/shm")
+    sectors = 2 * shm.f_bavail * shm.f_frsize // S
+    backing = image("big.img", sectors * S)  # sparse
+    ram = f"/dev/shm/appliance-test-{os.getpid()}-{time.monotonic_ns()}"
+    cfg = tmp_path / "appliance.toml"
+    cfg.write_text(config_text(tmp_path, device("rb", f"0 {sectors} ramback {ram} {backing}")))
+    r = appliance("check-config", str(cfg))
+    assert r.returncode == 1
+    assert r.stderr.startswith(f"{cfg}: device[0].table[0]: device rb: ramback: not enough room for a "), r.stderr
+    assert r.stderr.rstrip().endswith("-byte RAM store in /dev/shm"), r.stderr
+    assert not os.path.exists(ram)

@@ -28,8 +28,10 @@ How a write goes (the invariants the compiled fast path shares, chunkstate.pyx):
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import stat
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -42,7 +44,7 @@ from .limit import DirtyLimit, format_limit, parse_limit, parse_size
 from .locks import RangeLocks
 from .populate import Populate
 from .requests import RequestPath
-from .store import Marker, default_dir, open_store, backing_identity
+from .store import Marker, backing_identity, default_dir, layout, open_store
 
 log = logging.getLogger("appliance.ramback")
 
@@ -99,13 +101,26 @@ class Ramback(RequestPath, Target):
 
     @classmethod
     def validate(cls, segment, check):
+        """Besides <backing>: a <ram> path that open_store would refuse. ("-" is a store under
+        daemon.shm_dir, whose directory ctr creates.) Whether an existing store belongs to this
+        table is left to ctr: it needs the backing's identity from an open."""
         p = super().validate(segment, check)
-        if p.ram != "-":  # "-" is a store under daemon.shm_dir, whose directory ctr creates
-            where = os.path.dirname(os.path.abspath(p.ram))
-            if not os.path.isdir(where):
-                raise TargetError(f"cannot open RAM store {p.ram}: no directory {where}")
-            if os.path.isdir(p.ram):
+        if p.ram == "-":
+            return p
+        where = os.path.dirname(os.path.abspath(p.ram))
+        if os.path.exists(p.ram):
+            mode = os.stat(p.ram).st_mode
+            if stat.S_ISDIR(mode):
+                raise TargetError(f"cannot open RAM store {p.ram}: {os.strerror(errno.EISDIR)}")
+            if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
                 raise TargetError(f"RAM store {p.ram} is not a regular file or block device")
+        elif not os.path.isdir(where):
+            raise TargetError(f"cannot open RAM store {p.ram}: no directory {where}")
+        else:
+            total = layout(segment.size, p.chunk)[3]
+            room = os.statvfs(where)
+            if room.f_bavail * room.f_frsize < total:
+                raise TargetError(f"not enough room for a {total}-byte RAM store in {where}")
         return p
 
     def ctr(self, args):
