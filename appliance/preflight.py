@@ -23,8 +23,8 @@ from .targets import TargetError, check_size, target_class
 
 
 def check(config) -> list[str]:
-    """Raise ConfigError (FILE: device[i].table[k]: ...) for the first thing serve would refuse;
-    return a line for each device that would wait for a disk."""
+    """Raise ConfigError (FILE: device[i].table[k]: ...) for the first thing serve would refuse,
+    in the order serve builds the devices; return a line for each device that would wait."""
     index = {d.name: i for i, d in enumerate(config.devices)}
     sizes = {}  # device name -> bytes
     waiting = set()
@@ -34,42 +34,43 @@ def check(config) -> list[str]:
     for dc in config.device_order():
         segments = parse_table(list(dc.table))  # config.load checked the syntax
         sizes[dc.name] = table_size(segments)
+        absent = []  # what this device would wait for
+        first = None  # the table line that names the first of them
+
+        def need(word, needed, dc=dc, absent=absent):
+            if word.startswith("@"):
+                if word[1:] in waiting:
+                    absent.append(word)
+                check_size(word, sizes[word[1:]], needed)
+                return
+            path = word
+            if udev.is_disk_word(word):
+                path = udev.find(word)
+                if path is None:
+                    absent.append(word)
+                    return
+            size = made[path] if path in made else _size(path, writable=not dc.read_only)
+            real = os.path.realpath(path)
+            if opened.setdefault(real, dc.direct) != dc.direct:
+                raise DeviceError(errno.EBUSY, f"{path}: already open with direct={opened[real]}")
+            if size is not None:
+                check_size(word, size, needed)
+
         for seg in segments:
             key = f"device[{index[dc.name]}].table[{seg.line - 1}]"
-            absent = []
-
-            def need(word, needed):
-                if word.startswith("@"):
-                    if word[1:] in waiting:
-                        absent.append(word)
-                    check_size(word, sizes[word[1:]], needed)
-                    return
-                path = word
-                if udev.is_disk_word(word):
-                    path = udev.find(word)
-                    if path is None:
-                        absent.append(word)
-                        return
-                if path in made:
-                    size = made[path]
-                else:
-                    size = _size(path, writable=not dc.read_only)
-                real = os.path.realpath(path)
-                if opened.setdefault(real, dc.direct) != dc.direct:
-                    raise DeviceError(errno.EBUSY, f"{path}: already open with direct={opened[real]}")
-                if size is not None:
-                    check_size(word, size, needed)
-
             try:
                 target_class(seg.target).validate(seg, need)
             except DeviceError as e:  # one sentence naming the path, as serve says it
                 raise ConfigError(config.source, key, f"device {dc.name}: {seg.target}: {e.strerror}") from None
             except (TargetError, OSError) as e:
                 raise ConfigError(config.source, key, f"device {dc.name}: {seg.target}: {e}") from None
-            if absent:
-                waiting.add(dc.name)
-                what = [f"{w} (which waits)" if w.startswith("@") else f"disk {w} (not attached now)" for w in absent]
-                notes.append(f"{config.source}: {key}: device {dc.name} waits for {', '.join(what)}")
+            if absent and first is None:
+                first = key
+        if absent:
+            waiting.add(dc.name)
+            what = [f"{w} (which waits)" if w.startswith("@") else f"disk {w} (not attached now)"
+                    for w in dict.fromkeys(absent)]
+            notes.append(f"{config.source}: {first}: device {dc.name} waits for {', '.join(what)}")
     return notes
 
 

@@ -66,7 +66,7 @@ class Target:
     @classmethod
     def validate(cls, segment, check):
         """What ctr would refuse, short of opening anything: parse the arguments, then
-        `check(word, bytes needed)` each underlying device (it raises TargetError)."""
+        `check(word, bytes needed)` each underlying device (it raises what ctr would)."""
         parsed = cls.parse(list(segment.args))
         for dev in parsed.devices:
             check(dev.word, dev.offset + segment.size)
