@@ -185,7 +185,9 @@ class FileDevice:
         return out
 
 
-def _open(path, writable, direct, exclusive):
+def examine(path):
+    """(stat result, is_block) of a path a table names, or a DeviceError that says what is wrong.
+    What _open checks before it opens; check-config checks the same without opening."""
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -193,6 +195,11 @@ def _open(path, writable, direct, exclusive):
     is_block = stat.S_ISBLK(st.st_mode)
     if not is_block and not stat.S_ISREG(st.st_mode):
         raise DeviceError(errno.EINVAL, f"{path}: not a regular file or block device")
+    return st, is_block
+
+
+def _open(path, writable, direct, exclusive):
+    st, is_block = examine(path)
     flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC
     if direct:
         flags |= os.O_DIRECT

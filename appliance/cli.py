@@ -64,13 +64,19 @@ def cmd_serve(args):
 
 
 def cmd_check_config(args):
+    from . import preflight
+
     path = args.path or cfg.config_path(args.config)
     try:
         config = cfg.load(path) if args.path or os.path.exists(path) or path != cfg.DEFAULT_PATH else cfg.load_or_default(None)
+        notes = preflight.check(config)
     except cfg.ConfigError as e:
         print(str(e), file=sys.stderr)
         return 1
-    print(f"{config.source}: OK, {len(config.devices)} device(s)")
+    waits = f"; {len(notes)} would wait for a disk" if notes else ""
+    print(f"{config.source}: OK, {len(config.devices)} device(s){waits}")
+    for line in notes:
+        print(line)
     return 0
 
 
@@ -143,7 +149,8 @@ def cmd_power(args):
 
 def parser():
     p = argparse.ArgumentParser(prog="appliance", description="Device-mapper-style block devices over NBD.")
-    p.add_argument("--config", help=f"config file (default: $APPLIANCE_CONFIG or {cfg.DEFAULT_PATH})")
+    config_help = f"config file (default: $APPLIANCE_CONFIG or {cfg.DEFAULT_PATH})"
+    p.add_argument("--config", help=config_help)
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("serve", help="run the daemon")
@@ -196,6 +203,11 @@ def parser():
     s.set_defaults(fn=cmd_power)
 
     logwrites.add_parser(sub)
+
+    # --config after the subcommand too (`appliance serve --config PATH`), as systemctl and
+    # dmsetup take options; SUPPRESS keeps one given before the subcommand when none is after
+    for s in sub.choices.values():
+        s.add_argument("--config", default=argparse.SUPPRESS, help=config_help)
     return p
 
 

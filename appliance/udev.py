@@ -26,12 +26,13 @@ import errno
 import logging
 import os
 import re
-import shlex
 import stat
 import threading
 import time
 
 from .blockdev import DeviceError, _open
+from .table import TableError, parse_line
+from .targets import target_class
 
 log = logging.getLogger(__name__)
 
@@ -45,14 +46,16 @@ def is_disk_word(word):
 
 
 def disk_words(table):
-    """The disk names in table lines (arguments after the target keyword), in order, once each."""
+    """The disks in table lines, in order, once each: of the words each target says name its
+    underlying devices (Target.device_words), those that name a disk. A file a target creates
+    itself, such as ramback's <ram> in /dev/shm, is not a disk to wait for."""
     out = {}
-    for line in table:
+    for lineno, line in enumerate(table, 1):
         try:
-            words = shlex.split(line, comments=True)
-        except ValueError:
-            continue
-        for w in words[3:]:
+            seg = parse_line(line, lineno)
+        except TableError:
+            continue  # a comment, or a line that loading the table refuses with its reason
+        for w in target_class(seg.target).device_words(list(seg.args)):
             if is_disk_word(w):
                 out[w] = None
     return list(out)
@@ -112,16 +115,18 @@ class Sysfs:
         v = _read(os.path.join(self._dir(name), "size"))
         return int(v) * 512 if v and v.isdigit() else 0
 
+    def capacity(self, rdev):
+        """Bytes of the block device with this dev_t, from sysfs (no open), or None if unknown."""
+        v = _read(os.path.join(self.sys, f"dev/block/{os.major(rdev)}:{os.minor(rdev)}/size"))
+        return int(v) * 512 if v and v.isdigit() else None
+
     def has_media(self, path):
         """False for a block device of capacity 0 (an unbound loop device, an empty drive)."""
         try:
             st = os.stat(path)
         except OSError:
             return False
-        if not stat.S_ISBLK(st.st_mode):
-            return True
-        size = _read(os.path.join(self.sys, f"dev/block/{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}/size"))
-        return size is None or size != "0"
+        return not stat.S_ISBLK(st.st_mode) or self.capacity(st.st_rdev) != 0
 
     def is_partition(self, name):
         return _read(os.path.join(self._dir(name), "partition")) is not None

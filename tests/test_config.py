@@ -438,3 +438,23 @@ def test_configs_are_frozen():
     cfg = loads(MINIMAL)
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.devices[0].name = "x"
+
+
+# ---- which table words are underlying devices: each target says -----------
+
+
+def test_targets_say_which_arguments_are_underlying_devices(real_table):
+    from appliance import udev
+    from appliance.targets import target_class
+
+    words = lambda target, line: target_class(target).device_words(line.split())
+    assert words("linear", "/dev/sdb 0") == ["/dev/sdb"]
+    assert words("flakey", "@low 8 1 1 1 drop_writes") == ["@low"]
+    assert words("delay", "/dev/a 0 5 /dev/b 0 5 /dev/c 0 5 serialize") == ["/dev/a", "/dev/b", "/dev/c"]
+    # ramback creates <ram>: only <backing> is a device
+    assert words("ramback", "/dev/shm/fast0 wwn:0x5 chunk=64K") == ["wwn:0x5"]
+    assert words("zero", "") == [] and words("error", "") == []
+    assert words("linear", "/dev/sdb x") == []  # a bad line: loading it says why, nothing to wait for
+    # the daemon waits for the disks among them, and only those
+    assert udev.disk_words(["0 8 ramback /dev/shm/fast0 /srv/back.img", "8 8 ramback - /dev/sdb",
+                            "16 8 linear /dev/shm/file 0", "# 24 8 linear /dev/sdc 0"]) == ["/dev/sdb", "/dev/shm/file"]

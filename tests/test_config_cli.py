@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import fcntl
 import json
 import os
@@ -14,17 +15,11 @@ import time
 
 import pytest
 
-from conftest import REPO, Daemon, config_text, need, run
+from appliance.cli import parser
+from conftest import REPO, Daemon, config_text, device, need, run
 
 MiB = 1 << 20
 S = 512
-
-
-def device(name, *lines, **opts):
-    text = f'[[device]]\nname = "{name}"\ntable = {json.dumps(list(lines))}\n'
-    for key, value in opts.items():
-        text += f"{key} = {json.dumps(value)}\n"
-    return text + "\n"
 
 
 def appliance(*args, timeout=60):
@@ -141,7 +136,8 @@ def test_a_table_naming_a_missing_file_fails_start_naming_the_file_and_nothing_h
     missing = tmp_path / "missing.img"
     cfg = tmp_path / "appliance.toml"
     cfg.write_text(config_text(tmp_path, device("good", f"0 {MiB // S} linear {good} 0") + device("bad", f"0 {MiB // S} linear {missing} 0")))
-    assert appliance("check-config", str(cfg)).returncode == 0  # well formed; the file is only opened at start
+    r = appliance("check-config", str(cfg))  # check-config says what serve will
+    assert r.returncode == 1 and r.stderr == f"{cfg}: device[1].table[0]: device bad: linear: {missing}: no such file or device\n"
     r = appliance("--config", str(cfg), "serve", timeout=30)
     assert r.returncode != 0
     err = r.stderr.strip().splitlines()[-1]
@@ -275,3 +271,178 @@ def test_stopping_the_daemon_removes_its_sockets(make_daemon, tmp_path, image):
     assert d.stop() == 0
     assert sockets_in(tmp_path) == []
     assert unlocked(disk)
+
+
+# check-config says what serve will: each target parses its arguments with its constructor's
+# parser and the files and disks it names are looked at, without opening them
+
+
+def refused(tmp_path, image):
+    """(devices, key, words): configs that serve refuses, one reason each."""
+    disk = image("disk.img", MiB)
+    small = image("small.img", 64 * 1024)
+    return [
+        (device("d", f"0 {MiB // S} linear {tmp_path}/missing.img 0"), "device[0].table[0]", f"linear: {tmp_path}/missing.img: no such file or device"),
+        (device("d", "0 8 zero", f"8 8 linear {disk} x"), "device[0].table[1]", "linear: offset 'x' is not a number"),
+        (device("d", f"0 8 linear {disk}"), "device[0].table[0]", "linear takes <dev> <offset>"),
+        (device("d", "0 8 zero 1"), "device[0].table[0]", "zero takes no arguments"),
+        (device("d", f"0 8 flakey {disk} 0 1 1 1 explode"), "device[0].table[0]", "unknown feature 'explode'"),
+        (device("d", f"0 8 delay {disk} 0 5 {disk} 0"), "device[0].table[0]", "3, 6 or 9 arguments, got 5"),
+        (device("d", f"0 8 delay {disk} 0 5 {tmp_path}/nope.img 0 5"), "device[0].table[0]", f"{tmp_path}/nope.img: no such file or device"),
+        (device("d", f"0 {MiB // S} ramback - {disk} chunk=1000"), "device[0].table[0]", "chunk=1000 must be a power of two"),
+        (device("d", f"0 {MiB // S} ramback - {disk} max_dirty=0"), "device[0].table[0]", "max_dirty '0' must be more than 0 bytes"),
+        (device("d", f"0 {MiB // S} ramback - {disk} sync=never"), "device[0].table[0]", "sync=never must be ram or backing"),
+        (device("d", f"0 {MiB // S} ramback {tmp_path}/no/dir/store {disk}"), "device[0].table[0]", f"cannot open RAM store {tmp_path}/no/dir/store"),
+        (device("d", f"0 {MiB // S} ramback {tmp_path} {disk}"), "device[0].table[0]", f"cannot open RAM store {tmp_path}: Is a directory"),
+        (device("d", f"0 {MiB // S} ramback /dev/null {disk}"), "device[0].table[0]", "RAM store /dev/null is not a regular file or block device"),
+        (device("d", f"0 {MiB // S} linear {small} 0"), "device[0].table[0]", f"device {small} is too small: 128 sectors, the table needs 2048"),
+        (device("d", f"0 {MiB // S} linear {disk} 8"), "device[0].table[0]", "too small: 2048 sectors, the table needs 2056"),
+        (device("d", f"0 8 linear {tmp_path} 0"), "device[0].table[0]", f"{tmp_path}: not a regular file or block device"),
+        (device("low", "0 8 zero", export=False) + device("d", "0 16 linear @low 0"), "device[1].table[0]", "device @low is too small: 8 sectors, the table needs 16"),
+        (device("a", f"0 8 linear {disk} 0") + device("b", f"0 8 linear {disk} 8", direct=True), "device[1].table[0]", f"{disk}: already open with direct=False"),
+    ]
+
+
+REFUSED = 18
+
+
+@pytest.mark.parametrize("case", range(REFUSED))
+def test_check_config_refuses_what_serve_refuses_and_names_it(tmp_path, image, case):
+    cases = refused(tmp_path, image)
+    assert len(cases) == REFUSED
+    devices, key, words = cases[case]
+    cfg = tmp_path / "appliance.toml"
+    cfg.write_text(config_text(tmp_path, devices))
+    r = appliance("check-config", str(cfg))
+    assert r.returncode == 1, r.stdout
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr  # one line, no traceback
+    assert lines[0].startswith(f"{cfg}: {key}: device "), lines[0]
+    assert words in lines[0], lines[0]
+    # and serve agrees: it refuses the same config for the same reason, and leaves nothing behind
+    r = appliance("serve", "--config", str(cfg), timeout=30)
+    assert r.returncode != 0, r.stdout
+    assert words in r.stderr, r.stderr
+    assert sockets_in(tmp_path) == []
+    assert unlocked(tmp_path / "disk.img")
+
+
+def with_disk_timeout(text, seconds):
+    return text.replace("[daemon]\n", f"[daemon]\ndisk_timeout = {seconds}\n", 1)
+
+
+def test_check_config_passes_a_good_config_and_says_which_devices_would_wait_for_a_disk(tmp_path, image):
+    need("qemu-io")
+    disk = image("disk.img", 4 * MiB)
+    absent = "wwn:0x5000c500deadbeef"  # no disk has it: serve waits for it
+    cfg = tmp_path / "appliance.toml"
+    cfg.write_text(with_disk_timeout(config_text(tmp_path,
+        device("fast", f"0 {MiB // S} ramback {tmp_path}/fast.store {disk} chunk=64K max_dirty=1G")
+        + device("odd", f"0 {MiB // S} flakey {disk} {MiB // S} 60 0 1 error_writes", "2048 8 zero")
+        + device("slow", f"0 {MiB // S} delay {disk} {2 * MiB // S} 1 serialize")
+        + device("late", f"0 {MiB // S} linear {absent} 0")
+        + device("upper", "0 8 linear @late 0")), 1))
+    r = appliance("check-config", "--config", str(cfg))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == [
+        f"{cfg}: OK, 5 device(s); 2 would wait for a disk",
+        f"{cfg}: device[3].table[0]: device late waits for disk {absent} (not attached now)",
+        f"{cfg}: device[4].table[0]: device upper waits for @late (which waits)",
+    ]
+    # serve agrees: the others serve, those two wait
+    d = Daemon(tmp_path, cfg.read_text())
+    try:
+        d.start()
+        assert d.status()["daemon"]["waiting"] == {"late": [absent], "upper": ["@late"]}
+        out = run("qemu-io", "-f", "raw", "-c", "write -P 0x3c 0 4096", "-c", "read -P 0x3c 0 4096", d.uri("fast")).stdout
+        assert "Pattern verification failed" not in out
+    finally:
+        d.stop()
+
+
+# --config after the subcommand
+
+
+def sample_args(sub):
+    """Words that satisfy a subcommand's positional arguments ("0" is a NAME, a SECTOR and a word)."""
+    return [
+        "0" for a in sub._actions
+        if not a.option_strings and a.nargs not in ("?", "*", argparse.SUPPRESS) and not isinstance(a, argparse._SubParsersAction)
+    ]
+
+
+def test_every_subcommand_takes_config_before_or_after_it():
+    p = parser()
+    subs = next(a for a in p._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert {"serve", "check-config", "status", "ls", "message", "reload", "power"} <= set(subs)
+    for name, sub in subs.items():
+        args = sample_args(sub)
+        assert p.parse_args([name, *args, "--config", "/after.toml"]).config == "/after.toml", name
+        assert p.parse_args([name, "--config", "/after.toml", *args]).config == "/after.toml", name
+        assert p.parse_args(["--config", "/before.toml", name, *args]).config == "/before.toml", name
+        assert p.parse_args([name, *args]).config is None, name
+
+
+def test_config_after_the_subcommand_serves_and_reaches_the_daemon(tmp_path, image, monkeypatch):
+    disk = image("disk.img", MiB)
+    cfg = tmp_path / "appliance.toml"
+    cfg.write_text(config_text(tmp_path, device("d", f"0 {MiB // S} linear {disk} 0")))
+    assert appliance("check-config", "--config", str(cfg)).stdout == f"{cfg}: OK, 1 device(s)\n"
+    log = open(tmp_path / "serve.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "appliance", "serve", "--config", str(cfg)], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 20
+        while "connect with:" not in (tmp_path / "serve.log").read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
+            time.sleep(0.05)
+        for args in (["ls"], ["status", "--json"], ["status", "d"], ["table", "d"], ["reload"], ["power", "wait-clean"]):
+            r = appliance(*args, "--config", str(cfg))
+            assert r.returncode == 0 and "warning" not in r.stderr, (args, r.stderr)
+        assert appliance("ls", "--config", str(cfg)).stdout == f"d\t{MiB // S} sectors\n"
+        assert json.loads(appliance("status", "--json", "--config", str(cfg)).stdout)["daemon"]["pid"] == proc.pid
+        r = appliance("message", "d", "0", "hello", "--config", str(cfg))
+        assert r.returncode == 1 and r.stderr.strip() == "appliance: linear: no messages supported"
+        # APPLIANCE_CONFIG still works
+        r = subprocess.run([sys.executable, "-m", "appliance", "ls"], cwd=REPO, capture_output=True, text=True,
+                           env=dict(os.environ, APPLIANCE_CONFIG=str(cfg)), timeout=60)
+        assert r.stdout == f"d\t{MiB // S} sectors\n", r.stderr
+    finally:
+        proc.terminate()
+        assert proc.wait(30) == 0
+
+
+# which words are disks: only the target knows
+
+
+def test_a_ramback_whose_ram_is_a_file_in_dev_shm_comes_up_at_once_and_serves(make_daemon, tmp_path, image):
+    need("qemu-io")
+    backing = image("back.img", 256 * MiB)
+    ram = f"/dev/shm/appliance-test-{os.getpid()}-{time.monotonic_ns()}"
+    d = make_daemon(device("rb", f"0 524288 ramback {ram} {backing}"), start=False)
+    try:
+        t0 = time.monotonic()
+        d.start(timeout=15)  # not daemon.disk_timeout (30 s) waiting for a disk ramback creates
+        assert time.monotonic() - t0 < 15
+        assert d.status()["daemon"]["waiting"] == {}
+        out = run("qemu-io", "-f", "raw", "-c", "write -P 0x6b 1M 64k", "-c", "read -P 0x6b 1M 64k", d.uri("rb")).stdout
+        assert "Pattern verification failed" not in out
+        assert d.status("rb")["devices"][0]["segments"][0]["status"]["store"] == ram
+    finally:
+        d.stop()
+        if os.path.exists(ram):
+            os.unlink(ram)
+
+
+def test_check_config_refuses_a_ram_store_that_does_not_fit_its_directory(tmp_path, image):
+    # serve would fail at posix_fallocate; not run here: on a tmpfs that can eat the machine's RAM first
+    shm = os.statvfs("/dev/shm")
+    sectors = 2 * shm.f_bavail * shm.f_frsize // S
+    backing = image("big.img", sectors * S)  # sparse
+    ram = f"/dev/shm/appliance-test-{os.getpid()}-{time.monotonic_ns()}"
+    cfg = tmp_path / "appliance.toml"
+    cfg.write_text(config_text(tmp_path, device("rb", f"0 {sectors} ramback {ram} {backing}")))
+    r = appliance("check-config", str(cfg))
+    assert r.returncode == 1
+    assert r.stderr.startswith(f"{cfg}: device[0].table[0]: device rb: ramback: not enough room for a "), r.stderr
+    assert r.stderr.rstrip().endswith("-byte RAM store in /dev/shm"), r.stderr
+    assert not os.path.exists(ram)

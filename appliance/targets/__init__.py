@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+from types import SimpleNamespace
+from typing import NamedTuple
 
 from .. import io as bio
 
@@ -22,6 +24,14 @@ class TargetError(ValueError):
 # fast-path descriptors a target may offer (see appliance/_fast/gate.pyx)
 FAST_FD = 1  # (FAST_FD, fd, byte offset on fd, alignment): plain pread/pwrite
 FAST_ZERO = 2  # reads return zeros, writes are discarded
+
+
+class DeviceArg(NamedTuple):
+    """An underlying device a table line names: the word as written (a path, a `wwn:`/`serial:`
+    disk name or `@NAME`) and the byte offset on it where the segment's range starts."""
+
+    word: str
+    offset: int
 
 
 class Target:
@@ -39,6 +49,31 @@ class Target:
         self.devices = []  # what iterate_devices reports
 
     # construction
+    @classmethod
+    def parse(cls, args):
+        """Check the arguments without opening anything; return what ctr needs, as a namespace
+        whose `devices` lists the DeviceArgs. The one parser: ctr, validate and device_words
+        all use it, so check-config and the daemon cannot disagree on what is well formed."""
+        return SimpleNamespace(devices=[])
+
+    @classmethod
+    def device_words(cls, args):
+        """The words of `args` that name underlying devices: the disks the daemon waits for are
+        among them. A file the target creates itself (ramback's <ram>) is not one."""
+        try:
+            return [d.word for d in cls.parse(args).devices]
+        except TargetError:
+            return []  # loading the table says what is wrong
+
+    @classmethod
+    def validate(cls, segment, check):
+        """What ctr would refuse, short of opening anything: parse the arguments, then
+        `check(word, bytes needed)` each underlying device (it raises what ctr would)."""
+        parsed = cls.parse(list(segment.args))
+        for dev in parsed.devices:
+            check(dev.word, dev.offset + segment.size)
+        return parsed
+
     def ctr(self, args):
         pass
 
@@ -97,17 +132,19 @@ class Target:
         return dev
 
     def check_fits(self, dev, offset, word):
-        if offset + self.length > dev.size:
-            raise TargetError(
-                f"device {word} is too small: {dev.size // 512} sectors, "
-                f"the table needs {(offset + self.length + 511) // 512}"
-            )
+        check_size(word, dev.size, offset + self.length)
 
 
 def _word(v):
     if isinstance(v, bool):
         return "yes" if v else "no"
     return str(v)
+
+
+def check_size(word, size, needed):
+    """A device of `size` bytes must hold `needed` bytes (ctr and check-config say it alike)."""
+    if needed > size:
+        raise TargetError(f"device {word} is too small: {size // 512} sectors, the table needs {(needed + 511) // 512}")
 
 
 def parse_int(word, what, minimum=0):

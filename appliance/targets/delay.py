@@ -28,10 +28,11 @@ import itertools
 import logging
 import threading
 import time
+from types import SimpleNamespace
 
 from .. import SECTOR_SIZE
 from .. import io as bio
-from . import Target, TargetError, parse_int
+from . import DeviceArg, Target, TargetError, parse_int
 
 log = logging.getLogger(__name__)
 
@@ -59,20 +60,20 @@ class _Path:
 class Delay(Target):
     name = "delay"
 
-    def ctr(self, args):
+    @classmethod
+    def parse(cls, args):
         args = list(args)
-        self.serialize = bool(args) and args[-1] == "serialize"
-        if self.serialize:
+        serialize = bool(args) and args[-1] == "serialize"
+        if serialize:
             args.pop()
         if len(args) not in (3, 6, 9):
             raise TargetError(
                 "delay takes <dev> <offset> <delay_ms> [<write_dev> <write_offset> <write_delay_ms> "
                 f"[<flush_dev> <flush_offset> <flush_delay_ms>]] [serialize]: 3, 6 or 9 arguments, got {len(args)}"
             )
-        # check every number before opening anything
         labels = (("", "offset", "delay_ms"), ("write_dev", "write_offset", "write_delay_ms"),
                   ("flush_dev", "flush_offset", "flush_delay_ms"))
-        parsed = []
+        paths = []
         for k in range(len(args) // 3):
             dev_word, off_word, delay_word = args[3 * k : 3 * k + 3]
             _, off_name, delay_name = labels[k]
@@ -80,10 +81,17 @@ class Delay(Target):
             delay_ms = parse_int(delay_word, delay_name)
             if delay_ms > _MAX_DELAY_MS:
                 raise TargetError(f"{delay_name} must be at most {_MAX_DELAY_MS}, got {delay_ms}")
-            parsed.append((dev_word, start, delay_ms))
+            paths.append((dev_word, start, delay_ms))
+        return SimpleNamespace(serialize=serialize, paths=paths,
+                               devices=[DeviceArg(word, start) for word, start, _ in paths])
+
+    def ctr(self, args):
+        # every number is checked before anything is opened
+        parsed = self.parse(args)
+        self.serialize = parsed.serialize
         self.paths = []
         opened = {}
-        for dev_word, start, delay_ms in parsed:
+        for dev_word, start, delay_ms in parsed.paths:
             if dev_word not in opened:
                 opened[dev_word] = self.get_device(dev_word)
             dev = opened[dev_word]

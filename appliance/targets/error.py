@@ -9,9 +9,14 @@ from . import Target, TargetError
 class Error(Target):
     name = "error"
 
-    def ctr(self, args):
+    @classmethod
+    def parse(cls, args):
         if args:
             raise TargetError("error takes no arguments")
+        return super().parse(args)
+
+    def ctr(self, args):
+        self.parse(args)
 
     def map(self, io):
         if io.op == bio.FLUSH:

@@ -28,10 +28,11 @@ import errno
 import random
 import threading
 import time
+from types import SimpleNamespace
 
 from .. import SECTOR_SIZE
 from .. import io as bio
-from . import Target, TargetError, _word, parse_int
+from . import DeviceArg, Target, TargetError, _word, parse_int
 
 UINT_MAX = 2**32 - 1
 PROBABILITY_BASE = 1_000_000_000
@@ -47,110 +48,115 @@ def _uint(word, what, minimum=0, maximum=UINT_MAX):
     return value
 
 
+def _parse_features(p, rest):
+    """The optional feature words, into `p` (flakey's parsed arguments)."""
+    if not rest:
+        p.error_reads = p.error_writes = True
+        return
+    count = _uint(rest[0], "#features", 0, MAX_FEATURE_ARGS)
+    words = rest[1:]
+    if count != len(words):
+        raise TargetError(f"#features is {count} but {len(words)} feature argument(s) follow")
+    p.explicit_features = True
+    p.zero_features = count == 0
+    i = 0
+    seen = set()
+
+    def take():
+        nonlocal i
+        w = words[i]
+        i += 1
+        return w
+
+    while i < len(words):
+        name = words[i].lower()
+        i += 1
+        if name in seen:
+            raise TargetError(f"feature {name} is duplicated")
+        seen.add(name)
+        if name == "error_reads":
+            p.error_reads = True
+        elif name == "drop_writes":
+            if p.error_writes:
+                raise TargetError("feature drop_writes conflicts with feature error_writes")
+            p.drop_writes = True
+        elif name == "error_writes":
+            if p.drop_writes:
+                raise TargetError("feature error_writes conflicts with feature drop_writes")
+            p.error_writes = True
+        elif name == "corrupt_bio_byte":
+            if len(words) - i < 4:
+                raise TargetError("feature corrupt_bio_byte needs 4 arguments: <Nth_byte> <r|w> <value> <flags>")
+            p.corrupt_byte = _uint(take(), "corrupt_bio_byte Nth_byte", 1)
+            direction = take().lower()
+            if direction not in ("r", "w"):
+                raise TargetError(f"corrupt_bio_byte direction {direction!r} must be r or w")
+            p.corrupt_dir = direction
+            p.corrupt_value = _uint(take(), "corrupt_bio_byte value", 0, 255)
+            p.corrupt_flags = _uint(take(), "corrupt_bio_byte flags")
+        elif name in ("random_read_corrupt", "random_write_corrupt"):
+            if i >= len(words):
+                raise TargetError(f"feature {name} needs a probability (0-{PROBABILITY_BASE})")
+            setattr(p, name, _uint(take(), f"{name} probability", 0, PROBABILITY_BASE))
+        else:
+            raise TargetError(
+                f"unknown feature {words[i - 1]!r}; features: error_reads drop_writes error_writes "
+                "corrupt_bio_byte random_read_corrupt random_write_corrupt"
+            )
+    corrupts_writes = (p.corrupt_byte and p.corrupt_dir == "w") or p.random_write_corrupt
+    corrupts_reads = (p.corrupt_byte and p.corrupt_dir == "r") or p.random_read_corrupt
+    if p.drop_writes and corrupts_writes:
+        raise TargetError("drop_writes is incompatible with corrupting writes (corrupt_bio_byte w, random_write_corrupt)")
+    if p.error_writes and corrupts_writes:
+        raise TargetError("error_writes is incompatible with corrupting writes (corrupt_bio_byte w, random_write_corrupt)")
+    if p.error_reads and corrupts_reads:
+        raise TargetError("error_reads is incompatible with corrupting reads (corrupt_bio_byte r, random_read_corrupt)")
+    if not (p.error_reads or p.drop_writes or p.error_writes or p.corrupt_byte
+            or p.random_read_corrupt or p.random_write_corrupt):
+        # `0` features: as dm, the down interval fails everything
+        p.error_reads = p.error_writes = True
+
+
 class Flakey(Target):
     name = "flakey"
 
-    def ctr(self, args):
+    @classmethod
+    def parse(cls, args):
         if len(args) < 4:
             raise TargetError("flakey takes <dev> <offset> <up_interval> <down_interval> [<#features> <features>...]")
-        dev_word = args[0]
-        self.start = parse_int(args[1], "offset") * SECTOR_SIZE
-        self.up_interval = _uint(args[2], "up_interval")
-        self.down_interval = _uint(args[3], "down_interval")
-        if self.up_interval + self.down_interval == 0:
+        p = SimpleNamespace(dev_word=args[0], start=parse_int(args[1], "offset") * SECTOR_SIZE)
+        p.up_interval = _uint(args[2], "up_interval")
+        p.down_interval = _uint(args[3], "down_interval")
+        if p.up_interval + p.down_interval == 0:
             raise TargetError("up_interval and down_interval are both zero")
-        self.period = self.up_interval + self.down_interval
+        p.period = p.up_interval + p.down_interval
 
-        self.error_reads = False
-        self.drop_writes = False
-        self.error_writes = False
-        self.corrupt_byte = 0  # 1-based; 0 = off
-        self.corrupt_dir = None  # "r" or "w"
-        self.corrupt_value = 0
-        self.corrupt_flags = 0
-        self.random_read_corrupt = 0
-        self.random_write_corrupt = 0
-        self.explicit_features = False  # a feature count was given
-        self.zero_features = False  # ... and it was 0
-        self._parse_features(list(args[4:]))
+        p.error_reads = False
+        p.drop_writes = False
+        p.error_writes = False
+        p.corrupt_byte = 0  # 1-based; 0 = off
+        p.corrupt_dir = None  # "r" or "w"
+        p.corrupt_value = 0
+        p.corrupt_flags = 0
+        p.random_read_corrupt = 0
+        p.random_write_corrupt = 0
+        p.explicit_features = False  # a feature count was given
+        p.zero_features = False  # ... and it was 0
+        _parse_features(p, list(args[4:]))
+        p.devices = [DeviceArg(p.dev_word, p.start)]
+        return p
 
-        self.dev_word = dev_word
-        self.dev = self.get_device(dev_word)
-        self.check_fits(self.dev, self.start, dev_word)
+    def ctr(self, args):
+        p = self.parse(args)
+        vars(self).update((k, v) for k, v in vars(p).items() if k != "devices")
+        self.dev = self.get_device(self.dev_word)
+        self.check_fits(self.dev, self.start, self.dev_word)
 
         self._lock = threading.Lock()
         self.failed = 0
         self.dropped = 0
         self.corrupted = 0
         self.started = time.monotonic()
-
-    def _parse_features(self, rest):
-        if not rest:
-            self.error_reads = self.error_writes = True
-            return
-        count = _uint(rest[0], "#features", 0, MAX_FEATURE_ARGS)
-        words = rest[1:]
-        if count != len(words):
-            raise TargetError(f"#features is {count} but {len(words)} feature argument(s) follow")
-        self.explicit_features = True
-        self.zero_features = count == 0
-        i = 0
-        seen = set()
-
-        def take():
-            nonlocal i
-            w = words[i]
-            i += 1
-            return w
-
-        while i < len(words):
-            name = words[i].lower()
-            i += 1
-            if name in seen:
-                raise TargetError(f"feature {name} is duplicated")
-            seen.add(name)
-            if name == "error_reads":
-                self.error_reads = True
-            elif name == "drop_writes":
-                if self.error_writes:
-                    raise TargetError("feature drop_writes conflicts with feature error_writes")
-                self.drop_writes = True
-            elif name == "error_writes":
-                if self.drop_writes:
-                    raise TargetError("feature error_writes conflicts with feature drop_writes")
-                self.error_writes = True
-            elif name == "corrupt_bio_byte":
-                if len(words) - i < 4:
-                    raise TargetError("feature corrupt_bio_byte needs 4 arguments: <Nth_byte> <r|w> <value> <flags>")
-                self.corrupt_byte = _uint(take(), "corrupt_bio_byte Nth_byte", 1)
-                direction = take().lower()
-                if direction not in ("r", "w"):
-                    raise TargetError(f"corrupt_bio_byte direction {direction!r} must be r or w")
-                self.corrupt_dir = direction
-                self.corrupt_value = _uint(take(), "corrupt_bio_byte value", 0, 255)
-                self.corrupt_flags = _uint(take(), "corrupt_bio_byte flags")
-            elif name in ("random_read_corrupt", "random_write_corrupt"):
-                if i >= len(words):
-                    raise TargetError(f"feature {name} needs a probability (0-{PROBABILITY_BASE})")
-                p = _uint(take(), f"{name} probability", 0, PROBABILITY_BASE)
-                setattr(self, name, p)
-            else:
-                raise TargetError(
-                    f"unknown feature {words[i - 1]!r}; features: error_reads drop_writes error_writes "
-                    "corrupt_bio_byte random_read_corrupt random_write_corrupt"
-                )
-        corrupts_writes = (self.corrupt_byte and self.corrupt_dir == "w") or self.random_write_corrupt
-        corrupts_reads = (self.corrupt_byte and self.corrupt_dir == "r") or self.random_read_corrupt
-        if self.drop_writes and corrupts_writes:
-            raise TargetError("drop_writes is incompatible with corrupting writes (corrupt_bio_byte w, random_write_corrupt)")
-        if self.error_writes and corrupts_writes:
-            raise TargetError("error_writes is incompatible with corrupting writes (corrupt_bio_byte w, random_write_corrupt)")
-        if self.error_reads and corrupts_reads:
-            raise TargetError("error_reads is incompatible with corrupting reads (corrupt_bio_byte r, random_read_corrupt)")
-        if not (self.error_reads or self.drop_writes or self.error_writes or self.corrupt_byte
-                or self.random_read_corrupt or self.random_write_corrupt):
-            # `0` features: as dm, the down interval fails everything
-            self.error_reads = self.error_writes = True
 
     # the cycle
 

@@ -1,18 +1,26 @@
 """linear <dev> <offset>: map the segment onto a range of another device."""
 
+from types import SimpleNamespace
+
 from .. import SECTOR_SIZE
 from .. import io as bio
-from . import FAST_FD, Target, TargetError, parse_int
+from . import FAST_FD, DeviceArg, Target, TargetError, parse_int
 
 
 class Linear(Target):
     name = "linear"
 
-    def ctr(self, args):
+    @classmethod
+    def parse(cls, args):
         if len(args) != 2:
             raise TargetError("linear takes <dev> <offset>")
+        start = parse_int(args[1], "offset") * SECTOR_SIZE
+        return SimpleNamespace(devices=[DeviceArg(args[0], start)], start=start)
+
+    def ctr(self, args):
+        p = self.parse(args)
+        self.start = p.start
         self.dev = self.get_device(args[0])
-        self.start = parse_int(args[1], "offset") * SECTOR_SIZE
         self.check_fits(self.dev, self.start, args[0])
 
     def map(self, io):

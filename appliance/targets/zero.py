@@ -7,9 +7,14 @@ from . import FAST_ZERO, Target, TargetError
 class Zero(Target):
     name = "zero"
 
-    def ctr(self, args):
+    @classmethod
+    def parse(cls, args):
         if args:
             raise TargetError("zero takes no arguments")
+        return super().parse(args)
+
+    def ctr(self, args):
+        self.parse(args)
 
     def map(self, io):
         if io.op == bio.READ:

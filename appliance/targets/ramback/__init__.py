@@ -28,20 +28,23 @@ How a write goes (the invariants the compiled fast path shares, chunkstate.pyx):
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import stat
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 
 from ..._fast.chunkstate import DIRTY, FLUSHING
-from .. import Target, TargetError
+from .. import DeviceArg, Target, TargetError
 from .flush import Flusher
 from .limit import DirtyLimit, format_limit, parse_limit, parse_size
 from .locks import RangeLocks
 from .populate import Populate
 from .requests import RequestPath
-from .store import Marker, default_dir, open_store, backing_identity
+from .store import Marker, backing_identity, default_dir, layout, open_store
 
 log = logging.getLogger("appliance.ramback")
 
@@ -70,10 +73,10 @@ class Ramback(RequestPath, Target):
 
     # construction
 
-    def ctr(self, args):
+    @classmethod
+    def parse(cls, args):
         if len(args) < 2:
             raise TargetError(USAGE)
-        ram, word = args[0], args[1]
         opts = {}
         for arg in args[2:]:
             key, eq, value = arg.partition("=")
@@ -85,13 +88,46 @@ class Ramback(RequestPath, Target):
         chunk = parse_size(opts.get("chunk", "4096"), "chunk")
         if chunk < 4096 or chunk & (chunk - 1) or chunk > 1 << 30:
             raise TargetError(f"chunk={opts.get('chunk')} must be a power of two from 4096 bytes to 1 GiB")
-        self.sync = opts.get("sync", "ram")
-        if self.sync not in ("ram", "backing"):
-            raise TargetError(f"sync={self.sync} must be ram or backing")
+        sync = opts.get("sync", "ram")
+        if sync not in ("ram", "backing"):
+            raise TargetError(f"sync={sync} must be ram or backing")
         mismatch = opts.get("on_mismatch", "refuse")
         if mismatch not in ("refuse", "discard"):
             raise TargetError(f"on_mismatch={mismatch} must be refuse or discard")
-        self.max_dirty = parse_limit(opts.get("max_dirty", DEFAULT_MAX_DIRTY))
+        # <ram> is created here, not waited for: only <backing> is an underlying device
+        return SimpleNamespace(ram=args[0], backing=args[1], chunk=chunk, sync=sync, mismatch=mismatch,
+                               max_dirty=parse_limit(opts.get("max_dirty", DEFAULT_MAX_DIRTY)),
+                               devices=[DeviceArg(args[1], 0)])
+
+    @classmethod
+    def validate(cls, segment, check):
+        """Besides <backing>: a <ram> path that open_store would refuse. ("-" is a store under
+        daemon.shm_dir, whose directory ctr creates.) Whether an existing store belongs to this
+        table is left to ctr: it needs the backing's identity from an open."""
+        p = super().validate(segment, check)
+        if p.ram == "-":
+            return p
+        where = os.path.dirname(os.path.abspath(p.ram))
+        if os.path.exists(p.ram):
+            mode = os.stat(p.ram).st_mode
+            if stat.S_ISDIR(mode):
+                raise TargetError(f"cannot open RAM store {p.ram}: {os.strerror(errno.EISDIR)}")
+            if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+                raise TargetError(f"RAM store {p.ram} is not a regular file or block device")
+        elif not os.path.isdir(where):
+            raise TargetError(f"cannot open RAM store {p.ram}: no directory {where}")
+        else:
+            total = layout(segment.size, p.chunk)[3]
+            room = os.statvfs(where)
+            if room.f_bavail * room.f_frsize < total:
+                raise TargetError(f"not enough room for a {total}-byte RAM store in {where}")
+        return p
+
+    def ctr(self, args):
+        p = self.parse(args)
+        ram, word, chunk, mismatch = p.ram, p.backing, p.chunk, p.mismatch
+        self.sync = p.sync
+        self.max_dirty = p.max_dirty
         self.chunk_size = chunk
         self.shift = chunk.bit_length() - 1
         self.backing = self.get_device(word)
