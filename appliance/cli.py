@@ -206,8 +206,14 @@ def parser():
 
     # --config after the subcommand too (`appliance serve --config PATH`), as systemctl and
     # dmsetup take options; SUPPRESS keeps one given before the subcommand when none is after
-    for s in sub.choices.values():
-        s.add_argument("--config", default=argparse.SUPPRESS, help=config_help)
+    def config_everywhere(subparsers):
+        for s in subparsers.choices.values():
+            s.add_argument("--config", default=argparse.SUPPRESS, help=config_help)
+            for action in s._actions:
+                if isinstance(action, argparse._SubParsersAction):
+                    config_everywhere(action)
+
+    config_everywhere(sub)
     return p
 
 
