@@ -36,6 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from ..._fast.chunkstate import DIRTY, FLUSHING
 from .. import Target, TargetError
+from .backing import BackingIO
 from .flush import Flusher
 from .limit import DirtyLimit, format_limit, parse_limit, parse_size
 from .locks import RangeLocks
@@ -94,8 +95,11 @@ class Ramback(RequestPath, Target):
         self.max_dirty = parse_limit(opts.get("max_dirty", DEFAULT_MAX_DIRTY))
         self.chunk_size = chunk
         self.shift = chunk.bit_length() - 1
+        floor = max(16 * chunk, 1 << 20)  # a flush run's worth: below it writers only wait
+        _check_floor(self.max_dirty, floor, chunk)
         self.backing = self.get_device(word)
         self.check_fits(self.backing, 0, word)
+        self.backing_io = BackingIO(self.backing)
 
         daemon = getattr(self.ctx, "daemon_config", None)
         devname = getattr(self.ctx.device, "name", "ramback")
@@ -115,7 +119,7 @@ class Ramback(RequestPath, Target):
             self.store.locks = RangeLocks()
         self.locks = self.store.locks
         self.marker = marker
-        self.limit = DirtyLimit(self.max_dirty, floor=max(16 * chunk, 1 << 20))
+        self.limit = DirtyLimit(self.max_dirty, floor=floor)
         self.flusher = Flusher(self)
         self.populate = Populate(self)
         self._say_how_attached(previous)
@@ -125,11 +129,17 @@ class Ramback(RequestPath, Target):
         inherited = self.store.shared.get("mode") if self.store.refs > 1 else None
         self.mode, self.mode_reason = inherited or getattr(self.ctx, "ramback_mode", None) or NO_POWER
         self.store.shared["mode"] = (self.mode, self.mode_reason)
-        self._mode_lock = threading.Lock()
+        self._mode_lock = threading.RLock()  # _keep_marker may apply the mode inside set_mode
         self._writes = ThreadPoolExecutor(WRITE_WORKERS, thread_name_prefix=f"ramback-write {self.label}")
         self._loads = ThreadPoolExecutor(LOAD_WORKERS, thread_name_prefix=f"ramback-load {self.label}")
         self.throttled = 0
+        self.failed_writes = 0  # writes at the dirty limit failed because backing failed
+        self.reserved = 0  # chunks slow writes have room for and have not marked yet (requests.py)
+        self._room = threading.Lock()
+        self.suspending = False
+        self.marked = False  # the marker says what RAM may hold: writeback may go on
         self._marker_at = 0.0
+        self._floor_said = False
         self.update_limit()
 
     def _say_how_attached(self, previous):
@@ -137,13 +147,18 @@ class Ramback(RequestPath, Target):
         e, c, d, f = self.cs.counts()
         if self.store.refs > 1:
             log.info("%s: the new table shares the live RAM store %s", self.label, self.store.path)
-        elif how in ("created", "discarded") and previous and (previous.get("mode") == WRITEBACK or previous.get("dirty_bytes")):
-            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(previous.get("updated", 0)))
+        elif how in ("created", "discarded") and previous is not None and (
+                "unreadable" in previous or previous.get("mode") == WRITEBACK or previous.get("dirty_bytes")):
+            if "unreadable" in previous:  # a marker cut short by a crash says no less than a whole one
+                what = (f"its marker {self.marker.path} is unreadable ({previous['unreadable']}), so RAM may have "
+                        f"held data backing does not have")
+            else:
+                when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(previous.get("updated", 0)))
+                what = (f"the previous run held data in RAM that backing may not have "
+                        f"(mode {previous.get('mode')}, {previous.get('dirty_bytes', '?')} dirty bytes as of {when})")
             self.warning = (
-                f"DIRTY DATA LOST: the previous run held data in RAM that backing may not have "
-                f"(mode {previous.get('mode')}, {previous.get('dirty_bytes', '?')} dirty bytes as of {when}) "
-                f"and its RAM store {self.store.path} is gone; backing holds what was flushed, check the "
-                f"filesystem on it (fsck) before trusting it"
+                f"DIRTY DATA LOST: {what}, and its RAM store {self.store.path} is gone; backing holds what was "
+                f"flushed, check the filesystem on it (fsck) before trusting it"
             )
             log.error("%s: %s", self.label, self.warning)
         elif how == "attached unclean":
@@ -205,12 +220,21 @@ class Ramback(RequestPath, Target):
     # threads
 
     def resume(self):
+        self.suspending = False
         if self.running:
             return
+        self._keep_marker(force=True)  # on disk before the first writeback write is acknowledged
         self.running = True
         self.flusher.start()
         self.populate.start()
         self._apply_mode()
+
+    def presuspend(self, noflush=False):
+        # writers waiting at the dirty limit write through instead (requests.py _admit): the
+        # suspend waits for I/O in flight, and must not wait for the flusher to make room
+        self.suspending = True
+        with self.flusher.progress:
+            self.flusher.progress.notify_all()
 
     def postsuspend(self):
         self._stop_threads()
@@ -237,18 +261,37 @@ class Ramback(RequestPath, Target):
         needed = mode == WRITEBACK or dirty > 0
         now = time.monotonic()
         if needed and (force or now - self._marker_at > 5):  # a failed write is retried, not spun on
-            self.marker.write(force, mode=mode, dirty_bytes=dirty, store=self.store.path,
-                              backing=self.store.header["backing_path"])
+            ok = self.marker.write(mode=mode, dirty_bytes=dirty, store=self.store.path,
+                                   backing=self.store.header["backing_path"])
             self._marker_at = now
+            # writeback waits for the marker: without it a reboot would lose data silently. A
+            # failed refresh leaves the last marker in place, and that one still warns.
+            ok = ok or self.marker.present is True
+            if not ok and mode == WRITEBACK:
+                log.error("%s: writes go through to backing until the marker %s can be written",
+                          self.label, self.marker.path)
+            if ok != self.marked:
+                self.marked = ok
+                with self._mode_lock:
+                    self._apply_mode()
         elif not needed and self.marker.present is not False:
             self.marker.remove()
+            self.marked = False
 
     def update_limit(self):
         bw = self.flusher.bw
-        limit, why = self.limit.effective(bw.value, bw.measured)
-        self.limit_bytes, self.limit_reason = limit, why
+        limit, why, raised = self.limit.effective(bw.value, bw.measured)
+        self.limit_bytes, self.limit_reason, self.limit_raised = limit, why, raised
+        self.limit_chunks = max(1, limit >> self.shift)
         if self.cs is not None:
-            self.cs.limit_chunks = max(1, limit >> self.shift)
+            with self._room:
+                self._fast_limit()
+        if raised != self._floor_said:
+            self._floor_said = raised
+            if raised:  # the UPS (or max_dirty in seconds) asked for less than chunk= allows
+                log.warning("%s: dirty limit %s is raised to %d bytes, the least chunk=%d works with: "
+                            "a power loss may leave more dirty data than asked for; use a smaller chunk",
+                            self.label, why.split(" (raised")[0], limit, self.chunk_size)
 
     # modes, for messages and the power monitor
 
@@ -269,7 +312,7 @@ class Ramback(RequestPath, Target):
 
     def _apply_mode(self):
         self.cs.fua_ok = self.sync == "ram"  # here, not in ctr: a table being loaded shares a live store
-        if self.mode == WRITEBACK and self.refused is None and self.running:
+        if self.mode == WRITEBACK and self.marked and self.refused is None and self.running:
             self.cs.enable_writes()
         else:
             self.cs.disable_writes()  # returns once no fast write is in progress
@@ -320,7 +363,9 @@ class Ramback(RequestPath, Target):
             left = self.cs.count(DIRTY) + self.cs.count(FLUSHING)
             return "clean" if not left else f"flushed; {left} chunks written meanwhile are dirty"
         if cmd == "max_dirty" and len(argv) == 2:
-            self.max_dirty = self.limit.configured = parse_limit(argv[1])
+            limit = parse_limit(argv[1])
+            _check_floor(limit, self.limit.floor, self.chunk_size)
+            self.max_dirty = self.limit.configured = limit
             self.update_limit()
             return f"max_dirty {format_limit(self.max_dirty)}: {self.limit_bytes} bytes"
         raise TargetError(f"unknown ramback message {' '.join(argv)!r}; messages: writeback, writethrough, flush, max_dirty <value>")
@@ -355,8 +400,13 @@ class Ramback(RequestPath, Target):
             "flush_state": self.flusher.state if self.running else "stopped",
             "dirty_limit_bytes": self.limit_bytes,
             "dirty_limit_reason": self.limit_reason,
+            "dirty_limit_raised_to_floor": self.limit_raised,
             "max_dirty": format_limit(self.max_dirty),
             "throttled_writes": self.throttled,
+            "failed_writes": self.failed_writes,
+            "backing_failing": self.flusher.failing,
+            "flush_sweeps": self.flusher.syncs.count,
+            "marker": self.marker.path if self.marked else None,
             "populate_progress": round((n - e) / n, 4),
             "populate_bandwidth": int(rate),
             "populate_eta_seconds": (round(empty_bytes / rate, 1) if rate else None) if e else 0.0,
@@ -381,7 +431,19 @@ class Ramback(RequestPath, Target):
             words.append("warning=DIRTY-DATA-LOST")
         if i["writes_refused"]:
             words.append("writes=refused")
+        if i["backing_failing"]:
+            words.append("backing=FAILING")
+        if i["dirty_limit_raised_to_floor"]:
+            words.append("dirty_limit=raised-to-chunk-floor")
         return " ".join(words)
+
+
+def _check_floor(limit, floor, chunk):
+    """A max_dirty in bytes below what the chunk size allows is refused, not quietly raised."""
+    kind, value = limit
+    if kind == "bytes" and value < floor:
+        raise TargetError(f"max_dirty={value} is below {floor} bytes, the least chunk={chunk} works with "
+                          f"(16 chunks, at least 1 MiB); use a smaller chunk or a larger max_dirty")
 
 
 def _word(v):

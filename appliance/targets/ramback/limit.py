@@ -47,10 +47,11 @@ class DirtyLimit:
     def __init__(self, configured, floor):
         self.configured = configured  # ('bytes', n) or ('seconds', s)
         self.power = None  # (bytes, reason) from the power monitor, or None
-        self.floor = floor  # never below this: a writer must always be able to make progress
+        self.floor = floor  # never below this (16 chunks): flush runs of a useful size
 
     def effective(self, bandwidth, measured):
-        """(bytes, reason) in force, given the backing write bandwidth in bytes/s."""
+        """(bytes, reason, raised to the floor) in force, given the backing write bandwidth
+        in bytes/s."""
         kind, value = self.configured
         if kind == "bytes":
             limit, why = value, f"max_dirty={value}"
@@ -60,5 +61,5 @@ class DirtyLimit:
         if self.power is not None and self.power[0] is not None and self.power[0] < limit:
             limit, why = self.power[0], f"power: {self.power[1]}"
         if limit < self.floor:
-            limit, why = self.floor, why + f" (raised to the floor of {self.floor} bytes)"
-        return limit, why
+            return self.floor, why + f" (raised to the floor of {self.floor} bytes: 16 chunks)", True
+        return limit, why, False
