@@ -5,7 +5,8 @@ Reads and writes are served from RAM (a shared-memory store that survives the
 daemon, store.py); a flusher writes dirty chunks back in coalesced runs, at once in
 writethrough mode and after at most EXPIRE seconds of ageing in writeback mode
 (flush.py); a new store loads from backing in the background while I/O goes on
-(populate.py). Writes that need a lock, loads and FLUSH sweeps: requests.py.
+(populate.py); both go through the I/O engine, several requests in flight (backing.py).
+Writes that need a lock, loads, the dirty limit and FLUSH: requests.py.
 
 Modes (`appliance message NAME 0 writeback|writethrough|flush`):
 - writeback: writes, FUA and FLUSH complete at RAM speed (sync=backing: FLUSH and
@@ -19,7 +20,8 @@ How a write goes (the invariants the compiled fast path shares, chunkstate.pyx):
   DIRTY again, complete. No lock. The NBD loop does this itself without the GIL.
 - otherwise it takes its place in the range-lock line at once (locks.py), so
   overlapping writes keep the order they arrived in, and a worker holds the lock
-  while it loads a partial EMPTY chunk at either end, copies, and for writethrough
+  while it loads a partial EMPTY chunk at either end, copies (EMPTY chunks it covers
+  whole are marked DIRTY only after the copy: requests.py _copy), and for writethrough
   writes the whole chunks back with the flush protocol before completing. Writing
   whole chunks through the flush protocol is what makes it safe against a writeback
   write landing in the same chunk meanwhile; the flush lock keeps an older flush
@@ -410,6 +412,7 @@ class Ramback(RequestPath, Target):
             "populate_progress": round((n - e) / n, 4),
             "populate_bandwidth": int(rate),
             "populate_eta_seconds": (round(empty_bytes / rate, 1) if rate else None) if e else 0.0,
+            "populate_seconds": round(self.populate.done_at - self.populate.started, 3) if self.populate.done_at else None,
             "writes_refused": self.refused,
             "store": self.store.path,
             "store_attach": self.store.how,

@@ -2,8 +2,9 @@
 
 Configured in bytes (`max_dirty=2G`) or as a drain time (`max_dirty=30s`, turned into
 bytes with the backing write bandwidth measured on the flushes). The power monitor
-may set a lower limit from the UPS runtime; the lower of the two is in force. Writers
-at the limit wait (they are throttled, never failed) until the flusher makes room.
+may set a lower limit from the UPS runtime; the lower of the two is in force, but never
+less than the floor (16 chunks). Writers at the limit wait until the flusher makes room,
+and fail only when backing does (requests.py _admit).
 """
 
 from __future__ import annotations
