@@ -12,7 +12,7 @@ import textwrap
 import time
 
 import pytest
-from conftest import config_text, need, run, nbd_python
+from conftest import config_text, device, need, run, nbd_python
 
 from appliance.targets.ramback.store import default_dir
 
@@ -110,13 +110,6 @@ def store_data(path):
         h = _decode(f.read(4096))
         f.seek(h["data_offset"])
         return f.read(h["length"])
-
-
-def device(name, line, **opts):
-    text = f'[[device]]\nname = "{name}"\ntable = ["{line}"]\n'
-    for k, v in opts.items():
-        text += f"{k} = {str(v).lower() if isinstance(v, bool) else repr(v)}\n"
-    return text + "\n"
 
 
 # ---- tests -------------------------------------------------------------------------------
