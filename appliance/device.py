@@ -328,15 +328,18 @@ class MappedDevice:
         self._piece_done(join, c.error)
 
     def _piece_done(self, join, error):
+        # the error is stored under the lock: the last piece must see every earlier piece's error
         if join.lock is None:
             join.pending -= 1
             last = True
+            if error and not join.error:
+                join.error = error
         else:
             with join.lock:
                 join.pending -= 1
                 last = join.pending == 0
-        if error and not join.error:
-            join.error = error
+                if error and not join.error:
+                    join.error = error
         if not last:
             return
         io = join.io

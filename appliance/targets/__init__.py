@@ -129,7 +129,18 @@ def known_targets() -> dict[str, str]:
     return _registry
 
 
+_registered = {}  # keyword -> class, targets registered in-process (tests, plug-ins)
+
+
+def register(keyword, cls):
+    """Make `cls` the target for `keyword` in this process (a test's own target)."""
+    _registered[keyword] = cls
+    known_targets()[keyword] = cls.__module__
+
+
 def target_class(keyword):
+    if keyword in _registered:
+        return _registered[keyword]
     if keyword not in known_targets():
         raise TargetError(f"unknown target {keyword!r}; targets: {', '.join(sorted(known_targets()))}")
     module = importlib.import_module(f"{__name__}.{keyword}")
