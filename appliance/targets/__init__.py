@@ -7,6 +7,7 @@ operations it needs; `Target` supplies the defaults, as dm's core does.
 
 from __future__ import annotations
 
+import errno
 import importlib
 import pkgutil
 
@@ -23,11 +24,20 @@ FAST_ZERO = 2  # reads return zeros, writes are discarded
 
 
 class Target:
-    """Base class. `begin` and `length` are the segment's, in bytes."""
+    """Base class. `begin` and `length` are the segment's, in bytes.
+
+    The request path (see README "Tables" and appliance/device.py): for every map attempt
+    the core makes a fresh clone of the target's piece of a request, in segment
+    coordinates; `prep_map(clone)` chooses the device below, `map(clone)` translates the
+    clone onto it (or completes it, parks it, fails it), and `end_io(clone, error)` sees
+    the result first and may take the clone back for a retry."""
 
     name = None
-    # Targets that keep state the core must not bypass (dirty bits, paths)
-    # never offer a fast map, and the NBD server hands every request to map().
+    # the device's request queue merges adjacent requests before map() (as a disk's would)
+    wants_merged = False
+    # at most this many of the queue's requests in flight at the target; the rest wait and
+    # merge (0: no limit). A target may set it per instance in ctr().
+    queue_depth = 0
 
     def __init__(self, ctx, segment):
         self.ctx = ctx
@@ -46,11 +56,20 @@ class Target:
         self.devices = []
 
     # the request path
-    def map(self, io):
-        io.error = io.error or 5
+    def prep_map(self, clone):
+        """The device the clone goes to (clone.dev when map() returns REMAPPED)."""
+        return self.devices[0] if self.devices else None
+
+    def map(self, clone):
+        """Translate the clone (clone.offset += where the segment starts on clone.dev) and
+        return REMAPPED; or complete it and return SUBMITTED; KILL with clone.error; REQUEUE."""
+        clone.error = clone.error or errno.EIO
         return bio.KILL
 
-    def end_io(self, io, error):
+    def end_io(self, clone, error):
+        """DONE; REQUEUE (park it: mapped again on resume or kick); or INCOMPLETE after calling
+        ctx.device.remap(clone) or ctx.device.requeue(clone, delay). clone.private, the
+        target's per-I/O data, survives into the next attempt."""
         return bio.DONE
 
     def fast_map(self):

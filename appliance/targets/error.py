@@ -13,9 +13,9 @@ class Error(Target):
         if args:
             raise TargetError("error takes no arguments")
 
-    def map(self, io):
-        if io.op == bio.FLUSH:
-            io.complete(0)
+    def map(self, clone):
+        if clone.op == bio.FLUSH:
+            clone.complete(0)
             return bio.SUBMITTED
-        io.error = errno.EIO
+        clone.error = errno.EIO  # the storage says no: a target error, not a path to retry
         return bio.KILL
