@@ -74,19 +74,20 @@ class Table:
 class TableContext:
     """What a target's constructor may use: open devices by path or @NAME."""
 
-    def __init__(self, device, registry, pool, direct=False, exclusive=True):
+    def __init__(self, device, registry, pool, direct=False, exclusive=True, writable=True):
         self.device = device
         self.registry = registry
         self.pool = pool
         self.direct = direct
         self.exclusive = exclusive
+        self.writable = writable
 
     def get_device(self, word):
         if word.startswith("@"):
             return self.registry.hold(word[1:], self.device)
         try:
             # a read_only device's files open O_RDONLY: nothing below it can write them
-            return self.pool.get(word, writable=not self.device.read_only, direct=self.direct,
+            return self.pool.get(word, writable=self.writable, direct=self.direct,
                                  exclusive=self.exclusive)
         except DeviceError as e:  # already one sentence naming the path, without "[Errno N]"
             raise TargetError(e.strerror) from None
@@ -184,10 +185,12 @@ class MappedDevice:
                     a = max(a, getattr(d, "align", 1))
         return a
 
-    def load(self, lines):
-        """Construct a table into the inactive slot (dmsetup load). Raises TableError."""
+    def load(self, lines, read_only=None):
+        """Construct a table into the inactive slot (dmsetup load). Raises TableError.
+        `read_only`: what the device will be when this table goes live (default: as now)."""
         segments = parse_table(lines)
-        ctx = TableContext(self, self.registry, self.pool, self.direct, self.exclusive)
+        writable = not (self.read_only if read_only is None else read_only)
+        ctx = TableContext(self, self.registry, self.pool, self.direct, self.exclusive, writable)
         targets = []
         try:
             for seg in segments:
