@@ -212,3 +212,28 @@ def test_read_only_refuses_writes_also_through_a_stacked_device_and_opens_files_
     assert wait_io(top, bio.READ, 0, 4096, bytearray(4096)).error == 0
     fd = low.table.targets[0].dev.fd
     assert fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY
+
+
+def test_a_batch_of_adjacent_requests_merges_and_each_gets_its_own_data(image):
+    a = image("a.img", 1 << 20)
+    with open(a, "r+b") as f:
+        f.write(b"".join(bytes([i]) * 4096 for i in range(16)))
+    dev = mapped("batch", f"0 2048 delay {a} 0 10")  # delay wants merged requests, as a disk would
+    events, ios = [], []
+    for i in range(16):
+        ev = threading.Event()
+        events.append(ev)
+        ios.append(bio.IO(bio.READ, i * 4096, 4096, memoryview(bytearray(4096)), 0, lambda _io, ev=ev: ev.set()))
+    ev = threading.Event()
+    events.append(ev)
+    ios.append(bio.IO(bio.WRITE, 65536 * 4, 4096, b"\x77" * 4096, 0, lambda _io, ev=ev: ev.set()))
+    dev.submit_batch(ios)  # what an NBD connection hands over at unplug
+    assert all(e.wait(10) for e in events)
+    assert all(io.error == 0 for io in ios)
+    for i, io in enumerate(ios[:16]):
+        assert bytes(io.buf) == bytes([i]) * 4096, i
+    q = dev.status()["queue"]
+    assert q == {"in": 17, "merged": 15, "dispatched": 2, "queued": 0}, q
+    with open(a, "rb") as f:
+        f.seek(65536 * 4)
+        assert f.read(4096) == b"\x77" * 4096
