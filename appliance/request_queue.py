@@ -33,6 +33,7 @@ class RequestQueue:
         self.queues = [bool(m or d) for m, d in zip(self.merge, self.depth)]
         self.busy = [0] * len(targets)
         self.waiting = []  # [(io, segment)] in arrival order
+        self.running = False  # a thread is dispatching
         self.lock = threading.Lock()
         # counters: requests that came in, that were merged into another, that went to map
         self.requests_in = 0
@@ -51,11 +52,20 @@ class RequestQueue:
             self.waiting.append((io, segment))
 
     def run(self):
-        """Dispatch what may go now."""
+        """Dispatch what may go now. One thread at a time dispatches, and a target that
+        completes inside map() does not recurse through here: the running thread loops."""
         with self.lock:
-            batches = self._take()
-        for members, segment in batches:
-            self.dispatch(members, segment)
+            if self.running:
+                return  # the running thread takes again after its dispatches
+            self.running = True
+        while True:
+            with self.lock:
+                batches = self._take()
+                if not batches:
+                    self.running = False
+                    return
+            for members, segment in batches:
+                self.dispatch(members, segment)
 
     def done(self, segment):
         """A request the queue dispatched has completed: its target has room again."""
