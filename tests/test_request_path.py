@@ -237,3 +237,31 @@ def test_a_batch_of_adjacent_requests_merges_and_each_gets_its_own_data(image):
     with open(a, "rb") as f:
         f.seek(65536 * 4)
         assert f.read(4096) == b"\x77" * 4096
+
+
+def test_a_direct_file_takes_aligned_and_unaligned_buffers(image):
+    import mmap
+
+    a = image("direct.img", 1 << 20)
+    pool = DevicePool()
+    disk = pool.get(a, direct=True)
+    aligned = mmap.mmap(-1, 8192)
+    aligned[:] = b"\x61" * 8192
+    unaligned = memoryview(bytearray(8192 + 1))[1:]  # one byte past an allocation: not aligned
+    unaligned[:] = b"\x62" * 8192
+    for buf, offset in ((aligned, 0), (unaligned, 8192)):
+        io = bio.IO(bio.WRITE, offset, 8192, buf, bio.FUA)
+        done = threading.Event()
+        io.endio = lambda _io: done.set()
+        disk.submit(io)
+        assert done.wait(10) and io.error == 0
+    for buf in (mmap.mmap(-1, 16384), memoryview(bytearray(16384 + 1))[1:]):
+        done = threading.Event()
+        io = bio.IO(bio.READ, 0, 16384, buf, 0, lambda _io: done.set())
+        disk.submit(io)
+        assert done.wait(10) and io.error == 0
+        assert bytes(buf[:8192]) == b"\x61" * 8192 and bytes(buf[8192:16384]) == b"\x62" * 8192
+    io = bio.IO(bio.READ, 512 + 1, 512, bytearray(512))
+    disk.submit(io)
+    assert io.error == errno.EINVAL and io.error_class == bio.TARGET  # O_DIRECT needs aligned offsets
+    pool.put(disk)
