@@ -15,7 +15,7 @@ import types
 
 import pytest
 
-from appliance import device as core
+from appliance import request_path as core
 from appliance import io as bio
 from appliance.blockdev import DevicePool
 from appliance.device import MappedDevice, Registry
