@@ -123,7 +123,7 @@ def test_suspend_lets_the_queue_through_instead_of_waiting_out_the_delay(make_da
     disk = image("delay.img", SIZE)
     d = make_daemon(device("dl", f"0 {SECTORS} delay {disk} 0 20000"))
     client = subprocess.Popen(
-        ["nbdsh", "-u", d.uri("dl"), "-c", AIO_READS.format(n=4, stride=4096)],
+        ["nbdsh", "-u", d.uri("dl"), "-c", AIO_READS.format(n=4, stride=8192)],  # apart: not merged
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

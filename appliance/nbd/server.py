@@ -32,6 +32,7 @@ log = logging.getLogger("appliance.nbd")
 HANDSHAKE_TIMEOUT = 30.0
 MAX_BLOCK = 32 * 1024 * 1024
 MAX_EXTENTS = 2048
+MAX_PLUG = 16  # requests a connection's batch holds back at most (well under its in-flight depth)
 
 
 class Catalog:
@@ -127,6 +128,8 @@ class Session:
         if self._unplugs:
             # the loop unplugs after this batch: the device queue sees it whole and merges it
             self._plug.append(io)
+            if len(self._plug) >= MAX_PLUG:
+                self.unplug()  # held requests count as in flight: never fill the connection's depth
         else:
             self.device.submit(io)
 
