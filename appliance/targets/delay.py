@@ -68,7 +68,6 @@ class Delay(Target):
         serialize = bool(args) and args[-1] == "serialize"
         if serialize:
             args.pop()
-            self.queue_depth = 1  # one spindle: the rest wait in the device queue and merge
         if len(args) not in (3, 6, 9):
             raise TargetError(
                 "delay takes <dev> <offset> <delay_ms> [<write_dev> <write_offset> <write_delay_ms> "
@@ -92,6 +91,8 @@ class Delay(Target):
         # every number is checked before anything is opened
         parsed = self.parse(args)
         self.serialize = parsed.serialize
+        if self.serialize:
+            self.queue_depth = 1  # one spindle: the rest wait in the device queue and merge
         self.paths = []
         opened = {}
         for dev_word, start, delay_ms in parsed.paths:
