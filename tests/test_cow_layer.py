@@ -77,7 +77,7 @@ def test_info_shows_allocated_bytes_parent_and_seal(tmp_path):
     ("1M", "4K", MiB, 4096),
     ("512k", "1M", 512 * KiB, MiB),
     ("3G", "64KiB", 3 * GiB, 64 * KiB),
-    ("2T", "4K", 2 << 40, 4096),
+    ("2T", "64K", 2 << 40, 64 * KiB),
 ])
 def test_sizes_take_k_m_g_t_suffixes_and_a_bare_number_is_bytes(tmp_path, size, grain, want_size, want_grain):
     path = tmp_path / "w.layer"

@@ -114,12 +114,12 @@ class Header:
         magic, version, flags, u, parent, child, grain, _, size, boff, blen, doff = _HEADER.unpack_from(buf)
         if magic != MAGIC:
             raise LayerError(f"{name}: bad magic {magic!r} (not a cow layer, or its header is damaged)")
+        if version != VERSION:  # before the checksum: another version may checksum other bytes
+            raise LayerError(f"{name}: layer format version {version}, this appliance reads version {VERSION}")
         (stored,) = _CRC.unpack_from(buf, _HEADER.size)
         computed = zlib.crc32(bytes(buf[:_HEADER.size]))
         if stored != computed:
             raise LayerError(f"{name}: header checksum mismatch (stored {stored:#010x}, computed {computed:#010x})")
-        if version != VERSION:
-            raise LayerError(f"{name}: layer format version {version}, this appliance reads version {VERSION}")
         if flags & ~_KNOWN_FLAGS:
             raise LayerError(f"{name}: unknown header flags {flags & ~_KNOWN_FLAGS:#x}")
         h = cls(uuidlib.UUID(bytes=u), grain, size, boff, blen, doff, flags,
@@ -205,7 +205,8 @@ class Layer:
     `zero_runs(g0, g1)`, `mark_allocated(g0, g1)` after the data of grains [g0, g1) was
     written, `mark_zero(g0, g1)`, `sync_bitmap()` before a FLUSH completes, `seal(child)`,
     `set_parent(uuid)`; `data_fd` and `data_offset` (grain g at data_offset + g * grain) for
-    the fast path. Bits may be marked from any thread.
+    the fast path. Bits may be marked and looked up from any thread; `seal` is for a layer
+    whose writes are quiesced (a push suspends the device first).
     """
 
     def __init__(self, header, bitmap_fd, data_fd, *, name, writable, owns_fds=(), fresh=False):
@@ -222,6 +223,7 @@ class Layer:
         self._dirty = set()  # bitmap pages changed in memory since the last sync_bitmap
         self._lock = threading.Lock()  # the bits and _dirty
         self._sync_lock = threading.Lock()  # one sync_bitmap at a time: an older page image never lands last
+        self.failed = None  # the error of a failed sync: the layer takes no more bits
         self._load_bitmap()
         if fresh and (any(self._alloc) or any(self._zero)):
             raise LayerError(f"{name}: unused bitmap device (no header) whose bitmap is not all zeros; zero it first")
@@ -290,6 +292,8 @@ class Layer:
     def _mark(self, g0, g1, zero):
         if not self.writable or self.header.sealed:
             raise LayerError(f"{self.name}: not the writable layer")
+        if self.failed:
+            raise LayerError(f"{self.name}: failed earlier ({self.failed}); its bitmap takes no more bits")
         if not 0 <= g0 <= g1 <= self.grains:
             raise LayerError(f"{self.name}: grains [{g0}, {g1}) outside 0..{self.grains}")
         with self._lock:
@@ -299,8 +303,14 @@ class Layer:
 
     def sync_bitmap(self):
         """Make every bit marked before this call durable, after the data it exposes: fdatasync
-        the data, write the dirty bitmap pages, fdatasync them. Returns the pages written."""
+        the data, write the dirty bitmap pages, fdatasync them. Returns the pages written.
+
+        A failed sync fails the layer for good: after an fdatasync error Linux may drop the
+        dirty pages and report success next time, so a retry could expose grains whose data
+        never reached the disk."""
         with self._sync_lock:
+            if self.failed:
+                raise LayerError(f"{self.name}: failed earlier ({self.failed}); its bitmap takes no more bits")
             with self._lock:
                 pages = sorted(self._dirty)
                 self._dirty.clear()
@@ -314,9 +324,8 @@ class Layer:
                 for p, image in zip(pages, images):
                     pwrite_full(self.bitmap_fd, image, self.header.bitmap_offset + p * PAGE)
                 os.fdatasync(self.bitmap_fd)
-            except OSError:
-                with self._lock:
-                    self._dirty.update(pages)  # a later sync tries again
+            except OSError as e:
+                self.failed = e.strerror or str(e)
                 raise
             return len(pages)
 
