@@ -6,15 +6,21 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 
 import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from conftest import REPO, run, unwritten_pages
+from appliance.targets.cow import offline
 from appliance.targets.cow.layer import HEADER_AREA, LayerError, open_layer
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
@@ -306,3 +312,72 @@ def test_kill_9_during_writes_and_syncs_never_leaves_a_bit_whose_data_is_not_on_
             checked.update(bits)
         finally:
             layer.close()
+
+
+# the bitmap against a plain model
+
+
+class BitmapModel(RuleBasedStateMachine):
+    """Random marks, syncs and reopens of a real layer file against sets of grains: what is in
+    memory after marks, and what a reopen finds (only what the last sync wrote)."""
+
+    GRAINS = 2 * 16384 + 1000  # three bitmap pages; 512-byte grains, so the file stays small
+
+    @initialize()
+    def create(self):
+        self.dir = tempfile.mkdtemp()
+        self.path = os.path.join(self.dir, "w.layer")
+        offline.create(self.path, self.GRAINS * 512, 512)
+        self.layer = open_layer([self.path], writable=True)
+        self.alloc, self.zero = set(), set()
+        self.synced = (set(), set())
+
+    def teardown(self):
+        if hasattr(self, "layer"):
+            self.layer.close()
+            shutil.rmtree(self.dir)
+
+    spans = st.tuples(st.integers(0, GRAINS), st.one_of(st.integers(0, 40), st.integers(0, 20000)))
+
+    @rule(span=spans, zero=st.booleans())
+    def mark(self, span, zero):
+        g0, g1 = span[0], min(self.GRAINS, span[0] + span[1])
+        (self.layer.mark_zero if zero else self.layer.mark_allocated)(g0, g1)
+        self.alloc |= set(range(g0, g1))
+        self.zero = self.zero | set(range(g0, g1)) if zero else self.zero - set(range(g0, g1))
+
+    @rule()
+    def sync(self):
+        self.layer.sync_bitmap()
+        self.synced = (set(self.alloc), set(self.zero))
+
+    @rule()
+    def reopen(self):
+        self.layer.close()
+        self.layer = open_layer([self.path], writable=True)
+        self.alloc, self.zero = set(self.synced[0]), set(self.synced[1])
+        assert offline.check(self.path) == []
+
+    @invariant()
+    def bits_match_the_model(self):
+        if not hasattr(self, "layer"):
+            return
+        assert self.layer.allocated_runs() == runs_of(self.alloc)
+        assert self.layer.zero_runs() == runs_of(self.zero)
+        assert self.layer.allocated_runs(100, 16390) == runs_of(g for g in self.alloc if 100 <= g < 16390)
+        for g in (0, 7, 8, 16383, 16384, self.GRAINS - 1):
+            assert (self.layer.is_allocated(g), self.layer.is_zero(g)) == (g in self.alloc, g in self.zero)
+
+
+def runs_of(grains):
+    out = []
+    for g in sorted(grains):
+        if out and out[-1][1] == g:
+            out[-1] = (out[-1][0], g + 1)
+        else:
+            out.append((g, g + 1))
+    return out
+
+
+BitmapModel.TestCase.settings = settings(max_examples=30, stateful_step_count=20, deadline=None)
+test_the_bitmap_follows_a_plain_model_through_marks_syncs_and_reopens = BitmapModel.TestCase

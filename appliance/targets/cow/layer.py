@@ -37,6 +37,7 @@ grain in its old or its new state. Bits past the last grain are zero.
 Data is mapped directly, grain g at data offset + g * grain, with no allocation table: a
 lookup is one bit, nothing but the bitmap has to be kept consistent, and the grains never
 written cost nothing on a sparse file or a thin LUN. A block device must hold the full size.
+When the size is not a multiple of the grain, the last grain holds only size - g * grain bytes.
 
 Crash consistency (the seed's "write ordered for the bitmap (a la journal)"): the bitmap on
 disk is written only by `sync_bitmap`, which fdatasyncs the data first and then writes the
