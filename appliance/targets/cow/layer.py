@@ -51,12 +51,13 @@ FLUSH, not two synchronous writes per request).
 from __future__ import annotations
 
 import os
-import re
 import struct
 import threading
 import uuid as uuidlib
 import zlib
 from dataclasses import dataclass, replace
+
+from .bits import popcount, runs, set_bits
 
 MAGIC = b"ACOWLAYR"
 VERSION = 1
@@ -269,17 +270,17 @@ class Layer:
 
     def allocated_runs(self, g0=0, g1=None):
         """[(start, end)] of the grains in [g0, g1) this layer holds (data or zero), in order."""
-        return _runs(self._alloc, g0, self.grains if g1 is None else g1)
+        return runs(self._alloc, g0, self.grains if g1 is None else g1)
 
     def zero_runs(self, g0=0, g1=None):
         """[(start, end)] of the grains in [g0, g1) that read as zeros from this layer."""
-        return _runs(self._zero, g0, self.grains if g1 is None else g1)
+        return runs(self._zero, g0, self.grains if g1 is None else g1)
 
     def allocated_grains(self):
-        return _popcount(self._alloc)
+        return popcount(self._alloc)
 
     def zero_grains(self):
-        return _popcount(self._zero)
+        return popcount(self._zero)
 
     # changes (in memory; sync_bitmap writes them)
     def mark_allocated(self, g0, g1):
@@ -298,8 +299,8 @@ class Layer:
         if not 0 <= g0 <= g1 <= self.grains:
             raise LayerError(f"{self.name}: grains [{g0}, {g1}) outside 0..{self.grains}")
         with self._lock:
-            _set_bits(self._alloc, g0, g1, True)
-            _set_bits(self._zero, g0, g1, zero)
+            set_bits(self._alloc, g0, g1, True)
+            set_bits(self._zero, g0, g1, zero)
             self._dirty.update(range(g0 // GRAINS_PER_PAGE, (g1 - 1) // GRAINS_PER_PAGE + 1) if g1 > g0 else ())
 
     def sync_bitmap(self):
@@ -385,61 +386,6 @@ class Layer:
         for fd in self._owned:
             os.close(fd)
         self._owned = []
-
-
-def _set_bits(bits, g0, g1, value):
-    """Set (or clear) bits [g0, g1) of `bits`: whole bytes by slice, the ends bit by bit."""
-    while g0 < g1 and g0 & 7:
-        _set_bit(bits, g0, value)
-        g0 += 1
-    while g1 > g0 and g1 & 7:
-        g1 -= 1
-        _set_bit(bits, g1, value)
-    if g1 > g0:
-        bits[g0 >> 3:g1 >> 3] = (b"\xff" if value else b"\0") * ((g1 - g0) >> 3)
-
-
-def _set_bit(bits, g, value):
-    if value:
-        bits[g >> 3] |= 1 << (g & 7)
-    else:
-        bits[g >> 3] &= ~(1 << (g & 7)) & 0xFF
-
-
-_SET_BYTES = re.compile(rb"\xff+|[^\x00\xff]")  # a run of full bytes, or one mixed byte
-
-
-def _runs(bits, g0, g1):
-    """Runs [(start, end)] of set bits in [g0, g1). The regex engine skips the zero bytes and
-    takes runs of full bytes whole, so the cost follows the number of runs, not the layer's size."""
-    out = []
-    if g1 <= g0:
-        return out
-    for m in _SET_BYTES.finditer(bits, g0 >> 3, (g1 + 7) >> 3):
-        i = m.start()
-        if m.end() - i > 1 or bits[i] == 0xFF:
-            _extend(out, max(i * 8, g0), min(m.end() * 8, g1))
-            continue
-        byte = bits[i]
-        for j in range(8):
-            g = i * 8 + j
-            if byte >> j & 1 and g0 <= g < g1:
-                _extend(out, g, g + 1)
-    return out
-
-
-def _extend(runs, lo, hi):
-    if lo >= hi:
-        return
-    if runs and runs[-1][1] == lo:
-        runs[-1] = (runs[-1][0], hi)
-    else:
-        runs.append((lo, hi))
-
-
-def _popcount(bits):
-    step = 1 << 20
-    return sum(int.from_bytes(bits[i:i + step], "little").bit_count() for i in range(0, len(bits), step))
 
 
 # opening
