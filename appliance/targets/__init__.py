@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import importlib
 import pkgutil
+import re
 from types import SimpleNamespace
 from typing import NamedTuple
 
@@ -176,14 +177,31 @@ def parse_int(word, what, minimum=0):
     return value
 
 
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+_SIZE = re.compile(r"(\d+)\s*([kmgt]?)(i?b)?", re.I)
+
+
+def parse_size(word, what):
+    """'4K' -> 4096: bytes, or binary K, M, G, T (a bare number is bytes)."""
+    m = _SIZE.fullmatch(word.strip())
+    if not m:
+        raise TargetError(f"{what} {word!r} is not a size (bytes, or with K, M, G, T)")
+    return int(m.group(1)) * _UNITS[m.group(2).lower()]
+
+
 _registry = None
 
 
 def known_targets() -> dict[str, str]:
-    """keyword -> module name, for every module in this package."""
+    """keyword -> module name, for every module in this package, and every package that defines
+    its class: a package may hold a target's parts before the target itself exists (cow's
+    layer format), and its keyword must not load until it does."""
     global _registry
     if _registry is None:
-        _registry = {m.name.replace("_", "-"): m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")}
+        _registry = {
+            m.name.replace("_", "-"): m.name for m in pkgutil.iter_modules(__path__)
+            if not m.name.startswith("_") and (not m.ispkg or hasattr(_module(m.name), _class_name(m.name)))
+        }
     return _registry
 
 
@@ -202,4 +220,12 @@ def target_class(keyword):
     if keyword not in known_targets():
         raise TargetError(f"unknown target {keyword!r}; targets: {', '.join(sorted(known_targets()))}")
     module = known_targets()[keyword]
-    return getattr(importlib.import_module(f"{__name__}.{module}"), "".join(w.capitalize() for w in module.split("_")))
+    return getattr(_module(module), _class_name(module))
+
+
+def _module(name):
+    return importlib.import_module(f"{__name__}.{name}")
+
+
+def _class_name(module):
+    return "".join(w.capitalize() for w in module.split("_"))

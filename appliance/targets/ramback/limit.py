@@ -11,18 +11,9 @@ from __future__ import annotations
 
 import re
 
-from .. import TargetError
+from .. import TargetError, parse_size
 
-_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-_SIZE = re.compile(r"(\d+)\s*([kmgt]?)(i?b)?", re.I)
 _SECONDS = re.compile(r"(\d+(?:\.\d+)?)\s*s", re.I)
-
-
-def parse_size(word, what):
-    m = _SIZE.fullmatch(word.strip())
-    if not m:
-        raise TargetError(f"{what} {word!r} is not a size (bytes, or with K, M, G, T)")
-    return int(m.group(1)) * _UNITS[m.group(2).lower()]
 
 
 def parse_limit(word):
