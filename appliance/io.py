@@ -76,6 +76,8 @@ class Error(int):
     def __repr__(self):
         return f"{error_name(self)}({self.kind})"
 
+    __str__ = int.__repr__  # the number, as a plain errno prints (int's own str is repr)
+
 
 def error(code, kind=None):
     """`code` as a classed Error (0 stays 0); a plain errno gets its class from ERROR_CLASSES."""
@@ -135,4 +137,4 @@ class IO:
 
 
 def error_name(code: int) -> str:
-    return errno.errorcode.get(code, str(code))
+    return errno.errorcode.get(code, str(int(code)))

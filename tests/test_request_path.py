@@ -265,3 +265,9 @@ def test_a_direct_file_takes_aligned_and_unaligned_buffers(image):
     disk.submit(io)
     assert io.error == errno.EINVAL and io.error_class == bio.TARGET  # O_DIRECT needs aligned offsets
     pool.put(disk)
+
+
+def test_a_classed_error_prints_as_its_number_and_names_itself():
+    """Errors end up in log lines and status strings: an errno nobody named must print too."""
+    assert str(bio.Error(errno.EIO)) == "5" and f"{bio.Error(999)}" == "999"
+    assert repr(bio.path_error()) == "EIO(path)" and bio.error_name(bio.Error(999)) == "999"
