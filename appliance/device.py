@@ -14,6 +14,7 @@ import threading
 from . import io as bio
 from ._fast.gate import Gate
 from .blockdev import DeviceError
+from .nbd import client as nbd_client
 from .power.state import NO_POWER as NO_POWER_MODE
 from .table import TableError, parse_table, table_size
 from .targets import TargetError, target_class
@@ -82,6 +83,8 @@ class TableContext:
         if word.startswith("@"):
             return self.registry.hold(word[1:], self.device)
         try:
+            if nbd_client.is_uri(word):  # a remote export: nbd://, nbd+unix://
+                return nbd_client.pool.get(word)
             return self.pool.get(word, direct=self.direct, exclusive=self.exclusive)
         except DeviceError as e:  # already one sentence naming the path, without "[Errno N]"
             raise TargetError(e.strerror) from None
@@ -103,6 +106,8 @@ class TableContext:
     def put_device(self, dev):
         if isinstance(dev, MappedDevice):
             self.registry.release(dev, self.device)
+        elif dev.kind == "nbd":
+            nbd_client.pool.put(dev)
         else:
             self.pool.put(dev)
 

@@ -1,0 +1,504 @@
+"""Remote devices: an underlying device that is an NBD export on another server.
+
+A table names one by its URI (`nbd+unix:///export?socket=PATH`, `nbd://host[:port]/export`);
+targets sit on it as on a file (`submit`, `size`, `align`, `block_status`, `failed`). The
+handshake and the replies are the sans-IO client sides in protocol.py and transmission.py; this
+module owns the sockets and threads.
+
+Requests are pipelined (cookies) and their replies matched out of order. When the server
+advertises multi-conn, several connections share the requests (its FLUSH then covers them all).
+Each connection has one thread that receives its replies and, when the connection drops,
+reconnects with backoff. The client never queues: requests in flight on a dropped connection
+fail with ECONNRESET (ETIMEDOUT if the server stopped answering), and new requests fail with
+ENOTCONN while no connection is up. Whether to retry, wait or fail over is the caller's policy
+(multipath, mirror).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import select
+import socket
+import threading
+import time
+
+from .. import io as bio
+from ..blockdev import DeviceError
+from . import constants as C
+from .protocol import NEED_DATA, ClientHandshake, Negotiated, RemoteProtocolError
+from .transmission import BlockStatus, ClientTransmission, ReadData, ReadHole, ReplyDone
+from .uri import Address, is_uri, parse_uri  # noqa: F401 (is_uri: for TableContext)
+
+log = logging.getLogger("appliance.nbd.client")
+
+MULTI_CONN_DEFAULT = 4  # connections when the server advertises multi-conn, as nbdcopy
+BACKOFF_FIRST, BACKOFF_MAX = 0.1, 5.0
+RECV_SIZE = 256 * 1024
+SMALL_WRITE = 64 * 1024  # header and payload in one send up to this size
+
+# the errno a server's NBD error value stands for (the same numbers on Linux); others: EIO
+_ERRNOS = {C.NBD_EPERM, C.NBD_EIO, C.NBD_ENOMEM, C.NBD_EINVAL, C.NBD_ENOSPC, C.NBD_EOVERFLOW,
+           C.NBD_ENOTSUP, C.NBD_ESHUTDOWN}
+_CMDS = {bio.READ: C.NBD_CMD_READ, bio.WRITE: C.NBD_CMD_WRITE, bio.FLUSH: C.NBD_CMD_FLUSH,
+         bio.TRIM: C.NBD_CMD_TRIM, bio.CACHE: C.NBD_CMD_CACHE,
+         bio.WRITE_ZEROES: C.NBD_CMD_WRITE_ZEROES}
+
+
+# -------------------------------------------------------------------- requests
+
+class _Request:
+    """One NBD request in flight: where its data goes and who hears of its end."""
+
+    __slots__ = ("offset", "buf", "done", "deadline", "cmd", "extents")
+
+    def __init__(self, cmd, offset, buf, done, deadline):
+        self.cmd, self.offset, self.buf, self.done, self.deadline = cmd, offset, buf, done, deadline
+        self.extents = None
+
+
+class _Join:
+    """The pieces of a request bigger than the server's maximum, and their joint end."""
+
+    def __init__(self, io, pieces):
+        self.io, self.pending, self.error, self.lock = io, pieces, 0, threading.Lock()
+
+    def piece_done(self, error):
+        with self.lock:
+            self.error = self.error or error
+            self.pending -= 1
+            last = self.pending == 0
+        if last:
+            self.io.complete(self.error)
+
+
+class _Connection:
+    """One socket in the transmission phase."""
+
+    def __init__(self, sock, negotiated, timeout):
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.tx = ClientTransmission(negotiated.structured_replies, negotiated.trailing_data)
+        self.timeout = timeout
+        self.send_lock = threading.Lock()
+        self.lock = threading.Lock()  # inflight and dead
+        self.inflight: dict[int, _Request] = {}  # in send order, so the first is the oldest
+        self.dead = None  # why it dropped
+
+    def send(self, cmd, flags, offset, length, payload, req):
+        """Send one request; False if the connection is (or just went) down. Its reply, or the
+        drop of the connection, then ends `req`."""
+        with self.send_lock:
+            if self.dead:
+                return False
+            with self.lock:
+                cookie, header = self.tx.request(cmd, flags, offset, length)
+                self.inflight[cookie] = req
+            try:
+                if payload is None:
+                    self.sock.sendall(header)
+                elif length <= SMALL_WRITE:
+                    self.sock.sendall(header + bytes(payload))
+                else:
+                    self.sock.sendall(header)
+                    self.sock.sendall(payload)
+            except OSError as e:
+                self.drop(errno.ECONNRESET, f"send failed: {e.strerror or e}")
+            return True
+
+    def drop(self, error, reason):
+        """Take the connection down; every request in flight ends with `error`."""
+        with self.lock:
+            if self.dead:
+                return
+            self.dead = reason
+            victims = list(self.inflight.values())
+            self.inflight.clear()
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes a sender blocked on a full socket
+        except OSError:
+            pass
+        for req in victims:
+            req.done(error)
+
+    def close(self):
+        with self.send_lock:  # no sender is inside the socket when its fd goes
+            self.sock.close()
+
+
+# ---------------------------------------------------------------------- device
+
+class NBDDevice:
+    """An NBD export as an underlying device."""
+
+    kind = "nbd"
+
+    def __init__(self, address: Address):
+        self.address = address
+        self.timeout = address.timeout
+        self.refs = 0
+        self._lock = threading.Lock()
+        self._live: list[_Connection] = []
+        self._rr = 0
+        self._closing = threading.Event()
+        self._reason = None  # why the last connection dropped or the last attempt failed
+        sock, neg = self._connect()  # the table is refused if the export cannot be reached
+        self.size = neg.size
+        self.flags = neg.flags
+        self.block_sizes = neg.block_sizes
+        self.allocation_id = _allocation_id(neg)
+        self.max_payload = min(neg.block_sizes[2], 32 << 20) if neg.block_sizes else 32 << 20
+        multi = bool(neg.flags & C.NBD_FLAG_CAN_MULTI_CONN)
+        wanted = address.connections or MULTI_CONN_DEFAULT
+        self.connections = wanted if multi else 1
+        if wanted > 1 and address.connections and not multi:
+            log.warning("%s: the server does not advertise multi-conn: one connection", address)
+        first = self._go_live(sock, neg)  # up before the table goes live, so no I/O fails
+        self._threads = []
+        for slot in range(self.connections):
+            t = threading.Thread(target=self._run, args=(slot, first if slot == 0 else None),
+                                 name=f"nbd-client-{slot}", daemon=True)
+            self._threads.append(t)
+            t.start()
+        log.info("%s: connected, %d bytes, %d connection(s)", address, self.size, self.connections)
+
+    # what a target sees
+
+    @property
+    def name(self):
+        return self.address.uri
+
+    @property
+    def align(self):
+        """The server's minimum block size."""
+        return self.block_sizes[0] if self.block_sizes else 1
+
+    @property
+    def read_only(self):
+        return bool(self.flags & C.NBD_FLAG_READ_ONLY)
+
+    @property
+    def failed(self):
+        """Why no connection is up, or None while one is."""
+        with self._lock:
+            return None if self._live else (self._reason or "not connected")
+
+    def submit(self, io):
+        if io.is_write and self.read_only:
+            io.complete(errno.EROFS)
+            return
+        op, flags = _CMDS[io.op], io.flags & (bio.FUA | bio.NO_HOLE | bio.FAST_ZERO)
+        if op == C.NBD_CMD_FLUSH and not self.flags & C.NBD_FLAG_SEND_FLUSH:
+            io.complete(0)  # a server without a write cache
+            return
+        if (op == C.NBD_CMD_TRIM and not self.flags & C.NBD_FLAG_SEND_TRIM) or (
+                op == C.NBD_CMD_CACHE and not self.flags & C.NBD_FLAG_SEND_CACHE):
+            io.complete(0)  # advisory, like a file that cannot punch holes
+            return
+        if op == C.NBD_CMD_WRITE_ZEROES:
+            if flags & bio.FAST_ZERO and not self.flags & C.NBD_FLAG_SEND_FAST_ZERO:
+                io.complete(errno.ENOTSUP)
+                return
+            if not self.flags & C.NBD_FLAG_SEND_WRITE_ZEROES:
+                op, flags = C.NBD_CMD_WRITE, flags & bio.FUA
+                io_buf = bytes(io.length)
+            else:
+                io_buf = None
+        else:
+            io_buf = io.buf
+        if flags & bio.FUA and not self.flags & C.NBD_FLAG_SEND_FUA:
+            done = self._then_flush(io.complete)  # FUA as the server can give it
+            flags &= ~bio.FUA
+        else:
+            done = io.complete
+        if op in (C.NBD_CMD_READ, C.NBD_CMD_WRITE) and io.length > self.max_payload:
+            self._split(op, flags, io, io_buf)
+            return
+        self._send(op, flags, io.offset, io.length, io_buf, done)
+
+    def block_status(self, offset, length):
+        """[(length, flags)] from the server's base:allocation; all data if it has none or
+        cannot say now."""
+        out, pos, end = [], offset, offset + length
+        for _ in range(16):  # a server may answer for less than asked; ask again for the rest
+            if pos >= end or self.allocation_id is None:
+                break
+            got = self._block_status_once(pos, end - pos)
+            if not got:
+                break
+            for n, flags in got:
+                n = min(n, end - pos)
+                if n <= 0:
+                    break
+                out.append((n, flags & (C.NBD_STATE_HOLE | C.NBD_STATE_ZERO)))
+                pos += n
+        if pos < end:
+            out.append((end - pos, 0))
+        return out
+
+    def close(self):
+        self._closing.set()
+        with self._lock:
+            live = list(self._live)
+        for conn in live:
+            with conn.send_lock:
+                if not conn.dead:
+                    try:
+                        _, header = conn.tx.request(C.NBD_CMD_DISC, 0, 0, 0)
+                        conn.sock.sendall(header)
+                    except OSError:
+                        pass
+            conn.drop(errno.ENOTCONN, "closed")
+        for t in self._threads:
+            t.join(self.timeout + 1)
+
+    # sending
+
+    def _pick(self):
+        with self._lock:
+            if not self._live:
+                return None
+            self._rr = (self._rr + 1) % len(self._live)
+            return self._live[self._rr]
+
+    def _send(self, cmd, flags, offset, length, payload, done):
+        """Send on a live connection; `done(errno)` once the reply is in. ENOTCONN at once when
+        no connection is up: the caller decides whether to wait (no queue here)."""
+        req = _Request(cmd, offset, payload if cmd == C.NBD_CMD_READ else None, done,
+                       time.monotonic() + self.timeout)
+        for _ in range(self.connections):
+            conn = self._pick()
+            if conn is None:
+                break
+            if conn.send(cmd, flags, offset, length, None if cmd == C.NBD_CMD_READ else payload, req):
+                return
+        done(errno.ENOTCONN)
+
+    def _split(self, op, flags, io, buf):
+        view = memoryview(buf)
+        pieces = range(0, io.length, self.max_payload)
+        join = _Join(io, len(pieces))
+        for start in pieces:
+            n = min(self.max_payload, io.length - start)
+            self._send(op, flags, io.offset + start, n, view[start:start + n], join.piece_done)
+
+    def _then_flush(self, complete):
+        def written(error):
+            if error or not self.flags & C.NBD_FLAG_SEND_FLUSH:
+                complete(error)
+            else:
+                self._send(C.NBD_CMD_FLUSH, 0, 0, 0, None, complete)
+        return written
+
+    def _block_status_once(self, offset, length):
+        finished = threading.Event()
+        result = []
+
+        def done(error):
+            result.append(error)
+            finished.set()
+
+        req_len = min(length, 0xFFFFFFFF)
+        req = _Request(C.NBD_CMD_BLOCK_STATUS, offset, None, done, time.monotonic() + self.timeout)
+        req.extents = []
+        conn = self._pick()
+        if conn is None or not conn.send(C.NBD_CMD_BLOCK_STATUS, 0, offset, req_len, None, req):
+            return None
+        if not finished.wait(self.timeout + 1) or result[0]:
+            return None
+        return req.extents
+
+    # connections
+
+    def _connect(self):
+        """A new connection through the handshake: (socket, Negotiated), or a DeviceError."""
+        a = self.address
+        where = a.socket or f"{a.host}:{a.port}"
+        try:
+            if a.socket:
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                sock.settimeout(self.timeout)
+                try:
+                    sock.connect(a.socket)
+                except BaseException:
+                    sock.close()
+                    raise
+            else:
+                sock = socket.create_connection((a.host, a.port), timeout=self.timeout)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError as e:
+            raise DeviceError(e.errno or errno.ECONNREFUSED,
+                              f"{a}: cannot connect to {where}: {e.strerror or e}") from None
+        try:
+            hs = ClientHandshake(a.export)
+            while (event := hs.next_event()) is NEED_DATA:
+                sock.sendall(hs.data_to_send())
+                hs.receive_data(sock.recv(65536))
+            sock.sendall(hs.data_to_send())
+            if not isinstance(event, Negotiated):
+                raise RemoteProtocolError("server closed the connection during the handshake")
+            sock.settimeout(None)  # the receive loop polls; a stuck send is woken by drop()
+            return sock, event
+        except RemoteProtocolError as e:
+            try:
+                sock.sendall(hs.data_to_send())  # the soft disconnect, when there is one
+            except OSError:
+                pass
+            sock.close()
+            raise DeviceError(errno.EPROTO, f"{a}: {e.reason}") from None
+        except OSError as e:
+            sock.close()
+            raise DeviceError(e.errno or errno.EIO, f"{a}: handshake with {where} failed: "
+                              f"{'timed out' if isinstance(e, TimeoutError) else e.strerror or e}") from None
+
+    def _reconnect(self):
+        sock, neg = self._connect()
+        why = None
+        if neg.size != self.size:
+            why = f"the export's size changed from {self.size} to {neg.size} bytes"
+        elif self.connections > 1 and not neg.flags & C.NBD_FLAG_CAN_MULTI_CONN:
+            why = "the server no longer advertises multi-conn"
+        elif _allocation_id(neg) is None and self.allocation_id is not None:
+            why = "the server no longer offers base:allocation"
+        if why:
+            sock.close()
+            raise DeviceError(errno.EPROTO, f"{self.address}: {why}")
+        return sock, neg
+
+    def _go_live(self, sock, neg):
+        conn = _Connection(sock, neg, self.timeout)
+        conn.allocation_id = _allocation_id(neg)
+        with self._lock:
+            self._live.append(conn)
+        return conn
+
+    def _run(self, slot, conn):
+        """One connection slot: receive replies; when the connection drops, reconnect."""
+        backoff = BACKOFF_FIRST
+        lost = False  # slot 0 starts connected; the others connect here the first time
+        while not self._closing.is_set():
+            if conn is None:
+                try:
+                    conn = self._go_live(*self._reconnect())
+                except DeviceError as e:
+                    if not lost and slot:
+                        log.warning("%s: connection %d: %s", self.address, slot, e.strerror)
+                    lost = True
+                    self._note_down(e.strerror)
+                    self._closing.wait(backoff)
+                    backoff = min(backoff * 2, BACKOFF_MAX)
+                    continue
+                if lost:
+                    log.warning("%s: connection %d reconnected", self.address, slot)
+            backoff = BACKOFF_FIRST
+            try:
+                self._receive(conn)
+            except Exception as e:  # a bug must not leave requests hanging
+                log.exception("%s: connection %d failed", self.address, slot)
+                conn.drop(errno.EIO, f"client error: {e}")
+            with self._lock:
+                self._live.remove(conn)
+            conn.close()
+            if not self._closing.is_set():
+                log.warning("%s: connection %d lost: %s", self.address, slot, conn.dead)
+                self._note_down(conn.dead)
+                lost = True
+            conn = None
+
+    def _note_down(self, reason):
+        with self._lock:
+            self._reason = reason
+
+    def _receive(self, conn):
+        poller = select.poll()
+        poller.register(conn.fd, select.POLLIN)
+        buf = bytearray(RECV_SIZE)
+        tick = min(0.5, self.timeout / 10)
+        while not conn.dead:
+            if not poller.poll(tick * 1000):
+                self._check_deadline(conn)
+                continue
+            try:
+                n = conn.sock.recv_into(buf)
+            except OSError as e:
+                conn.drop(errno.ECONNRESET, f"receive failed: {e.strerror or e}")
+                return
+            conn.tx.receive_data(memoryview(buf)[:n])
+            try:
+                while (event := conn.tx.next_event()) is not NEED_DATA:
+                    self._on_event(conn, event)
+            except RemoteProtocolError as e:
+                conn.drop(errno.ECONNRESET, e.reason)
+                return
+            self._check_deadline(conn)
+
+    def _check_deadline(self, conn):
+        with conn.lock:
+            oldest = next(iter(conn.inflight.values()), None)
+        if oldest is not None and time.monotonic() > oldest.deadline:
+            conn.drop(errno.ETIMEDOUT, f"no reply in {self.timeout:g} s")
+
+    def _on_event(self, conn, event):
+        req = conn.inflight.get(event.cookie)
+        if req is None:  # dropped meanwhile (close); its end was told already
+            return
+        if isinstance(event, ReadData):
+            start = event.offset - req.offset
+            req.buf[start:start + len(event.data)] = event.data
+        elif isinstance(event, ReadHole):
+            start = event.offset - req.offset
+            req.buf[start:start + event.length] = bytes(event.length)
+        elif isinstance(event, BlockStatus):
+            if event.context_id == conn.allocation_id:
+                req.extents.extend(event.extents)
+        elif isinstance(event, ReplyDone):
+            with conn.lock:
+                if conn.inflight.pop(event.cookie, None) is None:
+                    return
+            error = event.error if event.error in _ERRNOS else (errno.EIO if event.error else 0)
+            if error and event.message:
+                log.debug("%s: server error %d: %s", self.address, event.error, event.message)
+            req.done(error)
+
+
+def _allocation_id(neg):
+    for cid, name in neg.meta_contexts.items():
+        if name == C.NBD_META_BASE_ALLOCATION:
+            return cid
+    return None
+
+
+# ------------------------------------------------------------------------ pool
+
+class Pool:
+    """Open remote devices, shared and reference counted per URI across tables (as DevicePool
+    shares files)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._devices: dict[str, NBDDevice] = {}
+
+    def get(self, uri: str) -> NBDDevice:
+        address = parse_uri(uri)
+        with self._lock:
+            dev = self._devices.get(uri)
+            if dev is None:
+                dev = NBDDevice(address)
+                self._devices[uri] = dev
+            dev.refs += 1
+            return dev
+
+    def put(self, dev: NBDDevice) -> None:
+        with self._lock:
+            dev.refs -= 1
+            if dev.refs > 0:
+                return
+            self._devices.pop(dev.address.uri, None)
+        dev.close()
+
+    def devices(self):
+        with self._lock:
+            return list(self._devices.values())
+
+
+pool = Pool()
