@@ -214,7 +214,10 @@ class NBDDevice:
         if op in (C.NBD_CMD_READ, C.NBD_CMD_WRITE) and io.length > self.max_payload:
             self._split(op, flags, io, io_buf)
             return
-        self._send(op, flags, io.offset, io.length, io_buf, done)
+        if op == C.NBD_CMD_FLUSH:  # the spec wants 0+0; the core hands targets an offset
+            self._send(op, 0, 0, 0, None, done)
+        else:
+            self._send(op, flags, io.offset, io.length, io_buf, done)
 
     def block_status(self, offset, length):
         """[(length, flags)] from the server's base:allocation; all data if it has none or

@@ -47,9 +47,12 @@ def parse_uri(uri: str) -> Address:
 
     try:
         parts = urlsplit(uri)
-        port = parts.port
     except ValueError as e:
         raise bad(f"not an NBD URI ({e})") from None
+    try:
+        port = parts.port
+    except ValueError:
+        raise bad(f"port in {parts.netloc!r} is not a number from 0 to 65535") from None
     if parts.scheme in ("nbds", "nbds+unix"):
         raise bad("TLS (nbds://) is not supported; use nbd:// or nbd+unix://")
     if parts.scheme not in ("nbd", "nbd+unix"):
