@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import struct
 import subprocess
 import time
@@ -158,18 +159,20 @@ def test_bad_uris_say_what_is_wrong(uri, message):
 
 @pytest.fixture
 def nbdkit(tmp_path):
-    """nbdkit(*args, sock=None) -> a running `nbdkit --unix SOCK ARGS...`; `.sock` is its socket.
+    """nbdkit(*args, sock=None, port=None) -> a running `nbdkit --unix SOCK ARGS...` (or on
+    127.0.0.1:PORT); `.sock` is its socket.
     Ready once its pid file exists (nbdkit writes it when the socket accepts)."""
     procs = []
 
-    def start(*args, sock=None):
+    def start(*args, sock=None, port=None):
         need("nbdkit")
         sock = sock or str(tmp_path / f"kit{len(procs)}.sock")
         pidfile = tmp_path / f"kit{len(procs)}.pid"
         for stale in (sock, pidfile):  # a SIGKILLed nbdkit leaves both
             if os.path.exists(stale):
                 os.unlink(stale)
-        p = subprocess.Popen(["nbdkit", "--unix", sock, "-P", str(pidfile), "--foreground",
+        listen = ["-i", "127.0.0.1", "-p", str(port)] if port else ["--unix", sock]
+        p = subprocess.Popen(["nbdkit", *listen, "-P", str(pidfile), "--foreground",
                               "--exit-with-parent", *args], stderr=subprocess.PIPE)
         procs.append(p)
         until(lambda: pidfile.exists() or p.poll() is not None, 10, "nbdkit to listen")
@@ -226,6 +229,24 @@ def test_writes_through_a_linear_device_land_in_nbdkits_file(make_daemon, image,
     assert file_bytes(disk, MiB, 64 * 1024) == b"\x5a" * 65536
     assert file_bytes(disk, 8 * MiB, 4096) == b"\x3c" * 4096
     assert file_bytes(disk, 0, MiB) == bytes(MiB)  # nothing before the segment's offset
+
+
+def test_a_tcp_export_and_its_connections_close_with_the_last_table(make_daemon, nbdkit, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = tmp_path / "kit.log"
+    kit = nbdkit("--filter=log", "memory", "16M", f"logfile={log}", port=port)
+    uri = f"nbd://127.0.0.1:{port}/?connections=2"
+    d = make_daemon(device("t", f"0 {4 * MiB // S} linear {uri} {4 * MiB // S}"))
+    qemu_io(d.uri("t"), "write -P 0x2f 64k 64k")
+    # what the appliance wrote is in nbdkit's memory, 4 MiB in
+    assert "Pattern verification failed" not in qemu_io(f"nbd://127.0.0.1:{port}/", "read -P 0x2f 4160k 64k").stdout
+    assert log.read_text().count("Connect export=") == 3  # two for the table, one for the check
+    d.cli("load", "t", "0 8192 zero")
+    d.cli("resume", "t")
+    until(lambda: log.read_text().count("Disconnect") == 3, 10, "the table's connections to close")
+    assert kit.poll() is None
 
 
 def test_fio_verifies_at_qd32_with_requests_spread_over_multi_conn(make_daemon, image, nbdkit, tmp_path):

@@ -240,8 +240,8 @@ class NBDDevice:
         return out
 
     def close(self):
-        self._closing.set()
         with self._lock:
+            self._closing.set()  # under the lock: no connection goes live after this
             live = list(self._live)
         for conn in live:
             with conn.send_lock:
@@ -252,8 +252,10 @@ class NBDDevice:
                     except OSError:
                         pass
             conn.drop(errno.ENOTCONN, "closed")
+        # a slot inside a handshake with a hung server ends by itself when that times out
+        deadline = time.monotonic() + 2
         for t in self._threads:
-            t.join(self.timeout + 1)
+            t.join(max(0, deadline - time.monotonic()))
 
     # sending
 
@@ -369,31 +371,37 @@ class NBDDevice:
         return sock, neg
 
     def _go_live(self, sock, neg):
+        """The connection, in the rotation; None (and the socket closed) once close() began."""
         conn = _Connection(sock, neg, self.timeout)
         conn.allocation_id = _allocation_id(neg)
         with self._lock:
+            if self._closing.is_set():
+                sock.close()
+                return None
             self._live.append(conn)
         return conn
 
     def _run(self, slot, conn):
         """One connection slot: receive replies; when the connection drops, reconnect."""
         backoff = BACKOFF_FIRST
-        lost = False  # slot 0 starts connected; the others connect here the first time
+        said = None  # the last failure logged, so an outage is one line, not one per attempt
         while not self._closing.is_set():
             if conn is None:
                 try:
                     conn = self._go_live(*self._reconnect())
                 except DeviceError as e:
-                    if not lost and slot:
+                    if e.strerror != said:
                         log.warning("%s: connection %d: %s", self.address, slot, e.strerror)
-                    lost = True
+                        said = e.strerror
                     self._note_down(e.strerror)
                     self._closing.wait(backoff)
                     backoff = min(backoff * 2, BACKOFF_MAX)
                     continue
-                if lost:
+                if conn is None:
+                    break
+                if said is not None:
                     log.warning("%s: connection %d reconnected", self.address, slot)
-            backoff = BACKOFF_FIRST
+            backoff, said = BACKOFF_FIRST, None
             try:
                 self._receive(conn)
             except Exception as e:  # a bug must not leave requests hanging
@@ -405,7 +413,7 @@ class NBDDevice:
             if not self._closing.is_set():
                 log.warning("%s: connection %d lost: %s", self.address, slot, conn.dead)
                 self._note_down(conn.dead)
-                lost = True
+                said = conn.dead
             conn = None
 
     def _note_down(self, reason):
