@@ -3,17 +3,21 @@ tables), and the sans-IO reply parser underneath it."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
 import socket
 import struct
 import subprocess
+import threading
 import time
 
 import pytest
 
+from appliance import io as bio
 from appliance.blockdev import DeviceError
+from appliance.nbd import client as nbd_client
 from appliance.nbd import constants as C
 from appliance.nbd.protocol import NEED_DATA, RemoteProtocolError
 from appliance.nbd.transmission import BlockStatus, ClientTransmission, ReadData, ReadHole, ReplyDone
@@ -370,3 +374,45 @@ def test_requests_over_the_servers_maximum_are_split_and_its_minimum_is_advertis
     assert file_bytes(disk, MiB, MiB) == b"\x6e" * MiB
     info = json.loads(run("nbdinfo", "--json", d.uri("r")).stdout)["exports"][0]
     assert info["block_size_minimum"] == 4096
+
+
+def test_the_device_tells_callers_path_errors_by_errno(image, nbdkit):
+    """What multipath and mirror see below them: ECONNRESET for requests in flight on a
+    dropped connection, ENOTCONN at once while down, ETIMEDOUT for a server that stopped
+    answering; `failed` says why while no connection is up."""
+    disk = image("disk.img", 4 * MiB)
+    kit = nbdkit("--filter=delay", "file", disk, "rdelay=2")
+
+    def read(dev, n=1, meanwhile=None):
+        """The errnos of n 4 KiB reads, in completion order."""
+        done, finished = [], threading.Event()
+
+        def end(io):
+            done.append(io.error)
+            if len(done) == n:
+                finished.set()
+
+        for i in range(n):
+            dev.submit(bio.IO(bio.READ, i * 4096, 4096, bytearray(4096), 0, end))
+        if meanwhile:
+            meanwhile()
+        assert finished.wait(20), done
+        return done
+
+    dev = nbd_client.pool.get(remote(kit.sock, timeout=0.5))
+    try:
+        assert dev.failed is None and dev.connections == 4
+        assert read(dev, 8) == [errno.ETIMEDOUT] * 8  # rdelay 2 s > timeout 0.5 s
+    finally:
+        nbd_client.pool.put(dev)
+    dev = nbd_client.pool.get(remote(kit.sock))
+    try:
+        assert read(dev, 8, meanwhile=lambda: (time.sleep(0.5), kit.kill())) == [errno.ECONNRESET] * 8
+        until(lambda: dev.failed, 5, "the device to notice")
+        t = time.monotonic()
+        assert read(dev) == [errno.ENOTCONN] and time.monotonic() - t < 0.5
+        nbdkit("file", disk, sock=kit.sock)
+        until(lambda: dev.failed is None, 10, "the reconnect")
+        assert read(dev) == [0]
+    finally:
+        nbd_client.pool.put(dev)

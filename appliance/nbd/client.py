@@ -22,6 +22,7 @@ import select
 import socket
 import threading
 import time
+from collections import deque
 
 from .. import io as bio
 from ..blockdev import DeviceError
@@ -73,38 +74,71 @@ class _Join:
 
 
 class _Connection:
-    """One socket in the transmission phase."""
+    """One socket in the transmission phase. Requests go out through its sender thread, so
+    submit() never blocks, not even from a completion on a receive thread (a retry from end_io)
+    while the server waits for us to read its replies."""
 
-    def __init__(self, sock, negotiated, timeout):
+    def __init__(self, sock, negotiated, name):
         self.sock = sock
         self.fd = sock.fileno()
         self.tx = ClientTransmission(negotiated.structured_replies, negotiated.trailing_data)
-        self.timeout = timeout
-        self.send_lock = threading.Lock()
-        self.lock = threading.Lock()  # inflight and dead
+        self.allocation_id = _allocation_id(negotiated)
+        self.lock = threading.Lock()  # inflight, queue, dead
+        self.wake = threading.Condition(self.lock)
         self.inflight: dict[int, _Request] = {}  # in send order, so the first is the oldest
+        self.queue: deque = deque()  # (header, payload or None) not sent yet
+        self.last = False  # NBD_CMD_DISC is queued: the sender stops after it
         self.dead = None  # why it dropped
+        self.sender = threading.Thread(target=self._send_loop, name=f"{name}-send", daemon=True)
+        self.sender.start()
 
     def send(self, cmd, flags, offset, length, payload, req):
-        """Send one request; False if the connection is (or just went) down. Its reply, or the
-        drop of the connection, then ends `req`."""
-        with self.send_lock:
-            if self.dead:
+        """Queue one request; False if the connection is down. Its reply, or the drop of the
+        connection, then ends `req`."""
+        with self.lock:
+            if self.dead or self.last:
                 return False
+            cookie, header = self.tx.request(cmd, flags, offset, length)
+            self.inflight[cookie] = req
+            self.queue.append((header, payload))
+            if len(self.queue) == 1:
+                self.wake.notify()
+        return True
+
+    def disconnect(self):
+        """The soft disconnect: NBD_CMD_DISC after whatever is queued."""
+        with self.lock:
+            if self.dead or self.last:
+                return
+            self.queue.append((self.tx.request(C.NBD_CMD_DISC, 0, 0, 0)[1], None))
+            self.last = True
+            self.wake.notify()
+
+    def _send_loop(self):
+        while True:
             with self.lock:
-                cookie, header = self.tx.request(cmd, flags, offset, length)
-                self.inflight[cookie] = req
+                while not self.queue and not self.dead and not self.last:
+                    self.wake.wait()
+                if self.dead or not self.queue:
+                    return
+                batch = list(self.queue)
+                self.queue.clear()
             try:
-                if payload is None:
-                    self.sock.sendall(header)
-                elif length <= SMALL_WRITE:
-                    self.sock.sendall(header + bytes(payload))
-                else:
-                    self.sock.sendall(header)
-                    self.sock.sendall(payload)
+                small = bytearray()  # headers and small payloads go out together
+                for header, payload in batch:
+                    small += header
+                    if payload is None:
+                        continue
+                    if len(payload) <= SMALL_WRITE:
+                        small += payload
+                    else:
+                        self.sock.sendall(small)
+                        small.clear()
+                        self.sock.sendall(payload)
+                self.sock.sendall(small)
             except OSError as e:
                 self.drop(errno.ECONNRESET, f"send failed: {e.strerror or e}")
-            return True
+                return
 
     def drop(self, error, reason):
         """Take the connection down; every request in flight ends with `error`."""
@@ -114,6 +148,8 @@ class _Connection:
             self.dead = reason
             victims = list(self.inflight.values())
             self.inflight.clear()
+            self.queue.clear()
+            self.wake.notify()
         try:
             self.sock.shutdown(socket.SHUT_RDWR)  # wakes a sender blocked on a full socket
         except OSError:
@@ -122,8 +158,8 @@ class _Connection:
             req.done(error)
 
     def close(self):
-        with self.send_lock:  # no sender is inside the socket when its fd goes
-            self.sock.close()
+        self.sender.join()  # no sender is inside the socket when its fd goes
+        self.sock.close()
 
 
 # ---------------------------------------------------------------------- device
@@ -153,7 +189,7 @@ class NBDDevice:
         self.connections = wanted if multi else 1
         if wanted > 1 and address.connections and not multi:
             log.warning("%s: the server does not advertise multi-conn: one connection", address)
-        first = self._go_live(sock, neg)  # up before the table goes live, so no I/O fails
+        first = self._go_live(sock, neg, 0)  # up before the table goes live, so no I/O fails
         self._threads = []
         for slot in range(self.connections):
             t = threading.Thread(target=self._run, args=(slot, first if slot == 0 else None),
@@ -244,13 +280,9 @@ class NBDDevice:
             self._closing.set()  # under the lock: no connection goes live after this
             live = list(self._live)
         for conn in live:
-            with conn.send_lock:
-                if not conn.dead:
-                    try:
-                        _, header = conn.tx.request(C.NBD_CMD_DISC, 0, 0, 0)
-                        conn.sock.sendall(header)
-                    except OSError:
-                        pass
+            conn.disconnect()
+        for conn in live:
+            conn.sender.join(1)
             conn.drop(errno.ENOTCONN, "closed")
         # a slot inside a handshake with a hung server ends by itself when that times out
         deadline = time.monotonic() + 2
@@ -370,10 +402,9 @@ class NBDDevice:
             raise DeviceError(errno.EPROTO, f"{self.address}: {why}")
         return sock, neg
 
-    def _go_live(self, sock, neg):
+    def _go_live(self, sock, neg, slot):
         """The connection, in the rotation; None (and the socket closed) once close() began."""
-        conn = _Connection(sock, neg, self.timeout)
-        conn.allocation_id = _allocation_id(neg)
+        conn = _Connection(sock, neg, f"nbd-client-{slot}")
         with self._lock:
             if self._closing.is_set():
                 sock.close()
@@ -388,7 +419,7 @@ class NBDDevice:
         while not self._closing.is_set():
             if conn is None:
                 try:
-                    conn = self._go_live(*self._reconnect())
+                    conn = self._go_live(*self._reconnect(), slot)
                 except DeviceError as e:
                     if e.strerror != said:
                         log.warning("%s: connection %d: %s", self.address, slot, e.strerror)

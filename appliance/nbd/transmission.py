@@ -23,7 +23,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from .constants import (
-    CMD_NAMES, NBD_CMD_BLOCK_STATUS, NBD_CMD_READ, NBD_REPLY_FLAG_DONE,
+    CMD_NAMES, NBD_CMD_BLOCK_STATUS, NBD_CMD_DISC, NBD_CMD_READ, NBD_REPLY_FLAG_DONE,
     NBD_REPLY_TYPE_BLOCK_STATUS, NBD_REPLY_TYPE_ERROR, NBD_REPLY_TYPE_ERROR_OFFSET,
     NBD_REPLY_TYPE_FLAG_ERROR, NBD_REPLY_TYPE_NONE, NBD_REPLY_TYPE_OFFSET_DATA,
     NBD_REPLY_TYPE_OFFSET_HOLE, NBD_REQUEST_MAGIC, NBD_SIMPLE_REPLY_MAGIC,
@@ -43,7 +43,7 @@ MAX_CHUNK = 1 << 20
 class ReadData:
     cookie: int
     offset: int  # absolute, inside the request's range
-    data: bytes
+    data: bytes | bytearray | memoryview
 
 
 @dataclass(frozen=True)
@@ -95,7 +95,8 @@ class ClientTransmission:
         payload follows it on the wire)."""
         cookie = self._next_cookie
         self._next_cookie = cookie + 1 if cookie < 2**64 - 1 else 1
-        self._pending[cookie] = _Pending(cmd, offset, length)
+        if cmd != NBD_CMD_DISC:  # the one request without a reply
+            self._pending[cookie] = _Pending(cmd, offset, length)
         return cookie, REQUEST.pack(NBD_REQUEST_MAGIC, flags, cmd, cookie, offset, length)
 
     def forget(self, cookie: int) -> None:
@@ -165,7 +166,7 @@ class ClientTransmission:
         done = ReplyDone(cookie, error, "")
         if not payload:
             return done
-        data = bytes(self._in[:payload])
+        data = self._in[:payload]  # one copy, then the buffer moves on
         del self._in[:payload]
         self._events.append(done)
         return ReadData(cookie, req.offset, data)
@@ -181,7 +182,7 @@ class ClientTransmission:
                                       f"bytes for a {req.length}-byte request")
         if len(self._in) < CHUNK.size + length:
             return NEED_DATA
-        payload = bytes(self._in[CHUNK.size:CHUNK.size + length])
+        payload = self._in[CHUNK.size:CHUNK.size + length]
         del self._in[:CHUNK.size + length]
         event = self._CHUNKS.get(rtype, ClientTransmission._unknown_chunk)(self, req, cookie, rtype, payload)
         if flags & NBD_REPLY_FLAG_DONE:
@@ -216,7 +217,7 @@ class ClientTransmission:
             raise RemoteProtocolError("NBD_REPLY_TYPE_OFFSET_DATA chunk without data")
         (offset,) = struct.unpack_from(">Q", payload)
         self._range(req, offset, len(payload) - 8, "data")
-        return ReadData(cookie, offset, payload[8:])
+        return ReadData(cookie, offset, memoryview(payload)[8:])
 
     def _hole(self, req, cookie, rtype, payload):
         if len(payload) != 12:
