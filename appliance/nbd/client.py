@@ -1,9 +1,9 @@
 """Remote devices: an underlying device that is an NBD export on another server.
 
 A table names one by its URI (`nbd+unix:///export?socket=PATH`, `nbd://host[:port]/export`);
-targets sit on it as on a file (`submit`, `size`, `align`, `block_status`, `failed`). The
-handshake and the replies are the sans-IO client sides in protocol.py and transmission.py; this
-module owns the sockets and threads.
+targets sit on it as on a file (`submit`, `size`, `align`, `block_status`, `failed`). Each of
+its connections is a connection.Connection (the socket, the sender thread, the replies); this
+module maps I/O onto NBD requests, spreads them over the connections, and reconnects.
 
 Requests are pipelined (cookies) and their replies matched out of order. When the server
 advertises multi-conn, several connections share the requests (its FLUSH then covers them all).
@@ -18,29 +18,19 @@ from __future__ import annotations
 
 import errno
 import logging
-import select
-import socket
 import threading
 import time
-from collections import deque
 
 from .. import io as bio
 from ..blockdev import DeviceError
 from . import constants as C
-from .protocol import NEED_DATA, ClientHandshake, Negotiated, RemoteProtocolError
-from .transmission import BlockStatus, ClientTransmission, ReadData, ReadHole, ReplyDone
+from .connection import Connection, allocation_id, connect
 from .uri import Address, is_uri, parse_uri  # noqa: F401 (is_uri: for TableContext)
 
 log = logging.getLogger("appliance.nbd.client")
 
 MULTI_CONN_DEFAULT = 4  # connections when the server advertises multi-conn, as nbdcopy
 BACKOFF_FIRST, BACKOFF_MAX = 0.1, 5.0
-RECV_SIZE = 256 * 1024
-SMALL_WRITE = 64 * 1024  # header and payload in one send up to this size
-
-# the errno a server's NBD error value stands for (the same numbers on Linux); others: EIO
-_ERRNOS = {C.NBD_EPERM, C.NBD_EIO, C.NBD_ENOMEM, C.NBD_EINVAL, C.NBD_ENOSPC, C.NBD_EOVERFLOW,
-           C.NBD_ENOTSUP, C.NBD_ESHUTDOWN}
 _CMDS = {bio.READ: C.NBD_CMD_READ, bio.WRITE: C.NBD_CMD_WRITE, bio.FLUSH: C.NBD_CMD_FLUSH,
          bio.TRIM: C.NBD_CMD_TRIM, bio.CACHE: C.NBD_CMD_CACHE,
          bio.WRITE_ZEROES: C.NBD_CMD_WRITE_ZEROES}
@@ -51,11 +41,11 @@ _CMDS = {bio.READ: C.NBD_CMD_READ, bio.WRITE: C.NBD_CMD_WRITE, bio.FLUSH: C.NBD_
 class _Request:
     """One NBD request in flight: where its data goes and who hears of its end."""
 
-    __slots__ = ("offset", "buf", "done", "deadline", "cmd", "extents")
+    __slots__ = ("offset", "buf", "done", "deadline", "extents")
 
-    def __init__(self, cmd, offset, buf, done, deadline):
-        self.cmd, self.offset, self.buf, self.done, self.deadline = cmd, offset, buf, done, deadline
-        self.extents = None
+    def __init__(self, offset, buf, done, deadline):
+        self.offset, self.buf, self.done, self.deadline = offset, buf, done, deadline
+        self.extents = None  # BLOCK_STATUS: what base:allocation said
 
 
 class _Join:
@@ -73,95 +63,6 @@ class _Join:
             self.io.complete(self.error)
 
 
-class _Connection:
-    """One socket in the transmission phase. Requests go out through its sender thread, so
-    submit() never blocks, not even from a completion on a receive thread (a retry from end_io)
-    while the server waits for us to read its replies."""
-
-    def __init__(self, sock, negotiated, name):
-        self.sock = sock
-        self.fd = sock.fileno()
-        self.tx = ClientTransmission(negotiated.structured_replies, negotiated.trailing_data)
-        self.allocation_id = _allocation_id(negotiated)
-        self.lock = threading.Lock()  # inflight, queue, dead
-        self.wake = threading.Condition(self.lock)
-        self.inflight: dict[int, _Request] = {}  # in send order, so the first is the oldest
-        self.queue: deque = deque()  # (header, payload or None) not sent yet
-        self.last = False  # NBD_CMD_DISC is queued: the sender stops after it
-        self.dead = None  # why it dropped
-        self.sender = threading.Thread(target=self._send_loop, name=f"{name}-send", daemon=True)
-        self.sender.start()
-
-    def send(self, cmd, flags, offset, length, payload, req):
-        """Queue one request; False if the connection is down. Its reply, or the drop of the
-        connection, then ends `req`."""
-        with self.lock:
-            if self.dead or self.last:
-                return False
-            cookie, header = self.tx.request(cmd, flags, offset, length)
-            self.inflight[cookie] = req
-            self.queue.append((header, payload))
-            if len(self.queue) == 1:
-                self.wake.notify()
-        return True
-
-    def disconnect(self):
-        """The soft disconnect: NBD_CMD_DISC after whatever is queued."""
-        with self.lock:
-            if self.dead or self.last:
-                return
-            self.queue.append((self.tx.request(C.NBD_CMD_DISC, 0, 0, 0)[1], None))
-            self.last = True
-            self.wake.notify()
-
-    def _send_loop(self):
-        while True:
-            with self.lock:
-                while not self.queue and not self.dead and not self.last:
-                    self.wake.wait()
-                if self.dead or not self.queue:
-                    return
-                batch = list(self.queue)
-                self.queue.clear()
-            try:
-                small = bytearray()  # headers and small payloads go out together
-                for header, payload in batch:
-                    small += header
-                    if payload is None:
-                        continue
-                    if len(payload) <= SMALL_WRITE:
-                        small += payload
-                    else:
-                        self.sock.sendall(small)
-                        small.clear()
-                        self.sock.sendall(payload)
-                self.sock.sendall(small)
-            except OSError as e:
-                self.drop(errno.ECONNRESET, f"send failed: {e.strerror or e}")
-                return
-
-    def drop(self, error, reason):
-        """Take the connection down; every request in flight ends with `error`."""
-        with self.lock:
-            if self.dead:
-                return
-            self.dead = reason
-            victims = list(self.inflight.values())
-            self.inflight.clear()
-            self.queue.clear()
-            self.wake.notify()
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)  # wakes a sender blocked on a full socket
-        except OSError:
-            pass
-        for req in victims:
-            req.done(error)
-
-    def close(self):
-        self.sender.join()  # no sender is inside the socket when its fd goes
-        self.sock.close()
-
-
 # ---------------------------------------------------------------------- device
 
 class NBDDevice:
@@ -174,15 +75,16 @@ class NBDDevice:
         self.timeout = address.timeout
         self.refs = 0
         self._lock = threading.Lock()
-        self._live: list[_Connection] = []
+        self._live: list[Connection] = []
         self._rr = 0
         self._closing = threading.Event()
         self._reason = None  # why the last connection dropped or the last attempt failed
-        sock, neg = self._connect()  # the table is refused if the export cannot be reached
+        # the table is refused if the export cannot be reached: its size is needed now
+        sock, neg = connect(address, self.timeout)
         self.size = neg.size
         self.flags = neg.flags
         self.block_sizes = neg.block_sizes
-        self.allocation_id = _allocation_id(neg)
+        self.allocation_id = allocation_id(neg)
         self.max_payload = min(neg.block_sizes[2], 32 << 20) if neg.block_sizes else 32 << 20
         multi = bool(neg.flags & C.NBD_FLAG_CAN_MULTI_CONN)
         wanted = address.connections or MULTI_CONN_DEFAULT
@@ -301,7 +203,7 @@ class NBDDevice:
     def _send(self, cmd, flags, offset, length, payload, done):
         """Send on a live connection; `done(errno)` once the reply is in. ENOTCONN at once when
         no connection is up: the caller decides whether to wait (no queue here)."""
-        req = _Request(cmd, offset, payload if cmd == C.NBD_CMD_READ else None, done,
+        req = _Request(offset, payload if cmd == C.NBD_CMD_READ else None, done,
                        time.monotonic() + self.timeout)
         for _ in range(self.connections):
             conn = self._pick()
@@ -336,7 +238,7 @@ class NBDDevice:
             finished.set()
 
         req_len = min(length, 0xFFFFFFFF)
-        req = _Request(C.NBD_CMD_BLOCK_STATUS, offset, None, done, time.monotonic() + self.timeout)
+        req = _Request(offset, None, done, time.monotonic() + self.timeout)
         req.extents = []
         conn = self._pick()
         if conn is None or not conn.send(C.NBD_CMD_BLOCK_STATUS, 0, offset, req_len, None, req):
@@ -347,55 +249,14 @@ class NBDDevice:
 
     # connections
 
-    def _connect(self):
-        """A new connection through the handshake: (socket, Negotiated), or a DeviceError."""
-        a = self.address
-        where = a.socket or f"{a.host}:{a.port}"
-        try:
-            if a.socket:
-                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                sock.settimeout(self.timeout)
-                try:
-                    sock.connect(a.socket)
-                except BaseException:
-                    sock.close()
-                    raise
-            else:
-                sock = socket.create_connection((a.host, a.port), timeout=self.timeout)
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError as e:
-            raise DeviceError(e.errno or errno.ECONNREFUSED,
-                              f"{a}: cannot connect to {where}: {e.strerror or e}") from None
-        try:
-            hs = ClientHandshake(a.export)
-            while (event := hs.next_event()) is NEED_DATA:
-                sock.sendall(hs.data_to_send())
-                hs.receive_data(sock.recv(65536))
-            sock.sendall(hs.data_to_send())
-            if not isinstance(event, Negotiated):
-                raise RemoteProtocolError("server closed the connection during the handshake")
-            sock.settimeout(None)  # the receive loop polls; a stuck send is woken by drop()
-            return sock, event
-        except RemoteProtocolError as e:
-            try:
-                sock.sendall(hs.data_to_send())  # the soft disconnect, when there is one
-            except OSError:
-                pass
-            sock.close()
-            raise DeviceError(errno.EPROTO, f"{a}: {e.reason}") from None
-        except OSError as e:
-            sock.close()
-            raise DeviceError(e.errno or errno.EIO, f"{a}: handshake with {where} failed: "
-                              f"{'timed out' if isinstance(e, TimeoutError) else e.strerror or e}") from None
-
     def _reconnect(self):
-        sock, neg = self._connect()
+        sock, neg = connect(self.address, self.timeout)
         why = None
         if neg.size != self.size:
             why = f"the export's size changed from {self.size} to {neg.size} bytes"
         elif self.connections > 1 and not neg.flags & C.NBD_FLAG_CAN_MULTI_CONN:
             why = "the server no longer advertises multi-conn"
-        elif _allocation_id(neg) is None and self.allocation_id is not None:
+        elif allocation_id(neg) is None and self.allocation_id is not None:
             why = "the server no longer offers base:allocation"
         if why:
             sock.close()
@@ -404,11 +265,11 @@ class NBDDevice:
 
     def _go_live(self, sock, neg, slot):
         """The connection, in the rotation; None (and the socket closed) once close() began."""
-        conn = _Connection(sock, neg, f"nbd-client-{slot}")
         with self._lock:
             if self._closing.is_set():
                 sock.close()
                 return None
+            conn = Connection(sock, neg, f"{self.address} connection {slot}", self.timeout)
             self._live.append(conn)
         return conn
 
@@ -422,7 +283,7 @@ class NBDDevice:
                     conn = self._go_live(*self._reconnect(), slot)
                 except DeviceError as e:
                     if e.strerror != said:
-                        log.warning("%s: connection %d: %s", self.address, slot, e.strerror)
+                        log.warning("%s (connection %d)", e.strerror, slot)
                         said = e.strerror
                     self._note_down(e.strerror)
                     self._closing.wait(backoff)
@@ -434,7 +295,7 @@ class NBDDevice:
                     log.warning("%s: connection %d reconnected", self.address, slot)
             backoff, said = BACKOFF_FIRST, None
             try:
-                self._receive(conn)
+                conn.receive()
             except Exception as e:  # a bug must not leave requests hanging
                 log.exception("%s: connection %d failed", self.address, slot)
                 conn.drop(errno.EIO, f"client error: {e}")
@@ -450,64 +311,6 @@ class NBDDevice:
     def _note_down(self, reason):
         with self._lock:
             self._reason = reason
-
-    def _receive(self, conn):
-        poller = select.poll()
-        poller.register(conn.fd, select.POLLIN)
-        buf = bytearray(RECV_SIZE)
-        tick = min(0.5, self.timeout / 10)
-        while not conn.dead:
-            if not poller.poll(tick * 1000):
-                self._check_deadline(conn)
-                continue
-            try:
-                n = conn.sock.recv_into(buf)
-            except OSError as e:
-                conn.drop(errno.ECONNRESET, f"receive failed: {e.strerror or e}")
-                return
-            conn.tx.receive_data(memoryview(buf)[:n])
-            try:
-                while (event := conn.tx.next_event()) is not NEED_DATA:
-                    self._on_event(conn, event)
-            except RemoteProtocolError as e:
-                conn.drop(errno.ECONNRESET, e.reason)
-                return
-            self._check_deadline(conn)
-
-    def _check_deadline(self, conn):
-        with conn.lock:
-            oldest = next(iter(conn.inflight.values()), None)
-        if oldest is not None and time.monotonic() > oldest.deadline:
-            conn.drop(errno.ETIMEDOUT, f"no reply in {self.timeout:g} s")
-
-    def _on_event(self, conn, event):
-        req = conn.inflight.get(event.cookie)
-        if req is None:  # dropped meanwhile (close); its end was told already
-            return
-        if isinstance(event, ReadData):
-            start = event.offset - req.offset
-            req.buf[start:start + len(event.data)] = event.data
-        elif isinstance(event, ReadHole):
-            start = event.offset - req.offset
-            req.buf[start:start + event.length] = bytes(event.length)
-        elif isinstance(event, BlockStatus):
-            if event.context_id == conn.allocation_id:
-                req.extents.extend(event.extents)
-        elif isinstance(event, ReplyDone):
-            with conn.lock:
-                if conn.inflight.pop(event.cookie, None) is None:
-                    return
-            error = event.error if event.error in _ERRNOS else (errno.EIO if event.error else 0)
-            if error and event.message:
-                log.debug("%s: server error %d: %s", self.address, event.error, event.message)
-            req.done(error)
-
-
-def _allocation_id(neg):
-    for cid, name in neg.meta_contexts.items():
-        if name == C.NBD_META_BASE_ALLOCATION:
-            return cid
-    return None
 
 
 # ------------------------------------------------------------------------ pool
@@ -537,10 +340,6 @@ class Pool:
                 return
             self._devices.pop(dev.address.uri, None)
         dev.close()
-
-    def devices(self):
-        with self._lock:
-            return list(self._devices.values())
 
 
 pool = Pool()
