@@ -416,3 +416,31 @@ def test_the_device_tells_callers_path_errors_by_errno(image, nbdkit):
         assert read(dev) == [0]
     finally:
         nbd_client.pool.put(dev)
+
+
+def test_zeroes_and_discards_reach_the_servers_file(make_daemon, image, nbdkit):
+    disk = image("disk.img", 8 * MiB)
+    with open(disk, "r+b") as f:
+        f.write(b"\xee" * (2 * MiB))
+    kit = nbdkit("file", disk)
+    d = make_daemon(device("r", f"0 {8 * MiB // S} linear {remote(kit.sock)} 0"))
+    qemu_io(d.uri("r"), "write -z 0 64k", "write -z -u 1M 64k", "discard 512k 64k", "flush")
+    assert file_bytes(disk, 0, 65536) == bytes(65536)
+    assert file_bytes(disk, MiB, 65536) == bytes(65536)
+    assert file_bytes(disk, 512 * 1024, 65536) == bytes(65536)  # nbdkit's file plugin punches it
+    assert file_bytes(disk, 64 * 1024, 4096) == b"\xee" * 4096
+
+
+def test_a_server_without_structured_replies(make_daemon, image, nbdkit):
+    need("nbdinfo")
+    disk = image("disk.img", 8 * MiB)
+    with open(disk, "r+b") as f:
+        f.seek(3 * MiB)
+        f.write(b"\x31" * MiB)
+    kit = nbdkit("--no-sr", "file", disk)  # simple replies only, so no base:allocation either
+    d = make_daemon(device("r", f"0 {8 * MiB // S} linear {remote(kit.sock)} 0"))
+    out = qemu_io(d.uri("r"), "aio_read -P 0x31 3M 512k", "aio_read -P 0x31 3584k 512k", "aio_read -P 0 0 1M",
+                  "aio_flush").stdout
+    assert "Pattern verification failed" not in out and out.count("read ") == 3, out
+    extents = json.loads(run("nbdinfo", "--map", "--json", d.uri("r")).stdout)
+    assert [(e["offset"], e["length"], e["type"]) for e in extents] == [(0, 8 * MiB, 0)]  # all data
