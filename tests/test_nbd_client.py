@@ -444,3 +444,15 @@ def test_a_server_without_structured_replies(make_daemon, image, nbdkit):
     assert "Pattern verification failed" not in out and out.count("read ") == 3, out
     extents = json.loads(run("nbdinfo", "--map", "--json", d.uri("r")).stdout)
     assert [(e["offset"], e["length"], e["type"]) for e in extents] == [(0, 8 * MiB, 0)]  # all data
+
+
+def test_fua_on_a_server_without_fua_is_a_write_then_a_flush(make_daemon, image, nbdkit, tmp_path):
+    disk = image("disk.img", 8 * MiB)
+    log = tmp_path / "kit.log"
+    kit = nbdkit("--filter=log", "--filter=fua", "file", disk, f"logfile={log}")  # fua: none advertised
+    d = make_daemon(device("r", f"0 {8 * MiB // S} linear {remote(kit.sock, connections=1)} 0"))
+    assert "wrote 4096/4096" in qemu_io(d.uri("r"), "write -f -P 0x19 0 4k").stdout
+    calls = [line.split(" ", 3)[3] for line in log.read_text().splitlines() if " connection=" in line and line.endswith(" ...")]
+    # the write, our flush, then qemu-io's own flush as it exits
+    assert [c.split()[0] for c in calls] == ["Write", "Flush", "Flush"] and "fua=0" in calls[0], calls
+    assert file_bytes(disk, 0, 4096) == b"\x19" * 4096
