@@ -263,7 +263,8 @@ def test_fio_verifies_at_qd32_with_requests_spread_over_multi_conn(make_daemon, 
     d = make_daemon(device("a", f"0 {16 * MiB // S} linear {uri} 0")
                     + device("b", f"0 {16 * MiB // S} linear {uri} {16 * MiB // S}"))
     r = run("fio", "--name=verify", "--ioengine=nbd", f"--uri={d.uri('a')}", "--rw=randwrite", "--bs=4k",
-            "--iodepth=32", "--size=8M", "--verify=crc32c", "--verify_fatal=1", timeout=120)
+            "--iodepth=32", "--size=8M", "--verify=crc32c", "--verify_fatal=1", timeout=120,
+            cwd=tmp_path)  # fio leaves its verify state file in the working directory
     assert "err= 0" in r.stdout, r.stdout
     out = qemu_io(d.uri("b"), "write -P 0x21 0 4k").stdout
     assert "wrote 4096/4096" in out and file_bytes(disk, 16 * MiB, 4096) == b"\x21" * 4096
