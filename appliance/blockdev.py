@@ -18,6 +18,7 @@ import stat
 import struct
 import threading
 
+from . import engine
 from . import io as bio
 
 log = logging.getLogger(__name__)
@@ -25,13 +26,14 @@ log = logging.getLogger(__name__)
 BLKGETSIZE64 = 0x80081272
 BLKSSZGET = 0x1268
 BLKFLSBUF = 0x1261
+BLKZEROOUT = 0x127F
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 FALLOC_FL_ZERO_RANGE = 0x10
 
-try:
-    import ctypes
+import ctypes
 
+try:
     _libc = ctypes.CDLL(None, use_errno=True)
     _fallocate = _libc.fallocate
     _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
@@ -43,10 +45,31 @@ class DeviceError(OSError):
     pass
 
 
+class _PyBuffer(ctypes.Structure):
+    _fields_ = [("buf", ctypes.c_void_p), ("obj", ctypes.c_void_p), ("len", ctypes.c_ssize_t),
+                ("itemsize", ctypes.c_ssize_t), ("readonly", ctypes.c_int), ("ndim", ctypes.c_int),
+                ("format", ctypes.c_char_p), ("shape", ctypes.c_void_p), ("strides", ctypes.c_void_p),
+                ("suboffsets", ctypes.c_void_p), ("internal", ctypes.c_void_p)]
+
+
+_get_buffer = ctypes.pythonapi.PyObject_GetBuffer
+_get_buffer.argtypes = [ctypes.py_object, ctypes.POINTER(_PyBuffer), ctypes.c_int]
+_release_buffer = ctypes.pythonapi.PyBuffer_Release
+_release_buffer.argtypes = [ctypes.POINTER(_PyBuffer)]
+
+
+def _address(buf):
+    """Where a buffer's bytes are in memory: O_DIRECT needs no bounce when it is aligned."""
+    view = _PyBuffer()
+    _get_buffer(buf, ctypes.byref(view), 0)  # PyBUF_SIMPLE; raises if buf has no buffer
+    try:
+        return view.buf or 0
+    finally:
+        _release_buffer(ctypes.byref(view))
+
+
 def fallocate(fd, mode, offset, length):
     if _fallocate is None or _fallocate(fd, mode, offset, length) != 0:
-        import ctypes
-
         e = ctypes.get_errno() if _fallocate else errno.EOPNOTSUPP
         raise OSError(e, os.strerror(e))
 
@@ -77,12 +100,69 @@ class FileDevice:
         return self.logical_block if self.direct else 1
 
     def submit(self, io):
-        io.complete(self.execute(io))
+        """Start the I/O on the engine (no thread held while the disk works); it completes
+        through io.endio on an engine thread, with a classed error."""
+        if self.failed:
+            io.complete(bio.path_error())  # the disk is gone: another path or leg may serve it
+            return
+        op = io.op
+        if op == bio.READ or op == bio.WRITE:
+            if self.direct and ((io.offset | io.length) % self.logical_block):
+                io.complete(errno.EINVAL)
+                return
+            buf = io.buf
+            bounce = None
+            if self.direct and _address(buf) % self.logical_block:
+                # O_DIRECT wants aligned memory too: bounce through an anonymous mapping
+                bounce = mmap.mmap(-1, io.length)
+                if op == bio.WRITE:
+                    bounce[:] = buf
+                buf = bounce
+            if op == bio.READ:
+                engine.get().read(self.fd, buf, io.offset, lambda r: self._read_done(io, r, bounce))
+            else:
+                engine.get().write(self.fd, buf, io.offset, lambda r: self._write_done(io, r, bounce))
+        elif op == bio.FLUSH:
+            engine.get().fsync(self.fd, lambda r: self._done(io, r))
+        else:  # trim, write_zeroes, cache: one fallocate or fadvise, short in the caller's thread
+            io.complete(self.execute(io))
+
+    def _read_done(self, io, result, bounce):
+        if result == io.length and bounce is not None:
+            memoryview(io.buf)[:] = bounce
+        if bounce is not None:
+            bounce.close()
+        if 0 <= result < io.length:
+            log.error("%s: short read at %d: %d of %d bytes", self.path, io.offset, result, io.length)
+            result = -errno.EIO
+        self._done(io, result)
+
+    def _write_done(self, io, result, bounce):
+        if bounce is not None:
+            bounce.close()
+        if result >= 0 and io.flags & bio.FUA:
+            engine.get().fsync(self.fd, lambda r: self._done(io, r))
+            return
+        self._done(io, result)
+
+    def _done(self, io, result):
+        if result < 0:
+            log.error("%s: %s at %d+%d: %s", self.path, bio.OP_NAMES.get(io.op), io.offset, io.length,
+                      os.strerror(-result))
+            io.complete(self._error(-result))
+        else:
+            io.complete(0)
+
+    def _error(self, code):
+        """An errno from the system call, classed; ENODEV/ENXIO from a disk mean it is gone."""
+        if self.failed or code in (errno.ENODEV, errno.ENXIO):
+            return bio.path_error(code if code != errno.ENODEV else errno.ENXIO)
+        return bio.error(code)
 
     def execute(self, io):
-        """Do the I/O synchronously in the calling thread; return 0 or an errno."""
+        """Do the I/O synchronously in the calling thread; return 0 or a classed error."""
         if self.failed:
-            return errno.EIO
+            return bio.path_error()
         try:
             op = io.op
             if self.direct and op in (bio.READ, bio.WRITE):
@@ -91,7 +171,7 @@ class FileDevice:
                 n = os.preadv(self.fd, [io.buf], io.offset)
                 if n != io.length:
                     log.error("%s: short read at %d: %d of %d bytes", self.path, io.offset, n, io.length)
-                    return errno.EIO
+                    return bio.error(errno.EIO)
             elif op == bio.WRITE:
                 view = memoryview(io.buf)
                 done = 0
@@ -114,17 +194,17 @@ class FileDevice:
             return 0
         except OSError as e:
             log.error("%s: %s at %d+%d: %s", self.path, bio.OP_NAMES.get(io.op), io.offset, io.length, e)
-            return e.errno or errno.EIO
+            return self._error(e.errno or errno.EIO)
 
     def _direct(self, io):
         """O_DIRECT wants aligned memory as well as aligned offsets: bounce through
         an anonymous mapping, which is page aligned."""
         if (io.offset | io.length) % self.logical_block:
-            return errno.EINVAL
+            return bio.error(errno.EINVAL)
         with mmap.mmap(-1, io.length) as bounce:
             if io.op == bio.READ:
                 if os.preadv(self.fd, [bounce], io.offset) != io.length:
-                    return errno.EIO
+                    return bio.error(errno.EIO)
                 memoryview(io.buf)[:] = bounce
             else:
                 bounce[:] = io.buf
@@ -138,22 +218,30 @@ class FileDevice:
         return 0
 
     def _write_zeroes(self, io):
-        if not self.is_block:
-            mode = FALLOC_FL_ZERO_RANGE if io.flags & bio.NO_HOLE else FALLOC_FL_PUNCH_HOLE
-            try:
+        """fallocate on files, BLKZEROOUT on block devices (the kernel offloads or writes
+        zeroes itself), else zeros written from a page-aligned buffer, which O_DIRECT takes."""
+        try:
+            if self.is_block:
+                fcntl.ioctl(self.fd, BLKZEROOUT, struct.pack("QQ", io.offset, io.length))
+            else:
+                mode = FALLOC_FL_ZERO_RANGE if io.flags & bio.NO_HOLE else FALLOC_FL_PUNCH_HOLE
                 fallocate(self.fd, mode | FALLOC_FL_KEEP_SIZE, io.offset, io.length)
-                if io.flags & bio.FUA:
-                    os.fdatasync(self.fd)
-                return 0
-            except OSError:
-                pass
+            if io.flags & bio.FUA:
+                os.fdatasync(self.fd)
+            return 0
+        except OSError:
+            pass
         if io.flags & bio.FAST_ZERO:
-            return errno.ENOTSUP
-        zeros = bytes(min(io.length, 1 << 20))
-        done = 0
-        while done < io.length:
-            n = min(len(zeros), io.length - done)
-            done += os.pwrite(self.fd, zeros[:n], io.offset + done)
+            return bio.error(errno.ENOTSUP)
+        if self.direct and (io.offset | io.length) % self.logical_block:
+            return bio.error(errno.EINVAL)
+        with mmap.mmap(-1, min(io.length, 1 << 20)) as zeros:  # anonymous: zero-filled, aligned
+            view = memoryview(zeros)
+            done = 0
+            while done < io.length:
+                n = min(len(zeros), io.length - done)
+                done += os.pwritev(self.fd, [view[:n]], io.offset + done)
+            view.release()
         if io.flags & bio.FUA:
             os.fdatasync(self.fd)
         return 0
@@ -229,6 +317,26 @@ def _open(path, writable, direct, exclusive):
     return FileDevice(path, fd, size, is_block, direct, logical)
 
 
+def _reopen_writable(dev):
+    """A file opened read-only (for a read_only device) is wanted writable by another table:
+    the same fd number becomes a read-write open of the same file, so the fast map stays valid."""
+    if dev.is_block and dev.exclusive:
+        raise DeviceError(errno.EBUSY, f"{dev.path}: open read-only and exclusively for a read_only device; "
+                                       "restart the daemon to make it writable")
+    flags = os.O_RDWR | os.O_CLOEXEC | (os.O_DIRECT if dev.direct else 0)
+    try:
+        fd = os.open(dev.path, flags)
+    except OSError as e:
+        raise DeviceError(e.errno, f"{dev.path}: cannot open for writing: {e.strerror}") from None
+    try:
+        os.dup2(fd, dev.fd, inheritable=False)  # drops the read-only open and its flock
+        if not dev.is_block and dev.exclusive:
+            fcntl.flock(dev.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        os.close(fd)
+    dev.writable = True
+
+
 class DevicePool:
     """Open underlying devices, shared and reference counted across tables."""
 
@@ -251,6 +359,8 @@ class DevicePool:
                 self._devices[key] = dev
             elif dev.direct != direct:
                 raise DeviceError(errno.EBUSY, f"{path}: already open with direct={dev.direct}")
+            elif writable and not dev.writable:
+                _reopen_writable(dev)
             dev.refs += 1
             return dev
 

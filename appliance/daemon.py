@@ -345,11 +345,14 @@ class Daemon:
                 created.append(dev)
             for d in changed:
                 dev = self.registry.get(d.name)
-                if d.name in retabled or (old[d.name].direct, old[d.name].exclusive) != (d.direct, d.exclusive):
+                # read_only too: a read_only device's files are open read-only
+                if d.name in retabled or (old[d.name].direct, old[d.name].exclusive, old[d.name].read_only) != (
+                    d.direct, d.exclusive, d.read_only
+                ):
                     before = dev.direct, dev.exclusive
                     dev.direct, dev.exclusive = d.direct, d.exclusive
                     try:
-                        dev.load(list(d.table))
+                        dev.load(list(d.table), read_only=d.read_only)
                     except TableError as e:
                         dev.direct, dev.exclusive = before
                         raise AssemblyError(f"device {d.name}: table {e}") from None

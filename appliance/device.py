@@ -1,5 +1,5 @@
-"""Mapped devices: a table of targets, the order of suspend and resume, and the
-request path (split, map, end_io, join).
+"""Mapped devices: a table of targets and the order of suspend and resume. The
+request path (queue, split, map, end_io, join) is request_path.py's.
 
 The core owns what dm's core owns: the table, each segment's offset, device
 references and the suspend/resume sequence, so no target re-implements them.
@@ -7,15 +7,15 @@ references and the suspend/resume sequence, so no target re-implements them.
 
 from __future__ import annotations
 
-import errno
 import logging
 import threading
 
-from . import io as bio
 from ._fast.gate import Gate
 from .blockdev import DeviceError
 from .nbd import client as nbd_client
 from .power.state import NO_POWER as NO_POWER_MODE
+from .request_path import RequestPath
+from .request_queue import RequestQueue
 from .table import TableError, parse_table, table_size
 from .targets import TargetError, target_class
 
@@ -30,11 +30,13 @@ class DeviceBusy(RuntimeError):
 class Table:
     """A constructed table: segments with their live targets."""
 
-    def __init__(self, segments, targets):
+    def __init__(self, segments, targets, dispatch=None):
         self.segments = segments
         self.targets = targets
         self.size = table_size(segments)
         self.starts = [s.offset for s in segments]
+        # dispatch(members, segment, table): the device maps what the queue lets go
+        self.queue = RequestQueue(targets, lambda members, seg: dispatch(members, seg, self))
 
     def find(self, offset):
         """Index of the segment holding byte `offset`."""
@@ -72,12 +74,13 @@ class Table:
 class TableContext:
     """What a target's constructor may use: open devices by path or @NAME."""
 
-    def __init__(self, device, registry, pool, direct=False, exclusive=True):
+    def __init__(self, device, registry, pool, direct=False, exclusive=True, writable=True):
         self.device = device
         self.registry = registry
         self.pool = pool
         self.direct = direct
         self.exclusive = exclusive
+        self.writable = writable
 
     def get_device(self, word):
         if word.startswith("@"):
@@ -85,7 +88,9 @@ class TableContext:
         try:
             if nbd_client.is_uri(word):  # a remote export: nbd://, nbd+unix://
                 return nbd_client.pool.get(word)
-            return self.pool.get(word, direct=self.direct, exclusive=self.exclusive)
+            # a read_only device's files open O_RDONLY: nothing below it can write them
+            return self.pool.get(word, writable=self.writable, direct=self.direct,
+                                 exclusive=self.exclusive)
         except DeviceError as e:  # already one sentence naming the path, without "[Errno N]"
             raise TargetError(e.strerror) from None
         except OSError as e:
@@ -112,20 +117,7 @@ class TableContext:
             self.pool.put(dev)
 
 
-class _Join:
-    """The pieces a request was split into, and their joint completion."""
-
-    __slots__ = ("io", "pending", "error", "requeue", "lock")
-
-    def __init__(self, io, pending):
-        self.io = io
-        self.pending = pending
-        self.error = 0
-        self.requeue = False
-        self.lock = threading.Lock() if pending > 1 else None
-
-
-class MappedDevice:
+class MappedDevice(RequestPath):
     kind = "mapped"
 
     def __init__(self, name, registry, pool, *, read_only=False, description="", direct=False, exclusive=True):
@@ -143,6 +135,9 @@ class MappedDevice:
         self.holders = {}  # device -> how many of its segments stack on this one
         self._control = threading.RLock()  # one suspend/load/resume at a time
         self.errors = 0
+        self._requeue_lock = threading.Lock()
+        self._requeued = {}  # _Request -> True: requests with parked pieces, in order
+        self._kick_timer = None
 
     # table life cycle
 
@@ -160,10 +155,12 @@ class MappedDevice:
                     a = max(a, getattr(d, "align", 1))
         return a
 
-    def load(self, lines):
-        """Construct a table into the inactive slot (dmsetup load). Raises TableError."""
+    def load(self, lines, read_only=None):
+        """Construct a table into the inactive slot (dmsetup load). Raises TableError.
+        `read_only`: what the device will be when this table goes live (default: as now)."""
         segments = parse_table(lines)
-        ctx = TableContext(self, self.registry, self.pool, self.direct, self.exclusive)
+        writable = not (self.read_only if read_only is None else read_only)
+        ctx = TableContext(self, self.registry, self.pool, self.direct, self.exclusive, writable)
         targets = []
         try:
             for seg in segments:
@@ -185,7 +182,7 @@ class MappedDevice:
         with self._control:
             if self.inactive is not None:
                 self.inactive.destroy()
-            self.inactive = Table(segments, targets)
+            self.inactive = Table(segments, targets, self._dispatch_queued)
 
     def clear(self):
         with self._control:
@@ -226,8 +223,8 @@ class MappedDevice:
                 t.resume()
             self.suspended = False
             deferred = self.gate.open()
-        for io in deferred:
-            self.submit(io)
+        self._resubmit(deferred)
+        self.kick()  # parked pieces are mapped again on resume
 
     def refresh_fastmap(self):
         """Rebuild the fast map from the live table (a backing disk failed or came back)."""
@@ -241,8 +238,7 @@ class MappedDevice:
             self.gate.wait_idle()
             self.gate.set_fastmap(self.table.fastmap())
             deferred = self.gate.open()
-        for io in deferred:
-            self.submit(io)
+        self._resubmit(deferred)
 
     def remove(self):
         if self.holders:
@@ -253,144 +249,6 @@ class MappedDevice:
                 self.table.destroy()
                 self.table = None
             self.clear()
-
-    # the request path
-
-    def submit(self, io):
-        """Take a request in device coordinates; it completes through io.endio."""
-        if not self.gate.enter_or_defer(io):
-            return
-        table = self.table
-        if table is None:
-            self.gate.leave()
-            io.complete(errno.ENXIO)
-            return
-        if io.op == bio.FLUSH:
-            pieces = [(i, 0, 0) for i in range(len(table.targets))]
-        else:
-            end = io.offset + io.length
-            if end > table.size:
-                self.gate.leave()
-                io.complete(errno.ENOSPC if io.is_write else errno.EINVAL)
-                return
-            pieces = []
-            i = table.find(io.offset)
-            pos = io.offset
-            while pos < end:
-                seg = table.segments[i]
-                n = min(seg.offset + seg.size, end) - pos
-                pieces.append((i, pos, n))
-                pos += n
-                i += 1
-        join = _Join(io, len(pieces))
-        view = memoryview(io.buf) if io.buf is not None and len(pieces) > 1 else io.buf
-        for i, pos, n in pieces:
-            seg = table.segments[i]
-            t = table.targets[i]
-            if view is not None and len(pieces) > 1:
-                buf = view[pos - io.offset : pos - io.offset + n]
-            else:
-                buf = io.buf
-            c = io.clone(pos - seg.offset, n, buf, self._clone_done)
-            c.parent = join
-            c.target = t
-            self._map(c)
-
-    def _map(self, c):
-        try:
-            r = c.target.map(c)
-        except Exception:
-            log.exception("%s: %s map failed", self.name, c.target.name)
-            r = bio.KILL
-            c.error = errno.EIO
-        if r == bio.REMAPPED:
-            c.dev.submit(c)
-        elif r == bio.KILL:
-            c.complete(c.error or errno.EIO)
-        elif r == bio.REQUEUE:
-            c.parent.requeue = True
-            self._piece_done(c.parent, 0)
-
-    def remap(self, c):
-        """For targets: map a clone again (a retry from end_io)."""
-        c.error = 0
-        self._map(c)
-
-    def _clone_done(self, c):
-        t = c.target
-        r = bio.DONE
-        if type(t).end_io is not _default_end_io:
-            try:
-                r = t.end_io(c, c.error)
-            except Exception:
-                log.exception("%s: %s end_io failed", self.name, t.name)
-                r = bio.DONE
-        if r == bio.INCOMPLETE:
-            return
-        join = c.parent
-        if r == bio.REQUEUE:
-            join.requeue = True
-        self._piece_done(join, c.error)
-
-    def _piece_done(self, join, error):
-        if join.lock is None:
-            join.pending -= 1
-            last = True
-        else:
-            with join.lock:
-                join.pending -= 1
-                last = join.pending == 0
-        if error and not join.error:
-            join.error = error
-        if not last:
-            return
-        io = join.io
-        if join.requeue:
-            io.error = 0
-            self.gate.defer(io)
-            if not self.suspended:
-                self._kick_deferred()
-            return
-        self.gate.leave()
-        if join.error:
-            self.errors += 1
-        io.complete(join.error)
-
-    def _kick_deferred(self):
-        """Requeued I/O on a live device is mapped again shortly (the target asked to wait)."""
-
-        def again():
-            with self._control:
-                if self.suspended:
-                    return
-                self.gate.close()
-                deferred = self.gate.open()
-            for io in deferred:
-                self.submit(io)
-
-        threading.Timer(0.1, again).start()
-
-    def block_status(self, offset, length):
-        table = self.table
-        out = []
-        end = offset + length
-        i = table.find(offset)
-        pos = offset
-        while pos < end and i < len(table.segments):
-            seg = table.segments[i]
-            n = min(seg.offset + seg.size, end) - pos
-            try:
-                extents = table.targets[i].block_status(pos - seg.offset, n)
-            except Exception:
-                extents = [(n, 0)]
-            for length_, flags in extents:
-                if out and out[-1][1] == flags:
-                    out[-1] = (out[-1][0] + length_, flags)
-                else:
-                    out.append((length_, flags))
-            pos += n
-            i += 1
-        return out
 
     # reporting
 
@@ -411,6 +269,8 @@ class MappedDevice:
             "deferred": self.gate.deferred_count,
             "fast_ios": self.gate.fast_ios,
             "errors": self.errors,
+            "queue": table.queue.status() if table else None,
+            "requeued": len(self._requeued),
             "holders": sorted(d.name for d in self.holders),
             "segments": segs,
         }
@@ -430,11 +290,6 @@ class MappedDevice:
             raise TargetError(f"{self.name} has no table")
         i = table.find(sector * 512)
         return table.targets[i].message(argv)
-
-
-from .targets import Target as _Target  # noqa: E402
-
-_default_end_io = _Target.end_io
 
 
 class Registry:

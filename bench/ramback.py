@@ -13,6 +13,9 @@ untar     the seed's test: untar a Linux source tree onto ext4 and `sync`, the e
 drain     N GiB of dirty data written back, against the backing file's own sequential
           write bandwidth measured with fio (buffered, fsync at the end) on the same
           file (bar: at least 80%).
+direct    ramback over a file on the root disk with `direct = true`: N GiB populated, and
+          N GiB drained, against fio `--direct=1 --ioengine=io_uring --bs=1M --iodepth=8`
+          sequential read and write of the same file (bars: at least 0.8x each).
 
 Needs root (losetup, mount), fio with the nbd engine, nbdkit, nbdcopy, nbdfuse, the
 Debian package linux-source (its tarball is decompressed once into --cache-dir, so xz is
@@ -60,7 +63,7 @@ from common import (  # noqa: E402
 from appliance.control import call  # noqa: E402
 from appliance.targets.ramback.store import default_dir  # noqa: E402
 
-PARTS = ("randread", "untar", "drain")
+PARTS = ("randread", "untar", "drain", "direct")
 
 
 # ---- helpers -----------------------------------------------------------------------------
@@ -343,6 +346,72 @@ def bench_drain(args, wd):
     return out
 
 
+def fio_direct(path, rw, size):
+    """fio's sequential bandwidth on `path`, O_DIRECT through io_uring, 1 MiB at QD8 (bytes/s)."""
+    out = sh("fio", "--name=seq", f"--filename={path}", f"--rw={rw}", "--bs=1M", "--iodepth=8", "--direct=1",
+             "--ioengine=io_uring", f"--size={size}", "--output-format=json")
+    return json.loads(out[out.index("{"):])["jobs"][0][rw]["bw_bytes"]
+
+
+def bench_direct(args, wd):
+    """Populate and drain with `direct = true` on the root disk, each against fio on the same
+    file in the same run: the backing I/O of both goes through the engine, several in flight."""
+    need_tools("fio")
+    n = args.direct_gib * GiB
+    base = Path(args.data_dir or "/var/tmp")
+    fstype = sh("stat", "-f", "-c", "%T", str(base)).strip()
+    if fstype in ("tmpfs", "ramfs"):
+        raise BenchError(f"{base} is {fstype}: the direct benchmark needs a real disk (--data-dir)")
+    backing = base / f"appliance-bench-direct-{os.getpid()}.img"
+    app = Appliance(wd, [("rb", [f"0 {n // 512} ramback - {backing}"], {"direct": True})], name="direct")
+    out = {"bytes": n, "fstype": fstype}
+    try:
+        settle()
+        fio_write = fio_direct(backing, "write", n)  # lays the file out too
+        settle()
+        fio_read = fio_direct(backing, "read", n)
+        settle()
+        app.start()
+        wait_populated(app, "rb")
+        s = rb_status(app, "rb")
+        populate_bw = n / s["populate_seconds"]
+        store = s["store"]
+        app.stop(timeout=600)
+        block = os.urandom(8 * MiB)
+        make_all_dirty(store, block)
+        settle()
+        app.start()
+        t0 = time.monotonic()
+        dirty0 = rb_status(app, "rb")["dirty_bytes"]
+        assert rb_message(app, "rb", "flush") == "clean"
+        drain_bw = dirty0 / (time.monotonic() - t0)
+        app.stop(timeout=600)
+        with open(backing, "rb") as f:  # what was drained is what was in RAM
+            for off in (0, n // 2 + 4096 * 3, n - 4096):
+                f.seek(off)
+                if f.read(4096) != (block * 2)[off % len(block) : off % len(block) + 4096]:
+                    raise BenchError(f"the drained backing differs from RAM at byte {off}")
+        out.update(fio_read_bw=fio_read, fio_write_bw=fio_write, populate_bw=populate_bw,
+                   populate_seconds=s["populate_seconds"], drain_bw=drain_bw, dirty_at_start=dirty0,
+                   populate_ratio=populate_bw / fio_read, drain_ratio=drain_bw / fio_write)
+    finally:
+        app.stop(timeout=600)
+        drop_store(app)
+        try:
+            os.unlink(backing)
+        except FileNotFoundError:
+            pass
+    print(f"\nramback with direct = true on {base} ({fstype}), {args.direct_gib} GiB")
+    print_table(["", "ramback MiB/s", "fio MiB/s", "ratio", "bar >= 0.80"], [
+        ["populate / sequential read", f"{populate_bw / MiB:.0f}", f"{fio_read / MiB:.0f}",
+         f"{out['populate_ratio']:.2f}", "PASS" if out["populate_ratio"] >= 0.8 else "FAIL"],
+        ["drain / sequential write", f"{drain_bw / MiB:.0f}", f"{fio_write / MiB:.0f}",
+         f"{out['drain_ratio']:.2f}", "PASS" if out["drain_ratio"] >= 0.8 else "FAIL"],
+    ])
+    print(f"load average: {os.getloadavg()}")
+    return out
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--only", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
@@ -352,7 +421,8 @@ def main(argv=None):
     p.add_argument("--delay-ms", type=int, default=5, help="delay per write of the slow backing (default 5)")
     p.add_argument("--subset", help="tar members to extract (comma-separated), default the whole tree")
     p.add_argument("--drain-gib", type=int, default=2, help="dirty data to drain, GiB (default 2)")
-    p.add_argument("--data-dir", help="where data files go (default: the temp dir; drain: /var/tmp)")
+    p.add_argument("--direct-gib", type=int, default=2, help="direct: data populated and drained, GiB (default 2)")
+    p.add_argument("--data-dir", help="where data files go (default: the temp dir; drain, direct: /var/tmp)")
     p.add_argument("--cache-dir", default="/var/tmp/appliance-bench", help="the decompressed tarball")
     p.add_argument("--keep", action="store_true", help="keep the temp dir")
     p.add_argument("--no-save", action="store_true")

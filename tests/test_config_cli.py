@@ -364,11 +364,12 @@ def test_check_config_passes_a_good_config_and_says_which_devices_would_wait_for
 
 
 def sample_args(sub):
-    """Words that satisfy a subcommand's positional arguments ("0" is a NAME, a SECTOR and a word)."""
+    """Words that satisfy a subcommand's positional arguments and required options ("0" is a
+    NAME, a SECTOR, a SIZE and a word)."""
     return [
         "0" for a in sub._actions
         if not a.option_strings and a.nargs not in ("?", "*", argparse.SUPPRESS) and not isinstance(a, argparse._SubParsersAction)
-    ]
+    ] + [w for a in sub._actions if a.option_strings and a.required for w in (a.option_strings[0], "0")]
 
 
 def test_every_subcommand_takes_config_before_or_after_it():
@@ -378,7 +379,7 @@ def test_every_subcommand_takes_config_before_or_after_it():
     commands = []
     for name, sub in subs.items():
         nested = [a for a in sub._actions if isinstance(a, argparse._SubParsersAction)]
-        if nested:  # `log-writes list|replay`: each nested command is a command too
+        if nested:  # `log-writes list|replay`, `layer create|info|check`: each nested command is a command too
             commands += [([name, n], s) for n, s in nested[0].choices.items()]
         else:
             commands.append(([name], sub))

@@ -35,13 +35,13 @@ def segment_status(d, name):
     return d.status(name)["devices"][0]["segments"][0]["status"]
 
 
-# n concurrent 4 KiB preads with the aio API; prints the elapsed seconds
+# n concurrent 4 KiB preads with the aio API, `stride` bytes apart; prints the elapsed seconds
 AIO_READS = """
 import json, time
 n = {n}
 bufs = [nbd.Buffer(4096) for _ in range(n)]
 t0 = time.monotonic()
-pending = {{h.aio_pread(bufs[i], i * 4096) for i in range(n)}}
+pending = {{h.aio_pread(bufs[i], i * {stride}) for i in range(n)}}
 deadline = t0 + 60
 while pending:
     if time.monotonic() > deadline:
@@ -103,7 +103,7 @@ print(json.dumps(out))
 def test_concurrent_requests_are_delayed_together(make_daemon, image):
     disk = image("delay.img", SIZE)
     d = make_daemon(device("dl", f"0 {SECTORS} delay {disk} 0 200"))
-    res = nbdsh_json(d.uri("dl"), AIO_READS.format(n=8))
+    res = nbdsh_json(d.uri("dl"), AIO_READS.format(n=8, stride=4096))
     # one after another would be 8 x 200 ms = 1.6 s
     assert 0.2 <= res["elapsed"] < 1.0, res
 
@@ -111,8 +111,8 @@ def test_concurrent_requests_are_delayed_together(make_daemon, image):
 def test_serialize_serves_one_request_at_a_time(make_daemon, image):
     disk = image("delay.img", SIZE)
     d = make_daemon(device("dl", f"0 {SECTORS} delay {disk} 0 100 serialize"))
-    res = nbdsh_json(d.uri("dl"), AIO_READS.format(n=8))
-    # 8 requests, each waiting for the one before it, delay included
+    res = nbdsh_json(d.uri("dl"), AIO_READS.format(n=8, stride=8192))
+    # 8 requests (apart: the device queue would merge adjacent ones), each waiting for the one before it, delay included
     assert 0.8 <= res["elapsed"] < 8.0, res
     st = segment_status(d, "dl")
     assert st["serialize"] is True and st["reads_delayed"] == 8
@@ -123,7 +123,7 @@ def test_suspend_lets_the_queue_through_instead_of_waiting_out_the_delay(make_da
     disk = image("delay.img", SIZE)
     d = make_daemon(device("dl", f"0 {SECTORS} delay {disk} 0 20000"))
     client = subprocess.Popen(
-        ["nbdsh", "-u", d.uri("dl"), "-c", AIO_READS.format(n=4)],
+        ["nbdsh", "-u", d.uri("dl"), "-c", AIO_READS.format(n=4, stride=8192)],  # apart: not merged
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -55,8 +55,8 @@ def restart(d):
 
 def replay(log_path, model):
     """Apply every acknowledged write of one writer (QD1: acks are in order) to `model`.
-    Returns (the write in flight when the daemon died or None, writes acked, writes acked
-    before the last completed FLUSH)."""
+    Returns (the write in flight when the daemon died, (offset, length, seed), or None;
+    writes acked; writes acked before the last completed FLUSH)."""
     pending = None
     acked = flushed = 0
     for line in open(log_path):
@@ -71,6 +71,20 @@ def replay(log_path, model):
         elif word == "flushed":
             flushed = acked
     return pending, acked, flushed
+
+
+def check_after_crash(got, model, in_flight):
+    """Every byte an acknowledged write (and not the write in flight) covers holds what the model
+    says; the bytes of a write in flight at the kill hold, each, its old or its new value (a
+    write that was never acknowledged may be torn), never anything else: not zeros."""
+    pos = 0
+    for off, n, seed in sorted(in_flight):
+        assert got[pos:off] == model[pos:off], f"an acknowledged write in {pos}..{off} is not what the device holds"
+        new = random.Random(seed).randbytes(n)
+        bad = [i for i in range(n) if got[off + i] not in (model[off + i], new[i])]
+        assert not bad, f"the write in flight at {off}+{n} left bytes that are neither old nor new at {off + bad[0]}"
+        pos = max(pos, off + n)
+    assert got[pos:] == model[pos:], f"an acknowledged write after {pos} is not what the device holds"
 
 
 def test_kill_9_under_write_load_loses_no_acknowledged_write(make_daemon, tmp_path):
@@ -94,16 +108,13 @@ def test_kill_9_under_write_load_loses_no_acknowledged_write(make_daemon, tmp_pa
     s = rb_status(d)
     assert s["store_attach"] == "attached unclean"
     assert s["populated"]
-    unknown = []
+    in_flight = []
     for w in range(2):
         pending, acked, flushed = replay(tmp_path / f"writer{w}.log", model)
         assert flushed > 0 and acked >= flushed
         if pending:
-            unknown.append(pending[:2])
-    got = bytearray(device_bytes(d, "rb", tmp_path))
-    for off, n in unknown:  # a write in flight at the kill may or may not have landed
-        got[off : off + n] = model[off : off + n]
-    assert got == model
+            in_flight.append(pending)
+    check_after_crash(device_bytes(d, "rb", tmp_path), model, in_flight)
     assert message(d, "flush") == "clean"
     assert rb_status(d)["dirty"] == 0
     device_now = device_bytes(d, "rb", tmp_path)

@@ -93,7 +93,7 @@ def test_concurrent_overlapping_writes_across_populate_and_mode_switches(make_da
     orig_copy.write_bytes(original)
     sectors = SIZE // 512
     d = make_daemon(
-        device("slow", f"0 {sectors} delay {img} 0 300 {img} 0 1", export=False)
+        device("slow", f"0 {sectors} delay {img} 0 3000 {img} 0 1", export=False)
         + device("rb", f"0 {sectors} ramback - @slow chunk=4096")
     )
     logs = [tmp_path / f"worker{w}.log" for w in range(WRITERS)]
@@ -108,7 +108,7 @@ def test_concurrent_overlapping_writes_across_populate_and_mode_switches(make_da
         seen.append(rb_status(d))
         message(d, modes[i % 2])
         if i % 5 == 2:
-            message(d, "max_dirty", "256K")  # writers at the limit are throttled, not failed
+            message(d, "max_dirty", "1M")  # writers at the limit are throttled, not failed
         elif i % 5 == 4:
             message(d, "max_dirty", "30s")
         i += 1

@@ -430,24 +430,27 @@ cdef class ChunkState:
                     n += 1
         return n
 
-    def install(self, int64_t c0, int64_t c1, const unsigned char[::1] src):
+    def install(self, int64_t c0, int64_t c1, const unsigned char[::1] src=None):
         """Copy the chunks of [c0, c1) that are still EMPTY from `src` (backing's bytes of
-        exactly that range) and mark them CLEAN. The caller holds the range lock, so no write
-        can turn one of them DIRTY in between. Returns how many chunks it installed."""
+        exactly that range) and mark them CLEAN; src None: backing's bytes were read straight
+        into the store, only mark them. The caller holds the range lock, so no write can turn
+        one of them DIRTY in between. Returns how many chunks it installed."""
         cdef int64_t c, n = 0
         cdef uint64_t pos, clen, base = <uint64_t>c0 << self.f.shift
+        cdef bint copy = src is not None
         self._check(c0, c1)
-        if <uint64_t>src.shape[0] < min(<uint64_t>c1 << self.f.shift, self.f.length) - base:
+        if copy and <uint64_t>src.shape[0] < min(<uint64_t>c1 << self.f.shift, self.f.length) - base:
             raise ValueError("install: the buffer is shorter than the range")
         with nogil:
             for c in range(c0, c1):
                 if rb_load8(&self.f.state[c]) != CS_EMPTY:
                     continue
-                pos = <uint64_t>c << self.f.shift
-                clen = 1 << self.f.shift
-                if pos + clen > self.f.length:
-                    clen = self.f.length - pos
-                memcpy(self.f.data + pos, &src[0] + (pos - base), clen)
+                if copy:
+                    pos = <uint64_t>c << self.f.shift
+                    clen = 1 << self.f.shift
+                    if pos + clen > self.f.length:
+                        clen = self.f.length - pos
+                    memcpy(self.f.data + pos, &src[0] + (pos - base), clen)
                 n += trans(&self.f, c, CS_EMPTY, CS_CLEAN)
         return n
 

@@ -32,6 +32,7 @@ log = logging.getLogger("appliance.nbd")
 HANDSHAKE_TIMEOUT = 30.0
 MAX_BLOCK = 32 * 1024 * 1024
 MAX_EXTENTS = 2048
+MAX_PLUG = 16  # requests a connection's batch holds back at most (well under its in-flight depth)
 
 
 class Catalog:
@@ -74,7 +75,15 @@ def export_info(dev):
 
 
 class Session:
-    """One connection's transmission phase: the slow-path dispatcher."""
+    """One connection's transmission phase: the slow-path dispatcher.
+
+    Plugging: once the connection has called `unplug()` (it does after every batch of
+    slow requests it dispatched), requests are held until the next unplug and reach the
+    device queue together. A connection that never unplugs has each request submitted
+    at once."""
+
+    _unplugs = False
+    _plug = ()
 
     def __init__(self, server, sock, device, selected, trailing):
         self.server = server
@@ -97,7 +106,6 @@ class Session:
         )
 
     def dispatch(self, conn, cmd, flags, cookie, offset, length, payload):
-        dev = self.device
         if cmd == C.NBD_CMD_READ:
             buf = bytearray(length)
 
@@ -107,19 +115,38 @@ class Session:
                 else:
                     conn.reply_read(cookie, offset, buf)
 
-            dev.submit(bio.IO(bio.READ, offset, length, memoryview(buf), 0, done))
+            io = bio.IO(bio.READ, offset, length, memoryview(buf), 0, done)
         elif cmd == C.NBD_CMD_BLOCK_STATUS:
-            self._block_status(conn, cookie, offset, length, flags)
+            if self.allocation_id is None:
+                conn.reply(cookie, errno.EINVAL, True)
+                return
+            io = bio.IO(bio.BLOCK_STATUS, offset, length, None, 0,
+                        lambda io: self._block_status(conn, cookie, io, flags))
         else:
-            op = _OPS[cmd]
             io_flags = flags & (bio.FUA | bio.NO_HOLE | bio.FAST_ZERO)
-            dev.submit(bio.IO(op, offset, length, payload, io_flags, lambda io: conn.reply(cookie, io.error)))
+            io = bio.IO(_OPS[cmd], offset, length, payload, io_flags, lambda io: conn.reply(cookie, io.error))
+        if self._unplugs:
+            # the loop unplugs after this batch: the device queue sees it whole and merges it
+            self._plug.append(io)
+            if len(self._plug) >= MAX_PLUG:
+                self.unplug()  # held requests count as in flight: never fill the connection's depth
+        else:
+            self.device.submit(io)
 
-    def _block_status(self, conn, cookie, offset, length, flags):
-        if self.allocation_id is None:
-            conn.reply(cookie, errno.EINVAL, True)
+    def unplug(self):
+        """The transmission loop read a batch and is about to wait for the client: hand the
+        batch to the device queue in one go."""
+        self._unplugs = True
+        plug, self._plug = self._plug, []
+        if plug:
+            self.device.submit_batch(plug)
+
+    def _block_status(self, conn, cookie, io, flags):
+        """The extents the device reported (BLOCK_STATUS passed the gate like any request)."""
+        if io.error:
+            conn.reply(cookie, io.error, True)
             return
-        extents = self.device.block_status(offset, length)[:MAX_EXTENTS]
+        extents = io.buf[:MAX_EXTENTS]
         if flags & C.NBD_CMD_FLAG_REQ_ONE:
             extents = extents[:1]
         body = struct.pack(">I", self.allocation_id) + b"".join(struct.pack(">II", n, f) for n, f in extents)

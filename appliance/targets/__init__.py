@@ -9,8 +9,10 @@ operations it needs; `Target` supplies the defaults, as dm's core does.
 
 from __future__ import annotations
 
+import errno
 import importlib
 import pkgutil
+import re
 from types import SimpleNamespace
 from typing import NamedTuple
 
@@ -35,11 +37,20 @@ class DeviceArg(NamedTuple):
 
 
 class Target:
-    """Base class. `begin` and `length` are the segment's, in bytes."""
+    """Base class. `begin` and `length` are the segment's, in bytes.
+
+    The request path (see README "Tables" and appliance/device.py): for every map attempt
+    the core makes a fresh clone of the target's piece of a request, in segment
+    coordinates; `prep_map(clone)` chooses the device below, `map(clone)` translates the
+    clone onto it (or completes it, parks it, fails it), and `end_io(clone, error)` sees
+    the result first and may take the clone back for a retry."""
 
     name = None
-    # Targets that keep state the core must not bypass (dirty bits, paths)
-    # never offer a fast map, and the NBD server hands every request to map().
+    # the device's request queue merges adjacent requests before map() (as a disk's would)
+    wants_merged = False
+    # at most this many of the queue's requests in flight at the target; the rest wait and
+    # merge (0: no limit). A target may set it per instance in ctr().
+    queue_depth = 0
 
     def __init__(self, ctx, segment):
         self.ctx = ctx
@@ -83,11 +94,20 @@ class Target:
         self.devices = []
 
     # the request path
-    def map(self, io):
-        io.error = io.error or 5
+    def prep_map(self, clone):
+        """The device the clone goes to (clone.dev when map() returns REMAPPED)."""
+        return self.devices[0] if self.devices else None
+
+    def map(self, clone):
+        """Translate the clone (clone.offset += where the segment starts on clone.dev) and
+        return REMAPPED; or complete it and return SUBMITTED; KILL with clone.error; REQUEUE."""
+        clone.error = clone.error or errno.EIO
         return bio.KILL
 
-    def end_io(self, io, error):
+    def end_io(self, clone, error):
+        """DONE; REQUEUE (park it: mapped again on resume or kick); or INCOMPLETE after calling
+        ctx.device.remap(clone) or ctx.device.requeue(clone, delay). clone.private, the
+        target's per-I/O data, survives into the next attempt."""
         return bio.DONE
 
     def fast_map(self):
@@ -157,19 +177,55 @@ def parse_int(word, what, minimum=0):
     return value
 
 
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+_SIZE = re.compile(r"(\d+)\s*([kmgt]?)(i?b)?", re.I)
+
+
+def parse_size(word, what):
+    """'4K' -> 4096: bytes, or binary K, M, G, T (a bare number is bytes)."""
+    m = _SIZE.fullmatch(word.strip())
+    if not m:
+        raise TargetError(f"{what} {word!r} is not a size (bytes, or with K, M, G, T)")
+    return int(m.group(1)) * _UNITS[m.group(2).lower()]
+
+
 _registry = None
 
 
 def known_targets() -> dict[str, str]:
-    """keyword -> module name, for every module in this package."""
+    """keyword -> module name, for every module in this package, and every package that defines
+    its class: a package may hold a target's parts before the target itself exists (cow's
+    layer format), and its keyword must not load until it does."""
     global _registry
     if _registry is None:
-        _registry = {m.name.replace("_", "-"): m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")}
+        _registry = {
+            m.name.replace("_", "-"): m.name for m in pkgutil.iter_modules(__path__)
+            if not m.name.startswith("_") and (not m.ispkg or hasattr(_module(m.name), _class_name(m.name)))
+        }
     return _registry
 
 
+_registered = {}  # keyword -> class, targets registered in-process (tests, plug-ins)
+
+
+def register(keyword, cls):
+    """Make `cls` the target for `keyword` in this process (a test's own target)."""
+    _registered[keyword] = cls
+    known_targets()[keyword] = cls.__module__
+
+
 def target_class(keyword):
+    if keyword in _registered:
+        return _registered[keyword]
     if keyword not in known_targets():
         raise TargetError(f"unknown target {keyword!r}; targets: {', '.join(sorted(known_targets()))}")
     module = known_targets()[keyword]
-    return getattr(importlib.import_module(f"{__name__}.{module}"), "".join(w.capitalize() for w in module.split("_")))
+    return getattr(_module(module), _class_name(module))
+
+
+def _module(name):
+    return importlib.import_module(f"{__name__}.{name}")
+
+
+def _class_name(module):
+    return "".join(w.capitalize() for w in module.split("_"))

@@ -12,9 +12,10 @@ about 5 ms. The trailing word `serialize` (not dm's) makes the target a
 single spindle instead: one request at a time, each waits for the one before
 it, delay included.
 
-One worker thread per target holds the delayed requests (a heap of due times,
-or a FIFO when serialized) and submits each to its device as a clone when it
-is due; the clone's completion completes the original. Suspending lets every
+One worker thread per target holds the delayed clones (a heap of due times,
+or a FIFO when serialized) and submits each to its device when it is due.
+The target wants merged requests, as a disk does; serialized, it takes one
+at a time from the device queue, so what waits there merges. Suspending lets every
 queued request through at once (dm-delay flushes its queue in presuspend) and
 resuming delays again. The target never offers a fast map.
 """
@@ -59,6 +60,7 @@ class _Path:
 
 class Delay(Target):
     name = "delay"
+    wants_merged = True  # as a disk's queue would: adjacent requests wait and go as one
 
     @classmethod
     def parse(cls, args):
@@ -89,6 +91,8 @@ class Delay(Target):
         # every number is checked before anything is opened
         parsed = self.parse(args)
         self.serialize = parsed.serialize
+        if self.serialize:
+            self.queue_depth = 1  # one spindle: the rest wait in the device queue and merge
         self.paths = []
         opened = {}
         for dev_word, start, delay_ms in parsed.paths:
@@ -137,54 +141,55 @@ class Delay(Target):
     def _class(io):
         if io.op == bio.FLUSH:
             return FLUSH
-        if io.op in (bio.WRITE, bio.WRITE_ZEROES, bio.TRIM):
+        if io.op in bio.WRITE_OPS:
             return WRITE
         return READ
 
-    def map(self, io):
-        cls = self._class(io)
+    def prep_map(self, clone):
+        return self.by_class[self._class(clone)].dev
+
+    def map(self, clone):
+        cls = self._class(clone)
         path = self.by_class[cls]
+        clone.offset += path.start
         if not self.serialize and (path.delay_ms == 0 or not self._may_delay):
-            io.dev = path.dev
-            io.offset += path.start
             return bio.REMAPPED
         with self._cond:
             if self._stopping:
-                io.error = errno.EIO
+                clone.error = errno.EIO
                 return bio.KILL
             self._queued[cls] += 1
             self._delayed[cls] += 1
             if self.serialize:
-                self._fifo.append((io, path, cls))
+                self._fifo.append((clone, path, cls))
                 self._cond.notify()
             else:
                 due = time.monotonic() + path.delay_ms / 1000.0
-                heapq.heappush(self._heap, (due, next(self._seq), io, path, cls))
-                if self._heap[0][2] is io:
+                heapq.heappush(self._heap, (due, next(self._seq), clone, path, cls))
+                if self._heap[0][2] is clone:
                     self._cond.notify()  # the new head: the worker sleeps less
         return bio.SUBMITTED
 
-    def _dispatch(self, io, path, cls, done=None):
-        """Send a delayed request to its device as a clone; the clone completes the original."""
-
+    def _dispatch(self, clone, path, done=None):
+        """Send a delayed clone on to its device; `done` is set when it completes."""
+        endio = clone.endio
         completed = []
 
-        def clone_done(c):
+        def finished(c):
             completed.append(True)
             try:
-                io.complete(c.error)
+                endio(c)
             finally:
                 if done is not None:
                     done.set()
 
-        c = io.clone(io.offset + path.start, io.length, io.buf, clone_done)
+        clone.endio = finished
         try:
-            path.dev.submit(c)
+            path.dev.submit(clone)
         except Exception:
-            log.exception("delay: submitting %r to %s failed", io, path.word)
+            log.exception("delay: submitting %r to %s failed", clone, path.word)
             if not completed:  # never leave a request unanswered, never answer one twice
-                c.error = 0
-                c.complete(errno.EIO)
+                clone.complete(errno.EIO)
 
     def _timer_worker(self):
         cond = self._cond
@@ -207,10 +212,10 @@ class Delay(Target):
                 while self._heap and (not self._may_delay or self._heap[0][0] <= now):
                     _, _, io, path, cls = heapq.heappop(self._heap)
                     self._queued[cls] -= 1
-                    due.append((io, path, cls))
-            for io, path, cls in due:
+                    due.append((io, path))
+            for io, path in due:
                 try:
-                    self._dispatch(io, path, cls)
+                    self._dispatch(io, path)
                 except Exception:  # a completion hook above us failed; keep serving the rest
                     log.exception("delay: completing %r failed", io)
 
@@ -234,7 +239,7 @@ class Delay(Target):
                 self._queued[cls] -= 1
             done = threading.Event()
             try:
-                self._dispatch(io, path, cls, done)
+                self._dispatch(io, path, done)
             except Exception:
                 log.exception("delay: completing %r failed", io)
                 continue

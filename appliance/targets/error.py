@@ -18,9 +18,9 @@ class Error(Target):
     def ctr(self, args):
         self.parse(args)
 
-    def map(self, io):
-        if io.op == bio.FLUSH:
-            io.complete(0)
+    def map(self, clone):
+        if clone.op == bio.FLUSH:
+            clone.complete(0)
             return bio.SUBMITTED
-        io.error = errno.EIO
+        clone.error = errno.EIO  # the storage says no: a target error, not a path to retry
         return bio.KILL

@@ -179,36 +179,39 @@ class Flakey(Target):
 
     # the request path
 
-    def map(self, io):
-        io.private = None
+    def map(self, clone):
+        clone.private = None
         if self.is_up():
-            return self._remap(io)
-        if io.op in _WRITE_OPS:
+            return self._remap(clone)
+        if clone.op in _WRITE_OPS:
             if self.drop_writes:
                 self._count("dropped")
-                io.complete(0)
+                clone.complete(0)
                 return bio.SUBMITTED
             if self.error_writes:
                 self._count("failed")
-                io.error = errno.EIO
+                clone.error = errno.EIO
                 return bio.KILL
-            if io.op == bio.WRITE and io.length:
-                corrupt = self._write_corruption(io)
+            if clone.op == bio.WRITE and clone.length:
+                corrupt = self._corruptions(clone, "w", self.random_write_corrupt)
                 if corrupt:
-                    return self._submit_corrupted(io, corrupt)
-            return self._remap(io)
+                    data = bytearray(clone.buf)  # a copy: never touch the caller's buffer
+                    for pos, value in corrupt:
+                        data[pos] = value
+                    clone.buf = data  # the clone is this attempt's own
+                    self._count("corrupted")
+            return self._remap(clone)
         # reads (and cache hints)
         if self.error_reads:
             self._count("failed")
-            io.error = errno.EIO
+            clone.error = errno.EIO
             return bio.KILL
-        if io.op == bio.READ and io.length:
-            io.private = "down"  # end_io decides whether to corrupt it
-        return self._remap(io)
+        if clone.op == bio.READ and clone.length:
+            clone.private = "down"  # end_io decides whether to corrupt it
+        return self._remap(clone)
 
-    def _remap(self, io):
-        io.dev = self.dev
-        io.offset += self.start
+    def _remap(self, clone):
+        clone.offset += self.start
         return bio.REMAPPED
 
     def _flags_match(self, io):
@@ -223,30 +226,13 @@ class Flakey(Target):
             out.append((random.randrange(io.length), random.randrange(256)))
         return out
 
-    def _write_corruption(self, io):
-        return self._corruptions(io, "w", self.random_write_corrupt)
-
-    def _submit_corrupted(self, io, corrupt):
-        data = bytearray(io.buf)  # never touch the caller's buffer
-        for pos, value in corrupt:
-            data[pos] = value
-        self._count("corrupted")
-
-        def done(c):
-            io.complete(c.error)
-
-        c = io.clone(io.offset + self.start, io.length, data, done)
-        self.dev.submit(c)
-        return bio.SUBMITTED
-
-    def end_io(self, io, error):
-        if io.private == "down" and not error:
-            corrupt = self._corruptions(io, "r", self.random_read_corrupt)
+    def end_io(self, clone, error):
+        if clone.private == "down" and not error:
+            corrupt = self._corruptions(clone, "r", self.random_read_corrupt)
             if corrupt:
                 for pos, value in corrupt:
-                    io.buf[pos] = value
+                    clone.buf[pos] = value
                 self._count("corrupted")
-        io.private = None
         return bio.DONE
 
     def fast_map(self):

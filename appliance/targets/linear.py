@@ -23,9 +23,8 @@ class Linear(Target):
         self.dev = self.get_device(args[0])
         self.check_fits(self.dev, self.start, args[0])
 
-    def map(self, io):
-        io.dev = self.dev
-        io.offset += self.start
+    def map(self, clone):
+        clone.offset += self.start  # prep_map's default chose self.dev, the only device
         return bio.REMAPPED
 
     def fast_map(self):

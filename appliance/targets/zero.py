@@ -16,10 +16,10 @@ class Zero(Target):
     def ctr(self, args):
         self.parse(args)
 
-    def map(self, io):
-        if io.op == bio.READ:
-            io.buf[:] = bytes(io.length)
-        io.complete(0)
+    def map(self, clone):
+        if clone.op == bio.READ:
+            clone.buf[:] = bytes(clone.length)
+        clone.complete(0)
         return bio.SUBMITTED
 
     def fast_map(self):

@@ -5,7 +5,8 @@ Reads and writes are served from RAM (a shared-memory store that survives the
 daemon, store.py); a flusher writes dirty chunks back in coalesced runs, at once in
 writethrough mode and after at most EXPIRE seconds of ageing in writeback mode
 (flush.py); a new store loads from backing in the background while I/O goes on
-(populate.py). Writes that need a lock, loads and FLUSH sweeps: requests.py.
+(populate.py); both go through the I/O engine, several requests in flight (backing.py).
+Writes that need a lock, loads, the dirty limit and FLUSH: requests.py.
 
 Modes (`appliance message NAME 0 writeback|writethrough|flush`):
 - writeback: writes, FUA and FLUSH complete at RAM speed (sync=backing: FLUSH and
@@ -19,7 +20,8 @@ How a write goes (the invariants the compiled fast path shares, chunkstate.pyx):
   DIRTY again, complete. No lock. The NBD loop does this itself without the GIL.
 - otherwise it takes its place in the range-lock line at once (locks.py), so
   overlapping writes keep the order they arrived in, and a worker holds the lock
-  while it loads a partial EMPTY chunk at either end, copies, and for writethrough
+  while it loads a partial EMPTY chunk at either end, copies (EMPTY chunks it covers
+  whole are marked DIRTY only after the copy: requests.py _copy), and for writethrough
   writes the whole chunks back with the flush protocol before completing. Writing
   whole chunks through the flush protocol is what makes it safe against a writeback
   write landing in the same chunk meanwhile; the flush lock keeps an older flush
@@ -39,6 +41,7 @@ from types import SimpleNamespace
 
 from ..._fast.chunkstate import DIRTY, FLUSHING
 from .. import DeviceArg, Target, TargetError
+from .backing import BackingIO
 from .flush import Flusher
 from .limit import DirtyLimit, format_limit, parse_limit, parse_size
 from .locks import RangeLocks
@@ -94,10 +97,11 @@ class Ramback(RequestPath, Target):
         mismatch = opts.get("on_mismatch", "refuse")
         if mismatch not in ("refuse", "discard"):
             raise TargetError(f"on_mismatch={mismatch} must be refuse or discard")
+        max_dirty = parse_limit(opts.get("max_dirty", DEFAULT_MAX_DIRTY))
+        _check_floor(max_dirty, chunk_floor(chunk), chunk)
         # <ram> is created here, not waited for: only <backing> is an underlying device
         return SimpleNamespace(ram=args[0], backing=args[1], chunk=chunk, sync=sync, mismatch=mismatch,
-                               max_dirty=parse_limit(opts.get("max_dirty", DEFAULT_MAX_DIRTY)),
-                               devices=[DeviceArg(args[1], 0)])
+                               max_dirty=max_dirty, devices=[DeviceArg(args[1], 0)])
 
     @classmethod
     def validate(cls, segment, check):
@@ -132,6 +136,7 @@ class Ramback(RequestPath, Target):
         self.shift = chunk.bit_length() - 1
         self.backing = self.get_device(word)
         self.check_fits(self.backing, 0, word)
+        self.backing_io = BackingIO(self.backing)
 
         daemon = getattr(self.ctx, "daemon_config", None)
         devname = getattr(self.ctx.device, "name", "ramback")
@@ -151,7 +156,7 @@ class Ramback(RequestPath, Target):
             self.store.locks = RangeLocks()
         self.locks = self.store.locks
         self.marker = marker
-        self.limit = DirtyLimit(self.max_dirty, floor=max(16 * chunk, 1 << 20))
+        self.limit = DirtyLimit(self.max_dirty, floor=chunk_floor(chunk))
         self.flusher = Flusher(self)
         self.populate = Populate(self)
         self._say_how_attached(previous)
@@ -161,11 +166,17 @@ class Ramback(RequestPath, Target):
         inherited = self.store.shared.get("mode") if self.store.refs > 1 else None
         self.mode, self.mode_reason = inherited or getattr(self.ctx, "ramback_mode", None) or NO_POWER
         self.store.shared["mode"] = (self.mode, self.mode_reason)
-        self._mode_lock = threading.Lock()
+        self._mode_lock = threading.RLock()  # _keep_marker may apply the mode inside set_mode
         self._writes = ThreadPoolExecutor(WRITE_WORKERS, thread_name_prefix=f"ramback-write {self.label}")
         self._loads = ThreadPoolExecutor(LOAD_WORKERS, thread_name_prefix=f"ramback-load {self.label}")
         self.throttled = 0
+        self.failed_writes = 0  # writes at the dirty limit failed because backing failed
+        self.reserved = 0  # chunks slow writes have room for and have not marked yet (requests.py)
+        self._room = threading.Lock()
+        self.suspending = False
+        self.marked = False  # the marker says what RAM may hold: writeback may go on
         self._marker_at = 0.0
+        self._floor_said = False
         self.update_limit()
 
     def _say_how_attached(self, previous):
@@ -173,13 +184,18 @@ class Ramback(RequestPath, Target):
         e, c, d, f = self.cs.counts()
         if self.store.refs > 1:
             log.info("%s: the new table shares the live RAM store %s", self.label, self.store.path)
-        elif how in ("created", "discarded") and previous and (previous.get("mode") == WRITEBACK or previous.get("dirty_bytes")):
-            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(previous.get("updated", 0)))
+        elif how in ("created", "discarded") and previous is not None and (
+                "unreadable" in previous or previous.get("mode") == WRITEBACK or previous.get("dirty_bytes")):
+            if "unreadable" in previous:  # a marker cut short by a crash says no less than a whole one
+                what = (f"its marker {self.marker.path} is unreadable ({previous['unreadable']}), so RAM may have "
+                        f"held data backing does not have")
+            else:
+                when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(previous.get("updated", 0)))
+                what = (f"the previous run held data in RAM that backing may not have "
+                        f"(mode {previous.get('mode')}, {previous.get('dirty_bytes', '?')} dirty bytes as of {when})")
             self.warning = (
-                f"DIRTY DATA LOST: the previous run held data in RAM that backing may not have "
-                f"(mode {previous.get('mode')}, {previous.get('dirty_bytes', '?')} dirty bytes as of {when}) "
-                f"and its RAM store {self.store.path} is gone; backing holds what was flushed, check the "
-                f"filesystem on it (fsck) before trusting it"
+                f"DIRTY DATA LOST: {what}, and its RAM store {self.store.path} is gone; backing holds what was "
+                f"flushed, check the filesystem on it (fsck) before trusting it"
             )
             log.error("%s: %s", self.label, self.warning)
         elif how == "attached unclean":
@@ -241,12 +257,21 @@ class Ramback(RequestPath, Target):
     # threads
 
     def resume(self):
+        self.suspending = False
         if self.running:
             return
+        self._keep_marker(force=True)  # on disk before the first writeback write is acknowledged
         self.running = True
         self.flusher.start()
         self.populate.start()
         self._apply_mode()
+
+    def presuspend(self, noflush=False):
+        # writers waiting at the dirty limit write through instead (requests.py _admit): the
+        # suspend waits for I/O in flight, and must not wait for the flusher to make room
+        self.suspending = True
+        with self.flusher.progress:
+            self.flusher.progress.notify_all()
 
     def postsuspend(self):
         self._stop_threads()
@@ -273,18 +298,37 @@ class Ramback(RequestPath, Target):
         needed = mode == WRITEBACK or dirty > 0
         now = time.monotonic()
         if needed and (force or now - self._marker_at > 5):  # a failed write is retried, not spun on
-            self.marker.write(force, mode=mode, dirty_bytes=dirty, store=self.store.path,
-                              backing=self.store.header["backing_path"])
+            ok = self.marker.write(mode=mode, dirty_bytes=dirty, store=self.store.path,
+                                   backing=self.store.header["backing_path"])
             self._marker_at = now
+            # writeback waits for the marker: without it a reboot would lose data silently. A
+            # failed refresh leaves the last marker in place, and that one still warns.
+            ok = ok or self.marker.present is True
+            if not ok and mode == WRITEBACK:
+                log.error("%s: writes go through to backing until the marker %s can be written",
+                          self.label, self.marker.path)
+            if ok != self.marked:
+                self.marked = ok
+                with self._mode_lock:
+                    self._apply_mode()
         elif not needed and self.marker.present is not False:
             self.marker.remove()
+            self.marked = False
 
     def update_limit(self):
         bw = self.flusher.bw
-        limit, why = self.limit.effective(bw.value, bw.measured)
-        self.limit_bytes, self.limit_reason = limit, why
+        limit, why, raised = self.limit.effective(bw.value, bw.measured)
+        self.limit_bytes, self.limit_reason, self.limit_raised = limit, why, raised
+        self.limit_chunks = max(1, limit >> self.shift)
         if self.cs is not None:
-            self.cs.limit_chunks = max(1, limit >> self.shift)
+            with self._room:
+                self._fast_limit()
+        if raised != self._floor_said:
+            self._floor_said = raised
+            if raised:  # the UPS (or max_dirty in seconds) asked for less than chunk= allows
+                log.warning("%s: dirty limit %s is raised to %d bytes, the least chunk=%d works with: "
+                            "a power loss may leave more dirty data than asked for; use a smaller chunk",
+                            self.label, why.split(" (raised")[0], limit, self.chunk_size)
 
     # modes, for messages and the power monitor
 
@@ -305,7 +349,7 @@ class Ramback(RequestPath, Target):
 
     def _apply_mode(self):
         self.cs.fua_ok = self.sync == "ram"  # here, not in ctr: a table being loaded shares a live store
-        if self.mode == WRITEBACK and self.refused is None and self.running:
+        if self.mode == WRITEBACK and self.marked and self.refused is None and self.running:
             self.cs.enable_writes()
         else:
             self.cs.disable_writes()  # returns once no fast write is in progress
@@ -356,7 +400,9 @@ class Ramback(RequestPath, Target):
             left = self.cs.count(DIRTY) + self.cs.count(FLUSHING)
             return "clean" if not left else f"flushed; {left} chunks written meanwhile are dirty"
         if cmd == "max_dirty" and len(argv) == 2:
-            self.max_dirty = self.limit.configured = parse_limit(argv[1])
+            limit = parse_limit(argv[1])
+            _check_floor(limit, self.limit.floor, self.chunk_size)
+            self.max_dirty = self.limit.configured = limit
             self.update_limit()
             return f"max_dirty {format_limit(self.max_dirty)}: {self.limit_bytes} bytes"
         raise TargetError(f"unknown ramback message {' '.join(argv)!r}; messages: writeback, writethrough, flush, max_dirty <value>")
@@ -391,11 +437,17 @@ class Ramback(RequestPath, Target):
             "flush_state": self.flusher.state if self.running else "stopped",
             "dirty_limit_bytes": self.limit_bytes,
             "dirty_limit_reason": self.limit_reason,
+            "dirty_limit_raised_to_floor": self.limit_raised,
             "max_dirty": format_limit(self.max_dirty),
             "throttled_writes": self.throttled,
+            "failed_writes": self.failed_writes,
+            "backing_failing": self.flusher.failing,
+            "flush_sweeps": self.flusher.syncs.count,
+            "marker": self.marker.path if self.marked else None,
             "populate_progress": round((n - e) / n, 4),
             "populate_bandwidth": int(rate),
             "populate_eta_seconds": (round(empty_bytes / rate, 1) if rate else None) if e else 0.0,
+            "populate_seconds": round(self.populate.done_at - self.populate.started, 3) if self.populate.done_at else None,
             "writes_refused": self.refused,
             "store": self.store.path,
             "store_attach": self.store.how,
@@ -417,7 +469,25 @@ class Ramback(RequestPath, Target):
             words.append("warning=DIRTY-DATA-LOST")
         if i["writes_refused"]:
             words.append("writes=refused")
+        if i["backing_failing"]:
+            words.append("backing=FAILING")
+        if i["dirty_limit_raised_to_floor"]:
+            words.append("dirty_limit=raised-to-chunk-floor")
         return " ".join(words)
+
+
+def chunk_floor(chunk):
+    """The least dirty limit a chunk size works with: a flush run's worth (16 chunks, at
+    least 1 MiB); below it writers only wait."""
+    return max(16 * chunk, 1 << 20)
+
+
+def _check_floor(limit, floor, chunk):
+    """A max_dirty in bytes below what the chunk size allows is refused, not quietly raised."""
+    kind, value = limit
+    if kind == "bytes" and value < floor:
+        raise TargetError(f"max_dirty={value} is below {floor} bytes, the least chunk={chunk} works with "
+                          f"(16 chunks, at least 1 MiB); use a smaller chunk or a larger max_dirty")
 
 
 def _word(v):

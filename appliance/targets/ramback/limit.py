@@ -2,26 +2,18 @@
 
 Configured in bytes (`max_dirty=2G`) or as a drain time (`max_dirty=30s`, turned into
 bytes with the backing write bandwidth measured on the flushes). The power monitor
-may set a lower limit from the UPS runtime; the lower of the two is in force. Writers
-at the limit wait (they are throttled, never failed) until the flusher makes room.
+may set a lower limit from the UPS runtime; the lower of the two is in force, but never
+less than the floor (16 chunks). Writers at the limit wait until the flusher makes room,
+and fail only when backing does (requests.py _admit).
 """
 
 from __future__ import annotations
 
 import re
 
-from .. import TargetError
+from .. import TargetError, parse_size
 
-_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-_SIZE = re.compile(r"(\d+)\s*([kmgt]?)(i?b)?", re.I)
 _SECONDS = re.compile(r"(\d+(?:\.\d+)?)\s*s", re.I)
-
-
-def parse_size(word, what):
-    m = _SIZE.fullmatch(word.strip())
-    if not m:
-        raise TargetError(f"{what} {word!r} is not a size (bytes, or with K, M, G, T)")
-    return int(m.group(1)) * _UNITS[m.group(2).lower()]
 
 
 def parse_limit(word):
@@ -47,10 +39,11 @@ class DirtyLimit:
     def __init__(self, configured, floor):
         self.configured = configured  # ('bytes', n) or ('seconds', s)
         self.power = None  # (bytes, reason) from the power monitor, or None
-        self.floor = floor  # never below this: a writer must always be able to make progress
+        self.floor = floor  # never below this (16 chunks): flush runs of a useful size
 
     def effective(self, bandwidth, measured):
-        """(bytes, reason) in force, given the backing write bandwidth in bytes/s."""
+        """(bytes, reason, raised to the floor) in force, given the backing write bandwidth
+        in bytes/s."""
         kind, value = self.configured
         if kind == "bytes":
             limit, why = value, f"max_dirty={value}"
@@ -60,5 +53,5 @@ class DirtyLimit:
         if self.power is not None and self.power[0] is not None and self.power[0] < limit:
             limit, why = self.power[0], f"power: {self.power[1]}"
         if limit < self.floor:
-            limit, why = self.floor, why + f" (raised to the floor of {self.floor} bytes)"
-        return limit, why
+            return self.floor, why + f" (raised to the floor of {self.floor} bytes: 16 chunks)", True
+        return limit, why, False

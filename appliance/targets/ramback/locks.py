@@ -7,9 +7,10 @@ cost of every operation grows with the number of ranges held or waiting (the I/O
 flight), never with the size of the device: the seed's per-chunk locking and its
 serialized writethrough queue are both gone.
 
-Who takes them: writes that touch an EMPTY chunk (against populate's install),
-writethrough writes and every flush of a run (so an older flush never lands over a
-newer writethrough write), and populate's install.
+Who takes them: writes that touch an EMPTY chunk (against a load), writethrough
+writes and every flush of a run, held until its backing write is done (so an older
+flush never lands over a newer writethrough write), and every load, held from before
+it picks its EMPTY chunks until they are read and installed.
 """
 
 from __future__ import annotations

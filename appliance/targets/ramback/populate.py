@@ -1,16 +1,18 @@
 """Loading the store from backing: in the background, and at once for a read that needs it.
 
-A load reads a run of EMPTY chunks from backing into a buffer without any lock, then
-installs, under the range lock, only the chunks that are still EMPTY (the seed's
-populate race: a write that landed meanwhile made its chunks DIRTY, and its data
-wins). Reading unlocked is sound because backing's bytes of an EMPTY chunk never
-change: only flushes and writethrough writes touch backing, and both work on chunks
-that are loaded or that the write covers whole and has already marked DIRTY.
+A load reads backing's bytes straight into the store's memory (no bounce buffer),
+and only into chunks that are EMPTY and stay EMPTY until the read is done: it holds
+the range lock of the chunks from before it picks them until it marks them CLEAN.
+That closes the seed's populate race: a write into an EMPTY chunk holds the same
+lock (requests.py), so it either comes first, and the chunk is no longer EMPTY when
+the load looks, or waits until the load has installed the chunk. Loaded chunks are
+never read into again (a lock-free writeback write may be writing them).
 
-The background loader reads POPULATE_IO-byte runs back to back (the disk is never
-idle while populating). A read of an EMPTY chunk does not queue behind it: it loads
-what it needs itself, so it waits for at most one background read at the disk.
-In writethrough mode the loader pauses while dirty data waits: the drain comes first.
+The background loader keeps DEPTH reads of POPULATE_IO bytes in flight (the disk is
+never idle while populating). A read of an EMPTY chunk does not queue behind it: it
+loads what it needs itself, so it waits for at most the background reads of the same
+chunks. In writethrough mode the loader pauses while dirty data waits: the drain comes
+first.
 """
 
 from __future__ import annotations
@@ -21,11 +23,12 @@ import time
 
 from ... import io as bio
 from ..._fast.chunkstate import DIRTY, EMPTY, FLUSHING
-from .flush import backing_io
+from .backing import InFlight
 
 log = logging.getLogger("appliance.ramback")
 
 POPULATE_IO = 8 << 20
+DEPTH = 4  # background reads in flight
 
 
 class Populate:
@@ -43,44 +46,63 @@ class Populate:
         self._rate = 0.0
         self._t0 = None
         self._b0 = 0
+        self._inflight = InFlight(DEPTH)
 
-    def read_run(self, a, b, buf=None):
-        """Backing's bytes of chunks [a, b): (errno, buffer)."""
+    def _start_load(self, a, b, entry, inflight):
+        """Read the EMPTY chunks of [a, b) into the store; the caller holds the range lock of
+        [a, b): `entry`, released once every read is done, or None (the caller releases it).
+        One read per stretch of EMPTY chunks, each taking a place in `inflight`."""
         rb = self.rb
-        off = a << rb.shift
-        end = min(b << rb.shift, rb.length)
-        if buf is None:
-            buf = bytearray(end - off)
-        view = memoryview(buf)[: end - off]
-        return backing_io(rb.backing, bio.READ, off, end - off, view), view
+        cs = rb.cs
+        runs = []
+        pos = a
+        while (run := cs.next_run(pos, b, 1 << EMPTY)) is not None:
+            runs.append(run)
+            pos = run[1]
+        left = [len(runs)]
+        guard = threading.Lock()
+        if not runs:
+            if entry is not None:
+                rb.locks.release(entry)
+            return
+        for x, y in runs:
+            inflight.acquire()
+            off = x << rb.shift
+            end = min(y << rb.shift, rb.length)
 
-    def load(self, a, b, locked=False, buf=None):
-        """Load the EMPTY chunks of [a, b). `locked`: the caller holds the range lock already.
-        Returns 0 or an errno."""
+            def done(err, x=x, y=y):
+                if err:
+                    self.errors += 1
+                    self.last_error = f"read of chunks {x}..{y} failed: errno {err}"
+                else:
+                    self.loaded_bytes += cs.install(x, y) << rb.shift
+                with guard:
+                    left[0] -= 1
+                    last = left[0] == 0
+                if last and entry is not None:
+                    rb.locks.release(entry)
+                inflight.release(err)
+
+            rb.backing_io.submit(bio.READ, off, rb.store.view[off:end], 0, done)
+
+    def load(self, a, b, locked=False):
+        """Load the EMPTY chunks of [a, b) and wait. `locked`: the caller holds the range lock
+        already. Returns 0 or an errno."""
         rb = self.rb
-        err, view = self.read_run(a, b, buf)
-        if err:
-            self.errors += 1
-            self.last_error = f"read of chunks {a}..{b} failed: errno {err}"
-            return err
+        inflight = InFlight(DEPTH)
         if locked:
-            n = rb.cs.install(a, b, view)
+            self._start_load(a, b, None, inflight)
         else:
-            with rb.locks.hold(a, b):
-                n = rb.cs.install(a, b, view)
-        self.loaded_bytes += n << rb.shift
-        return 0
+            entry = rb.locks.request(a, b)
+            rb.locks.wait(entry)
+            self._start_load(a, b, entry, inflight)
+        return inflight.wait()
 
     def load_for(self, c0, c1, locked=False):
         """Make every chunk of [c0, c1) loaded (a read, or a partial write, needs it)."""
-        run = self.rb.cs.next_run(c0, c1, 1 << EMPTY)
-        if run is None:
+        if self.rb.cs.next_run(c0, c1, 1 << EMPTY) is None:
             return 0
-        # one backing read from the first EMPTY chunk to the last one of the range
-        last = c1
-        while last > run[0] and self.rb.cs.state(last - 1) != EMPTY:
-            last -= 1
-        return self.load(run[0], last, locked)
+        return self.load(c0, c1, locked)
 
     # the background thread
 
@@ -105,7 +127,7 @@ class Populate:
         cs = rb.cs
         n = cs.nchunks
         maxn = max(1, POPULATE_IO >> rb.shift)
-        buf = bytearray(min(POPULATE_IO, maxn << rb.shift))
+        inflight = self._inflight
         self._t0, self._b0 = time.monotonic(), self.loaded_bytes
         while not self.stop_flag and cs.count(EMPTY) > 0:
             try:
@@ -115,20 +137,31 @@ class Populate:
                     continue
                 run = cs.next_run(self.cursor, n, 1 << EMPTY, maxn)
                 if run is None:
+                    # chunks being read are EMPTY until their read is done: let them finish
+                    # before the next pass looks
+                    self._retry_pause(inflight.wait())
                     self.cursor = 0
                     continue
                 a, b = run
                 self.cursor = b
-                if self.load(a, b, buf=buf):
-                    log.error("%s: populate: %s; retrying", rb.label, self.last_error)
-                    self.wake.wait(1.0)
+                entry = rb.locks.request(a, b)
+                rb.locks.wait(entry)
+                self._start_load(a, b, entry, inflight)
+                if inflight.err:
+                    self._retry_pause(inflight.wait())
                 self._measure()
             except Exception:
                 log.exception("%s: populate", rb.label)
                 self.wake.wait(1.0)
+        inflight.wait()
         if cs.count(EMPTY) == 0 and self.done_at is None:
             self.done_at = time.monotonic()
             log.info("%s: populated: %d chunks loaded from backing", rb.label, cs.nchunks)
+
+    def _retry_pause(self, err):
+        if err:
+            log.error("%s: populate: %s; retrying", self.rb.label, self.last_error)
+            self.wake.wait(1.0)
 
     def _measure(self):
         now = time.monotonic()

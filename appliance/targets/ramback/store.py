@@ -284,41 +284,42 @@ class Marker:
             return None
         try:
             with open(self.path) as f:
-                return json.load(f)
+                info = json.load(f)
         except FileNotFoundError:
             return None
-        except (OSError, ValueError) as e:
-            return {"unreadable": str(e)}
+        except (OSError, ValueError) as e:  # an empty file included: cut short by a crash
+            return {"unreadable": str(e) or type(e).__name__}
+        return info if isinstance(info, dict) else {"unreadable": f"not a JSON object: {info!r:.40}"}
 
-    def write(self, durable=True, **info):
-        """durable: fsync it (its first appearance must survive a power cut; the periodic
-        refresh of the figures need not)."""
+    def write(self, **info):
+        """Write it durably (temp file, fsync, rename, fsync the directory): it is what says,
+        after a power cut, that RAM held data backing may lack. True once it is on disk."""
         if not self.path:
-            return
+            return True
         info.setdefault("updated", time.time())
         info.setdefault("pid", os.getpid())
         with self.lock:
-            self._write(info, durable or not self.present)
+            return self._write(info)
 
-    def _write(self, info, durable):
+    def _write(self, info):
         try:
             os.makedirs(os.path.dirname(self.path), exist_ok=True)
             tmp = self.path + ".tmp"
             with open(tmp, "w") as f:
                 json.dump(info, f)
-                if durable:
-                    f.flush()
-                    os.fsync(f.fileno())
+                f.flush()
+                os.fsync(f.fileno())
             os.replace(tmp, self.path)
-            if durable:
-                fd = os.open(os.path.dirname(self.path), os.O_RDONLY)
-                try:
-                    os.fsync(fd)  # the rename too
-                finally:
-                    os.close(fd)
+            fd = os.open(os.path.dirname(self.path), os.O_RDONLY)
+            try:
+                os.fsync(fd)  # the rename too
+            finally:
+                os.close(fd)
             self.present = True
+            return True
         except OSError as e:
             log.error("cannot write the ramback marker %s: %s", self.path, e)
+            return False
 
     def remove(self):
         if not self.path:
