@@ -12,6 +12,7 @@ import threading
 
 from ._fast.gate import Gate
 from .blockdev import DeviceError
+from .nbd import client as nbd_client
 from .power.state import NO_POWER as NO_POWER_MODE
 from .request_path import RequestPath
 from .request_queue import RequestQueue
@@ -85,6 +86,8 @@ class TableContext:
         if word.startswith("@"):
             return self.registry.hold(word[1:], self.device)
         try:
+            if nbd_client.is_uri(word):  # a remote export: nbd://, nbd+unix://
+                return nbd_client.pool.get(word)
             # a read_only device's files open O_RDONLY: nothing below it can write them
             return self.pool.get(word, writable=self.writable, direct=self.direct,
                                  exclusive=self.exclusive)
@@ -108,6 +111,8 @@ class TableContext:
     def put_device(self, dev):
         if isinstance(dev, MappedDevice):
             self.registry.release(dev, self.device)
+        elif dev.kind == "nbd":
+            nbd_client.pool.put(dev)
         else:
             self.pool.put(dev)
 

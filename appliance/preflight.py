@@ -18,6 +18,7 @@ import os
 from . import udev
 from .blockdev import DeviceError, examine
 from .config import ConfigError
+from .nbd import client as nbd_client
 from .table import parse_table, table_size
 from .targets import TargetError, check_size, target_class
 
@@ -42,6 +43,9 @@ def check(config) -> list[str]:
                 if word[1:] in waiting:
                     absent.append(word)
                 check_size(word, sizes[word[1:]], needed)
+                return
+            if nbd_client.is_uri(word):  # a remote export is checked when serve connects
+                nbd_client.parse_uri(word)
                 return
             path = word
             if udev.is_disk_word(word):
