@@ -57,6 +57,12 @@ class Daemon:
             time.sleep(0.05)
         raise RuntimeError(f"daemon not ready in {timeout}s:\n{self.log.read_text()}")
 
+    def restart(self):
+        """Start it again (after kill or stop); the log of the run before goes to .log.1
+        (start() waits for a line the old log already has)."""
+        os.replace(self.log, str(self.log) + ".1")
+        return self.start()
+
     def uri(self, export=""):
         return f"nbd+unix:///{export}?socket={self.socket}"
 
@@ -165,6 +171,45 @@ def nbd_python():
 def nbdsh_env():
     """nbdsh runs `python3 -m nbd`: put a python3 with the bindings first on PATH."""
     return dict(os.environ, PATH=os.path.dirname(nbd_python()) + os.pathsep + os.environ["PATH"])
+
+
+@pytest.fixture
+def nbdkit(tmp_path):
+    """nbdkit(*args, sock=None, port=None) -> a running `nbdkit --unix SOCK ARGS...` (or on
+    127.0.0.1:PORT); `.sock` is its socket.
+    Ready once its pid file exists (nbdkit writes it when the socket accepts)."""
+    procs = []
+
+    def start(*args, sock=None, port=None):
+        need("nbdkit")
+        sock = sock or str(tmp_path / f"kit{len(procs)}.sock")
+        pidfile = tmp_path / f"kit{len(procs)}.pid"
+        for stale in (sock, pidfile):  # a SIGKILLed nbdkit leaves both
+            if os.path.exists(stale):
+                os.unlink(stale)
+        listen = ["-i", "127.0.0.1", "-p", str(port)] if port else ["--unix", sock]
+        p = subprocess.Popen(["nbdkit", *listen, "-P", str(pidfile), "--foreground",
+                              "--exit-with-parent", *args], stderr=subprocess.PIPE)
+        procs.append(p)
+        until(lambda: pidfile.exists() or p.poll() is not None, 10, "nbdkit to listen")
+        if p.poll() is not None:
+            raise AssertionError(f"nbdkit {' '.join(args)} exited: {p.stderr.read().decode()}")
+        p.sock = sock
+        return p
+
+    yield start
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+        p.wait()
+
+
+def until(predicate, timeout, what):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.05)
 
 
 def run(*cmd, check=True, timeout=120, **kw):

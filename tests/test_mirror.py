@@ -1,0 +1,241 @@
+"""mirror: two or more legs with a dirty-region log. Real legs (files, nbdkit exports), real
+clients (fio, qemu-io), real crashes (SIGKILL of nbdkit and of the daemon)."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+
+import pytest
+
+from appliance.targets import TargetError
+from appliance.targets.mirror import table
+from conftest import device, need, run, until
+
+MiB = 1 << 20
+S = 512
+REGION = MiB  # the tests' region size
+
+
+def mirror_line(size, legs, log="core 2 2048 nosync", features="1 handle_errors"):
+    words = " ".join(f"{leg} 0" for leg in legs)
+    return f"0 {size // S} mirror {log} {len(legs)} {words} {features}".rstrip()
+
+
+def remote(sock):
+    return f"nbd+unix:///?socket={sock}"
+
+
+def mstatus(d, name="m"):
+    return d.status(name)["devices"][0]["segments"][0]["status"]
+
+
+def in_sync(d, name="m"):
+    st = mstatus(d, name)
+    return st["in_sync_regions"] == st["total_regions"] and all(x["state"] == "alive" for x in st["legs"])
+
+
+def fio(uri, tmp_path, *extra, background=False, offset=0, size=8 * MiB):
+    need("fio")
+    args = ["fio", "--name=verify", "--ioengine=nbd", f"--uri={uri}", "--bs=4k", "--iodepth=16",
+            f"--offset={offset}", f"--size={size}", "--verify=crc32c", "--verify_fatal=1", *extra]
+    if background:  # fio leaves its verify state file in the working directory
+        return subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return run(*args, cwd=tmp_path, timeout=120)
+
+
+def qemu_io(uri, *commands, check=True):
+    need("qemu-io")
+    args = ["qemu-io", "-f", "raw"]
+    for c in commands:
+        args += ["-c", c]
+    return run(*args, uri, check=check, timeout=60)
+
+
+def read_file(path, offset=0, length=None):
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read() if length is None else f.read(length)
+
+
+def poke(path, offset, data):
+    """Change a leg behind the daemon's back."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+
+
+# ------------------------------------------------------------------ the table
+
+@pytest.mark.parametrize("args, message", [
+    ("core 1 2048 1 a 0", "#legs must be at least 2"),
+    ("core 1 2048 2 a 0", "#legs says 2"),
+    ("core 1 2047 2 a 0 b 0", "multiple of 8 sectors"),
+    ("core 2 2048 fast 2 a 0 b 0", "sync or nosync"),
+    ("disk 1 2048 2 a 0 b 0", "the disk log takes <log_dev> <region_size>"),
+    ("ram 1 2048 2 a 0 b 0", "unknown mirror log type 'ram'"),
+    ("core 1 2048 2 a 0 a 0", "leg a is named twice"),
+    ("disk 2 a 2048 2 a 0 b 0", "the log device a is also a leg"),
+    ("core 1 2048 2 a 0 b 0 1 fast", "unknown mirror feature 'fast'"),
+    ("core 1 2048 2 a 0 b 0 1 keep_log", "keep_log needs handle_errors"),
+])
+def test_bad_tables_say_what_is_wrong(args, message):
+    with pytest.raises(TargetError, match=message):
+        table.parse(args.split())
+
+
+def test_parse_names_the_legs_and_the_log_device_as_devices():
+    p = table.parse("disk 3 /l 2048 sync 2 /a 8 nbd+unix:///?socket=/s 0 1 handle_errors".split())
+    assert [d.word for d in p.devices] == ["/a", "nbd+unix:///?socket=/s", "/l"]
+    assert p.legs[0].offset == 8 * S and p.region_size == MiB and p.sync == "sync"
+
+
+def test_check_config_refuses_a_log_device_too_small(make_daemon, image, tmp_path):
+    a, b = image("a.img", 8 * MiB), image("b.img", 8 * MiB)
+    small = tmp_path / "log.img"
+    small.write_bytes(b"")
+    d = make_daemon(device("m", mirror_line(8 * MiB, [a, b], log=f"disk 2 {small} 2048")), start=False)
+    r = d.cli("check-config", check=False)
+    assert r.returncode != 0 and f"device {small} is too small" in r.stderr, r.stderr
+
+
+# ------------------------------------------------------------- writes and reads
+
+def test_fio_verified_writes_land_on_both_legs_byte_for_byte(make_daemon, image, tmp_path):
+    a, b = image("a.img", 16 * MiB), image("b.img", 16 * MiB)
+    logdev = image("log.img", MiB)
+    d = make_daemon(device("m", mirror_line(16 * MiB, [a, b], log=f"disk 3 {logdev} 2048 nosync")))
+    r = fio(d.uri("m"), tmp_path, "--rw=randwrite")
+    assert "err= 0" in r.stdout, r.stdout
+    assert read_file(a) == read_file(b)
+    st = mstatus(d)
+    assert [x["state"] for x in st["legs"]] == ["alive", "alive"]
+    # 2048 client writes, far fewer log writes: marks are batched, clears lazy
+    assert 0 < st["log"]["log_writes"] < 500, st["log"]
+    assert "2 " + a + " " + b + " 16/16 1 AA 3 disk " + logdev + " A" in d.cli("status", "m").stdout
+
+
+def test_a_new_mirror_copies_the_first_leg_to_the_others(make_daemon, image):
+    a, b = image("a.img", 8 * MiB), image("b.img", 8 * MiB)
+    poke(a, 3 * MiB + 100, b"\x5a" * 5000)
+    d = make_daemon(device("m", mirror_line(8 * MiB, [a, b], log="core 1 2048")))
+    until(lambda: in_sync(d), 20, "the initial sync")
+    assert read_file(a) == read_file(b)
+    assert mstatus(d)["resynced_regions"] == 8
+    assert "read 5000/5000" in qemu_io(d.uri("m"), f"read -P 0x5a {3 * MiB + 100} 5000").stdout
+
+
+def test_a_region_being_resynced_holds_writes_to_it_only(make_daemon, image, nbdkit):
+    a, b = image("a.img", 8 * MiB), image("b.img", 8 * MiB)
+    kit = nbdkit("--filter=delay", "file", a, "rdelay=3")  # the source's reads take 3 s
+    d = make_daemon(device("m", mirror_line(8 * MiB, [remote(kit.sock), b], log="core 1 2048")))
+    # the initial sync is copying region 0 now, for about 3 s
+    t = time.monotonic()
+    qemu_io(d.uri("m"), f"write -P 0x11 {7 * MiB} 4k")
+    other = time.monotonic() - t
+    t = time.monotonic()
+    qemu_io(d.uri("m"), "write -P 0x22 4096 4k")
+    same = time.monotonic() - t
+    assert other < 1.5 and same > 1.0, (other, same)
+    until(lambda: in_sync(d), 60, "the initial sync")
+    assert read_file(b, 4096, 4096) == b"\x22" * 4096 and read_file(a, 4096, 4096) == b"\x22" * 4096
+    assert read_file(b, 7 * MiB, 4096) == b"\x11" * 4096
+
+
+# ------------------------------------------------------------------ lost legs
+
+def test_a_killed_remote_leg_fails_no_client_io_and_is_resynced_only_where_it_missed_writes(
+        make_daemon, image, nbdkit, tmp_path):
+    a, b = image("a.img", 32 * MiB), image("b.img", 32 * MiB)
+    kit = nbdkit("file", b)
+    sock = kit.sock
+    d = make_daemon(device("m", mirror_line(32 * MiB, [a, remote(sock)])))
+    load = fio(d.uri("m"), tmp_path, "--rw=randwrite", "--size=4M", "--time_based", "--runtime=3",
+               background=True)
+    time.sleep(1)
+    kit.send_signal(signal.SIGKILL)
+    kit.wait()
+    out, _ = load.communicate(timeout=60)
+    assert load.returncode == 0 and "err= 0" in out, out
+    st = mstatus(d)
+    assert st["legs"][1]["state"] == "dead" and st["legs"][0]["state"] == "alive"
+    assert "1 AD 1 core" in d.cli("status", "m").stdout
+    # written while the leg is down, on a range fio never wrote: the resync must bring it
+    r = fio(d.uri("m"), tmp_path, "--rw=write", f"--offset={20 * MiB}", "--size=2M")
+    assert "err= 0" in r.stdout
+    nbdkit("file", b, sock=sock)  # back: reinstated and resynced without a message
+    until(lambda: in_sync(d), 30, "the returned leg's resync")
+    st = mstatus(d)
+    assert 2 <= st["resynced_regions"] < st["total_regions"], st
+    assert read_file(a) == read_file(b)
+    assert "is back" in d.log.read_text()
+
+
+def test_fail_and_reinstate_by_message(make_daemon, image):
+    a, b = image("a.img", 8 * MiB), image("b.img", 8 * MiB)
+    d = make_daemon(device("m", mirror_line(8 * MiB, [a, b])))
+    assert "failed" in d.cli("message", "m", "0", "fail_leg", "1").stdout
+    qemu_io(d.uri("m"), f"write -P 0x44 {5 * MiB} 64k")
+    assert read_file(b, 5 * MiB, 4096) == bytes(4096)  # the dead leg took nothing
+    st = mstatus(d)
+    assert st["legs"][1] == {"dev": b, "state": "dead", "stale_regions": 1, "why": "failed by message"}
+    r = d.cli("message", "m", "0", "set_primary", b, check=False)
+    assert "only a leg in sync can be the primary" in r.stderr
+    assert "1 regions to resync" in d.cli("message", "m", "0", "reinstate_leg", b).stdout
+    until(lambda: in_sync(d), 20, "the resync")
+    assert read_file(a) == read_file(b) and mstatus(d)["resynced_regions"] == 1
+
+
+def test_daemon_killed_mid_write_resyncs_only_the_dirty_regions(make_daemon, image, tmp_path):
+    a, b = image("a.img", 64 * MiB), image("b.img", 64 * MiB)
+    logdev = image("log.img", MiB)
+    d = make_daemon(device("m", mirror_line(64 * MiB, [a, b], log=f"disk 3 {logdev} 2048 nosync")))
+    load = fio(d.uri("m"), tmp_path, "--rw=randwrite", "--size=8M", "--time_based", "--runtime=10",
+               background=True)
+    time.sleep(2)
+    d.kill()
+    load.kill()
+    load.wait()
+    bitmap = read_file(logdev, 4096, 8)
+    dirty = sum(bin(x).count("1") for x in bitmap)
+    assert 0 < dirty <= 8  # only regions fio was writing; fio writes the first 8 MiB
+    d.restart()
+    until(lambda: in_sync(d), 30, "the resync after the crash")
+    assert mstatus(d)["resynced_regions"] == dirty
+    assert read_file(a) == read_file(b)
+    until(lambda: read_file(logdev, 4096, 8) == bytes(8), 10, "the log's clears")
+
+
+# ------------------------------------------------------------ repair and verify
+
+def test_a_leg_with_read_errors_is_repaired_from_the_other(make_daemon, image, nbdkit, tmp_path):
+    a, b = image("a.img", 8 * MiB), image("b.img", 8 * MiB)
+    trigger = tmp_path / "trigger"
+    kit = nbdkit("--filter=error", "file", b, "error=EIO", "error-pread-rate=100%",
+                 f"error-pread-file={trigger}")
+    d = make_daemon(device("m", mirror_line(8 * MiB, [a, remote(kit.sock)])))
+    qemu_io(d.uri("m"), f"write -P 0x66 {2 * MiB} 64k")
+    poke(b, 2 * MiB, b"\x00" * 4096)  # the bad leg's copy is bad there
+    d.cli("message", "m", "0", "set_primary", "1")  # reads go to the bad leg first
+    trigger.touch()
+    out = qemu_io(d.uri("m"), f"read -P 0x66 {2 * MiB} 64k").stdout
+    assert "read 65536/65536" in out and "Pattern verification failed" not in out, out
+    until(lambda: mstatus(d)["repairs"] == 1, 10, "the repair")
+    trigger.unlink()
+    assert read_file(b, 2 * MiB, 65536) == b"\x66" * 65536  # rewritten from the good leg
+    assert read_file(a) == read_file(b)
+    assert mstatus(d)["legs"][1]["state"] == "alive"
+
+
+def test_verify_reports_a_region_changed_behind_the_daemons_back(make_daemon, image):
+    a, b = image("a.img", 8 * MiB), image("b.img", 8 * MiB)
+    d = make_daemon(device("m", mirror_line(8 * MiB, [a, b])))
+    qemu_io(d.uri("m"), "write -P 0x77 0 8M")
+    poke(b, 5 * MiB + 512, b"rot")
+    assert "verify started: 8 regions" in d.cli("message", "m", "0", "verify").stdout
+    until(lambda: not mstatus(d)["verify"]["running"], 20, "the verify")
+    v = mstatus(d)["verify"]
+    assert v["differing"] == 1 and v["regions"] == [5], v
+    until(lambda: in_sync(d), 20, "the resync of the differing region")
+    assert read_file(a) == read_file(b) == b"\x77" * (8 * MiB)
