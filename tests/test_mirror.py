@@ -3,15 +3,17 @@ clients (fio, qemu-io), real crashes (SIGKILL of nbdkit and of the daemon)."""
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
 
 from appliance.targets import TargetError
 from appliance.targets.mirror import table
-from conftest import device, need, run, until
+from conftest import REPO, device, nbdsh_env, need, replay_log, run, until
 
 MiB = 1 << 20
 S = 512
@@ -239,3 +241,45 @@ def test_verify_reports_a_region_changed_behind_the_daemons_back(make_daemon, im
     assert v["differing"] == 1 and v["regions"] == [5], v
     until(lambda: in_sync(d), 20, "the resync of the differing region")
     assert read_file(a) == read_file(b) == b"\x77" * (8 * MiB)
+
+
+# ------------------------------------------------------------------ durability
+
+def test_marks_reach_the_log_before_the_data_and_clears_after_the_data_is_durable(make_daemon, image, tmp_path):
+    """The log and leg a share one log-writes device, so one log orders them: each data write to
+    leg a comes after a flush that made its region's mark durable, and the clear of a region is
+    written only after a flush that made its data durable on the leg."""
+    big, b = image("big.img", 9 * MiB), image("b.img", 8 * MiB)
+    lwlog = image("lw.log", 64 * MiB)
+    d = make_daemon(device("under", f"0 {9 * MiB // S} log-writes {big} {lwlog}")
+                    + device("mlog", f"0 {MiB // S} linear @under 0")
+                    + device("m", mirror_line(8 * MiB, [f"@under", b], log="disk 3 @mlog 2048 nosync")
+                             .replace("@under 0", f"@under {MiB // S}")))
+    need("nbdsh")  # no client FLUSH (qemu-io sends one on exit): the mirror's own flushes only
+    run("nbdsh", "-u", d.uri("m"), "-c", f"h.pwrite(b'\\x31' * 65536, {3 * MiB}); "
+        f"h.pwrite(b'\\x32' * 8192, {5 * MiB + 8192})", env=nbdsh_env())
+    until(lambda: read_file(big, 4096, 1) == b"\0", 10, "the lazy clears")
+    d.stop()
+    entries = json.loads(run(sys.executable, "-m", "appliance", "log-writes", "list", "--json", lwlog,
+                             cwd=REPO).stdout)["entries"]
+
+    def replayed(upto):  # the device as the first `upto` entries left it
+        return replay_log(lwlog, tmp_path / "replay.img", "--limit", str(upto), size=9 * MiB)
+
+    def last_flush_before(i):
+        return max(e["index"] for e in entries if e["kind"] == "flush" and e["index"] < i)
+
+    def bit(image_, r):
+        return image_[4096 + r // 8] >> (r % 8) & 1
+
+    data = [e for e in entries if e["kind"] == "write" and e["offset"] >= MiB]
+    assert {(e["offset"] - MiB) // MiB for e in data} == {3, 5}
+    for e in data:
+        r = (e["offset"] - MiB) // MiB
+        assert bit(replayed(last_flush_before(e["index"]) + 1), r) == 1, e
+    for r, pattern, offset, length in ((3, 0x31, 3 * MiB, 65536), (5, 0x32, 5 * MiB + 8192, 8192)):
+        last_data = max(e["index"] for e in data if (e["offset"] - MiB) // MiB == r)
+        clear = next(e["index"] for e in entries if e["index"] > last_data and e["kind"] == "write"
+                     and 4096 <= e["offset"] < MiB and bit(replayed(e["index"] + 1), r) == 0)
+        before = replayed(last_flush_before(clear) + 1)
+        assert before[MiB + offset : MiB + offset + length] == bytes([pattern]) * length
