@@ -105,7 +105,7 @@ class LogModel(RuleBasedStateMachine):
             assert self.log.in_sync(r) == (r not in self.oos)
 
 
-LogModel.TestCase.settings = settings(max_examples=40, stateful_step_count=25, deadline=None)
+LogModel.TestCase.settings = settings(max_examples=150, stateful_step_count=30, deadline=None)
 test_the_logs_follow_a_plain_model_through_marks_syncs_flushes_and_crashes = LogModel.TestCase
 
 
