@@ -285,12 +285,38 @@ class Mirror(Control, Target):
             leg.dev.submit(bio.IO(bio.FLUSH, 0, 0, None, 0, lambda io, leg=leg: self._leg_done(w, leg, io)))
 
     def flush_legs(self):
-        """FLUSH every live leg and wait (the log writer, before it clears regions)."""
-        from .sync_io import sync_io
+        """FLUSH every live leg and wait; True if all succeeded."""
+        done = threading.Event()
+        result = []
 
+        def end(ok):
+            result.append(ok)
+            done.set()
+
+        self.flush_legs_async(end)
+        done.wait()
+        return result[0]
+
+    def flush_legs_async(self, then):
+        """FLUSH every live leg; `then(ok)` once all answered (ok: none failed)."""
         with self.lock:
             live = [leg for leg in self.legs if not leg.dead]
-        return all(not sync_io(leg.dev, bio.FLUSH) for leg in live)
+        if not live:
+            then(False)
+            return
+        state = {"left": len(live), "ok": True}
+        lock = threading.Lock()
+
+        def one(io):
+            with lock:
+                state["left"] -= 1
+                state["ok"] = state["ok"] and not io.error
+                last = state["left"] == 0
+            if last:
+                then(state["ok"])
+
+        for leg in live:
+            leg.dev.submit(bio.IO(bio.FLUSH, 0, 0, None, 0, one))
 
     # legs
 

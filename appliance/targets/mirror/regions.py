@@ -40,6 +40,8 @@ class RegionHash:
         self.clearable = {}  # region -> completion sequence number of its last write
         self.seq = 0
         self.log_writes = 0  # log flushes that wrote something
+        self._round = None  # the sequence number a leg flush in flight covers
+        self._flushed = None  # the sequence number the last completed leg flush covers
         self._stop = False
         self._thread = None
 
@@ -120,20 +122,25 @@ class RegionHash:
     # the log writer
 
     def _run(self):
-        last_clear = time.monotonic()
+        last_round = time.monotonic()
         while True:
             with self.lock:
-                if not self.batch and not self._stop:
+                if not self.batch and not self._stop and self._flushed is None:
                     self.lock.wait(CLEAR_DELAY)
                 if self._stop and not self.batch:
                     break
                 batch, self.batch = self.batch, []
                 marked, self.marking = self.marking, set()
-                due = time.monotonic() - last_clear >= CLEAR_DELAY
-                seq = self.seq
-            if due:
-                self._clear(seq)
-                last_clear = time.monotonic()
+                flushed, self._flushed = self._flushed, None
+                if flushed is not None:
+                    self._apply_clears(flushed)
+                start_round = (self._round is None and bool(self.clearable)
+                               and time.monotonic() - last_round >= CLEAR_DELAY)
+                if start_round:
+                    self._round = self.seq
+            if start_round:
+                last_round = time.monotonic()
+                self._flush_legs(self._round)
             error = self._flush()
             with self.lock:
                 if not error:
@@ -147,21 +154,35 @@ class RegionHash:
                     log.exception("mirror: a write after the log flush failed")
         self._flush()
 
-    def _clear(self, seq):
-        """Clear the in-sync regions whose writes completed by `seq`, the legs flushed first."""
-        with self.lock:
-            todo = [r for r, s in self.clearable.items() if s <= seq]
-        if not todo:
+    def _flush_legs(self, seq):
+        """Start a FLUSH on every live leg; when all are done, the regions whose writes had
+        completed by `seq` may be cleared. Asynchronous: marks do not wait behind it. A log
+        in memory needs no flush of the legs: its clears promise nothing after a crash."""
+        if not self.durable_marks:
+            self._legs_flushed(seq, True)
             return
-        if self.durable_marks and not self.mirror.flush_legs():
-            return  # a leg's cache may still lose those writes: keep the marks
+        self.mirror.flush_legs_async(lambda ok: self._legs_flushed(seq, ok))
+
+    def _legs_flushed(self, seq, ok):
         with self.lock:
-            for r in todo:
-                if self.clearable.get(r, seq + 1) <= seq and r not in self.recovering:
-                    del self.clearable[r]
-                    if self.mirror.region_in_sync(r):
-                        self.log.clear_region(r)
-                        self.durable.discard(r)
+            self._round = None
+            if ok:
+                self._flushed = seq
+            self.lock.notify_all()
+
+    def _apply_clears(self, seq):
+        """Clear the in-sync regions whose last write completed by `seq` (lock held): the legs
+        were flushed after that."""
+        for r in [r for r, s in self.clearable.items() if s <= seq and r not in self.recovering]:
+            del self.clearable[r]
+            if self.mirror.region_in_sync(r):
+                self.log.clear_region(r)
+                self.durable.discard(r)
+
+    def note_synced(self, r):
+        """The resync made region r equal on every leg (lock held): clear it, lazily."""
+        self.seq += 1
+        self.clearable[r] = self.seq
 
     def _flush(self):
         try:
@@ -179,7 +200,9 @@ class RegionHash:
         stopped and no write in flight."""
         with self.lock:
             seq = self.seq
-        self._clear(seq)
+        if not self.durable_marks or self.mirror.flush_legs():
+            with self.lock:
+                self._apply_clears(seq)
         with self.lock:
             self.durable |= self.marking
             self.marking = set()

@@ -4,7 +4,7 @@ themselves.
 
 One thread. A region is copied with its writes held (RegionHash.begin_recovery: new writes to
 that region wait, those in flight finish first), read from a leg that is not stale there (the
-primary first) and written with FUA to every live leg that is stale there; then the region is
+primary first) and written to every live leg that is stale there; then the region is
 in sync once no leg, live or dead, is stale there. The copy is throttled to `rate` bytes/s, or,
 with no rate (0), adaptively: after a copy during which clients did I/O, it rests as long as the
 copy took, so clients keep at least half the time.
@@ -161,7 +161,8 @@ class Resync:
                 return True
             done = []
             for dst in dsts:
-                err = sync_io(dst.dev, bio.WRITE, dst.offset + start, n, buf, bio.FUA)
+                # no FUA: the region's mark is cleared only after a FLUSH of the legs
+                err = sync_io(dst.dev, bio.WRITE, dst.offset + start, n, buf)
                 if err:
                     self._failed(dst, "resync write", err)
                 else:
@@ -174,7 +175,7 @@ class Resync:
                         m.repairs += 1
                 if not any(r in leg.stale for leg in m.legs):
                     m.log.set_region_sync(r, True)
-                    m.regions.clearable[r] = m.regions.seq  # the log writer clears it
+                    m.regions.note_synced(r)  # the log writer clears it once the legs are flushed
                 if done:
                     self.resynced += 1
                     self.copied += n
