@@ -2,9 +2,10 @@
 (compare the legs region by region, as DRBD's online verify), and legs that come back by
 themselves.
 
-One thread. A region is copied with its writes held (RegionHash.begin_recovery: new writes to
-that region wait, those in flight finish first), read from a leg that is not stale there (the
-primary first) and written to every live leg that is stale there; then the region is
+One thread, a few regions at a time. A region is copied with its writes held
+(RegionHash.begin_recovery: new writes to that region wait, those in flight finish first), read
+from a leg that is not stale there (the primary first) and written to every live leg that is
+stale there; then the region is
 in sync once no leg, live or dead, is stale there. The copy is throttled to `rate` bytes/s, or,
 with no rate (0), adaptively: after a copy during which clients did I/O, it rests as long as the
 copy took, so clients keep at least half the time.
@@ -18,6 +19,8 @@ import time
 
 from ... import io as bio
 from .sync_io import sync_io
+
+BATCH = 4  # regions copied at once
 
 log = logging.getLogger("appliance.mirror")
 
@@ -104,16 +107,11 @@ class Resync:
                     self._verify_wanted = False
                     self._verify()
                     continue
-                with self.m.lock:
-                    r = self.m.log.get_resync_work()
-                if r is None:
-                    work = False
-                else:
-                    work = self._recover(r)
-            if r is None:
+                batch = self._next_batch()
+                if batch:
+                    self._recover(batch)
+            if not batch:
                 self._wait()
-            elif not work:
-                continue
 
     def _wait(self):
         self._wake.wait(POLL)
@@ -140,49 +138,60 @@ class Resync:
         start = r * m.region_size
         return start, min(m.region_size, m.length - start)
 
-    def _recover(self, r):
-        """Copy region r; False if there was nothing to copy."""
-        src, dsts = self._legs_for(r)
-        if src is None:
-            return False
+    def _next_batch(self):
+        """Up to BATCH regions that can be copied now (a source and a stale live leg)."""
+        batch = []
+        while len(batch) < BATCH:
+            with self.m.lock:
+                r = self.m.log.get_resync_work()
+            if r is None:
+                break
+            if self._legs_for(r)[0] is not None:
+                batch.append(r)
+        return batch
+
+    def _recover(self, regions):
+        """Copy a few regions at once: each one's writes to the stale legs start as soon as its
+        read is in, so reads and writes of neighbouring regions overlap."""
         m = self.m
         t0 = time.monotonic()
         ios = m.client_ios
-        m.regions.begin_recovery(r)
+        for r in regions:
+            m.regions.begin_recovery(r)
+        copies = []
         try:
-            src, dsts = self._legs_for(r)  # the legs may have changed while writes drained
-            if src is None:
-                return False
-            start, n = self._span(r)
-            buf = bytearray(n)
-            err = sync_io(src.dev, bio.READ, src.offset + start, n, buf)
-            if err:
-                self._failed(src, "resync read", err)
-                return True
-            done = []
-            for dst in dsts:
-                # no FUA: the region's mark is cleared only after a FLUSH of the legs
-                err = sync_io(dst.dev, bio.WRITE, dst.offset + start, n, buf)
-                if err:
+            for r in regions:
+                src, dsts = self._legs_for(r)  # the legs may have changed while writes drained
+                if src is not None:
+                    copies.append(_Copy(r, *self._span(r), src, dsts))
+            run_copies(copies)
+            for c in copies:
+                if c.read_error:
+                    self._failed(c.src, "resync read", c.read_error)
+                for dst, err in c.write_errors:
                     self._failed(dst, "resync write", err)
-                else:
-                    done.append(dst)
             with m.lock:
-                for dst in done:
-                    dst.stale.discard(r)
-                    if (dst.index, r) in m.to_repair:
-                        m.to_repair.discard((dst.index, r))
-                        m.repairs += 1
-                if not any(r in leg.stale for leg in m.legs):
-                    m.log.set_region_sync(r, True)
-                    m.regions.note_synced(r)  # the log writer clears it once the legs are flushed
-                if done:
-                    self.resynced += 1
-                    self.copied += n
+                for c in copies:
+                    self._copied(c)
         finally:
-            m.regions.end_recovery(r)
-        self._throttle(n, time.monotonic() - t0, m.client_ios != ios)
-        return True
+            for r in regions:
+                m.regions.end_recovery(r)
+        self._throttle(sum(c.length for c in copies), time.monotonic() - t0, m.client_ios != ios)
+
+    def _copied(self, c):
+        """Region c.region is on c.done now (lock held)."""
+        m, r = self.m, c.region
+        for dst in c.done:
+            dst.stale.discard(r)
+            if (dst.index, r) in m.to_repair:
+                m.to_repair.discard((dst.index, r))
+                m.repairs += 1
+        if not any(r in leg.stale for leg in m.legs):
+            m.log.set_region_sync(r, True)
+            m.regions.note_synced(r)  # the log writer clears it once the legs are flushed
+        if c.done:
+            self.resynced += 1
+            self.copied += c.length
 
     def _failed(self, leg, what, err):
         m = self.m
@@ -243,3 +252,51 @@ class Resync:
         v["checked"] = m.region_count
         v["running"] = False
         self.kick()
+
+
+class _Copy:
+    """One region's copy: read from `src`, then written to every leg of `dsts`."""
+
+    def __init__(self, region, start, length, src, dsts):
+        self.region, self.start, self.length, self.src, self.dsts = region, start, length, src, dsts
+        self.buf = bytearray(length)
+        self.read_error = 0
+        self.write_errors = []
+        self.done = []
+
+
+def run_copies(copies):
+    """Start every copy's read; each read that succeeds starts its writes (no FUA: a region's
+    mark is cleared only after a FLUSH of the legs). Returns once every I/O is done."""
+    lock = threading.Condition()
+    left = [sum(1 + len(c.dsts) for c in copies)]
+
+    def finished(n=1):
+        with lock:
+            left[0] -= n
+            lock.notify_all()
+
+    def wrote(c, dst, io):
+        with lock:
+            if io.error:
+                c.write_errors.append((dst, io.error))
+            else:
+                c.done.append(dst)
+        finished()
+
+    def read(c, io):
+        if io.error:
+            c.read_error = io.error
+            finished(1 + len(c.dsts))
+            return
+        for dst in c.dsts:
+            dst.dev.submit(bio.IO(bio.WRITE, dst.offset + c.start, c.length, c.buf, 0,
+                                  lambda w, c=c, dst=dst: wrote(c, dst, w)))
+        finished()
+
+    for c in copies:
+        c.src.dev.submit(bio.IO(bio.READ, c.src.offset + c.start, c.length, c.buf, 0,
+                                lambda io, c=c: read(c, io)))
+    with lock:
+        while left[0]:
+            lock.wait()
