@@ -283,3 +283,38 @@ def test_marks_reach_the_log_before_the_data_and_clears_after_the_data_is_durabl
                      and 4096 <= e["offset"] < MiB and bit(replayed(e["index"] + 1), r) == 0)
         before = replayed(last_flush_before(clear) + 1)
         assert before[MiB + offset : MiB + offset + length] == bytes([pattern]) * length
+
+
+# --------------------------------------------------------------- tables and errors
+
+def test_a_reloaded_table_keeps_the_log_and_its_table_round_trips(make_daemon, image, tmp_path):
+    a, b = image("a.img", 8 * MiB), image("b.img", 8 * MiB)
+    logdev = image("log.img", MiB)
+    line = mirror_line(8 * MiB, [a, b], log=f"disk 2 {logdev} 2048")
+    d = make_daemon(device("m", line))
+    until(lambda: in_sync(d), 20, "the initial sync")
+    assert d.cli("table", "m").stdout.split() == line.split()
+    writer = subprocess.Popen(["qemu-io", "-f", "raw", "-c", f"write -P 0x55 {MiB} 6M", d.uri("m")],
+                              stdout=subprocess.PIPE, text=True)
+    d.cli("load", "m", line)  # the same table again: swapped in under the write
+    d.cli("resume", "m")
+    out, _ = writer.communicate(timeout=60)
+    assert "wrote 6291456/6291456" in out, out
+    until(lambda: in_sync(d), 20, "the new table's resync of what the old one left marked")
+    assert read_file(a) == read_file(b) and read_file(a, MiB, 6 * MiB) == b"\x55" * (6 * MiB)
+    assert mstatus(d)["resynced_regions"] < 8  # the log came along: not a full resync
+
+
+def test_without_handle_errors_a_leg_write_error_reaches_the_client(make_daemon, image, nbdkit, tmp_path):
+    a, b = image("a.img", 8 * MiB), image("b.img", 8 * MiB)
+    trigger = tmp_path / "trigger"
+    kit = nbdkit("--filter=error", "file", b, "error=EIO", "error-pwrite-rate=100%",
+                 f"error-pwrite-file={trigger}")
+    d = make_daemon(device("m", mirror_line(8 * MiB, [a, remote(kit.sock)], features="")))
+    trigger.touch()
+    out = qemu_io(d.uri("m"), "write -P 0x12 0 4k", check=False).stdout
+    assert "Input/output error" in out, out
+    trigger.unlink()
+    until(lambda: in_sync(d), 20, "the resync of the region the leg missed")
+    assert mstatus(d)["resynced_regions"] == 1  # the leg stayed alive, out of sync where it failed
+    assert read_file(a) == read_file(b) and "is dead" not in d.log.read_text()

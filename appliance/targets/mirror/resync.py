@@ -37,6 +37,7 @@ class Resync:
         self.active = 0.0  # seconds spent copying or resting for the rate
         self.verify = None  # {"checked", "differing", "running"}
         self._verify_wanted = False
+        self._backoff = False  # a copy failed on a leg that stays: rest before the next
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._paused = True
@@ -177,6 +178,9 @@ class Resync:
             for r in regions:
                 m.regions.end_recovery(r)
         self._throttle(sum(c.length for c in copies), time.monotonic() - t0, m.client_ios != ios)
+        if self._backoff:  # after the regions' writes were let go
+            self._backoff = False
+            self._stop.wait(1.0)
 
     def _copied(self, c):
         """Region c.region is on c.done now (lock held)."""
@@ -189,6 +193,8 @@ class Resync:
         if not any(r in leg.stale for leg in m.legs):
             m.log.set_region_sync(r, True)
             m.regions.note_synced(r)  # the log writer clears it once the legs are flushed
+        elif c.read_error or c.write_errors:
+            m.log.set_region_sync(r, False)  # the search comes back to it (after _failed's pause)
         if c.done:
             self.resynced += 1
             self.copied += c.length
@@ -199,7 +205,7 @@ class Resync:
         if m.handle_errors or bio.error_class(err) == bio.PATH:
             m.fail_leg(leg, f"{what} failed: {bio.error_name(err)}", path=bio.error_class(err) == bio.PATH)
         else:
-            self._stop.wait(1.0)  # do not spin on a leg that keeps failing
+            self._backoff = True  # do not spin on a leg that keeps failing
 
     def _throttle(self, n, took, clients):
         rest = 0.0
