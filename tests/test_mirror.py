@@ -318,3 +318,19 @@ def test_without_handle_errors_a_leg_write_error_reaches_the_client(make_daemon,
     until(lambda: in_sync(d), 20, "the resync of the region the leg missed")
     assert mstatus(d)["resynced_regions"] == 1  # the leg stayed alive, out of sync where it failed
     assert read_file(a) == read_file(b) and "is dead" not in d.log.read_text()
+
+
+def test_resync_rate_throttles_the_copy_and_status_gives_progress_and_eta(make_daemon, image):
+    a, b = image("a.img", 16 * MiB), image("b.img", 16 * MiB)
+    poke(a, 9 * MiB, b"\x42" * 4096)  # the legs differ; nosync says they do not, resync fixes it
+    d = make_daemon(device("m", mirror_line(16 * MiB, [a, b])))
+    assert d.cli("message", "m", "0", "resync_rate", "4M").stdout.strip() == "resync rate 4194304 bytes/s"
+    t = time.monotonic()
+    assert "resyncing 16 regions from leg " + a in d.cli("message", "m", "0", "resync").stdout
+    time.sleep(1.5)
+    st = mstatus(d)
+    assert st["legs"][1]["state"] == "resyncing" and 0 < st["resync"]["progress"] < 1, st
+    assert 0 < st["resync"]["eta_seconds"] < 10 and st["resync"]["rate"] == 4 * MiB, st["resync"]
+    until(lambda: in_sync(d), 20, "the resync")
+    assert time.monotonic() - t > 2.5  # 16 MiB at 4 MiB/s, four regions at a time
+    assert read_file(b, 9 * MiB, 4096) == b"\x42" * 4096 and read_file(a) == read_file(b)
