@@ -334,3 +334,46 @@ def test_resync_rate_throttles_the_copy_and_status_gives_progress_and_eta(make_d
     until(lambda: in_sync(d), 20, "the resync")
     assert time.monotonic() - t > 2.5  # 16 MiB at 4 MiB/s, four regions at a time
     assert read_file(b, 9 * MiB, 4096) == b"\x42" * 4096 and read_file(a) == read_file(b)
+
+
+def test_a_leg_the_log_does_not_know_is_fully_resynced_and_a_log_of_other_legs_is_refused(
+        make_daemon, image, tmp_path):
+    a, b, c = image("a.img", 8 * MiB), image("b.img", 8 * MiB), image("c.img", 8 * MiB)
+    logdev = image("log.img", MiB)
+    d = make_daemon(device("m", mirror_line(8 * MiB, [a, b], log=f"disk 3 {logdev} 2048 nosync")))
+    qemu_io(d.uri("m"), "write -P 0x3a 0 8M")
+    d.stop()
+    poke(c, 6 * MiB, b"another mirror's data")
+    d.config.write_text(d.config.read_text().replace(b, c))  # c takes b's place
+    d.restart()
+    until(lambda: in_sync(d), 20, "the new leg's full resync")
+    st = mstatus(d)
+    assert st["legs"][1]["note"] == "not a leg of this mirror's log: fully resynced", st["legs"]
+    assert "note" not in st["legs"][0] and st["resynced_regions"] == 8
+    assert read_file(c) == read_file(a) == b"\x3a" * (8 * MiB)
+    d.stop()
+    x, y = image("x.img", 8 * MiB), image("y.img", 8 * MiB)
+    d.config.write_text(d.config.read_text().replace(a, x).replace(c, y))
+    with pytest.raises(RuntimeError, match=f"the log device {logdev} is the log of a mirror of other legs"):
+        d.restart()
+
+
+def test_a_dead_primary_stays_untrusted_across_a_restart(make_daemon, image):
+    """The log records that leg a died and b became the primary: after a restart, a's stale
+    region is copied from b, never the other way (that would lose the write a missed)."""
+    a, b = image("a.img", 8 * MiB), image("b.img", 8 * MiB)
+    logdev = image("log.img", MiB)
+    d = make_daemon(device("m", mirror_line(8 * MiB, [a, b], log=f"disk 3 {logdev} 2048 nosync")))
+    qemu_io(d.uri("m"), f"write -P 0x5a {MiB} 4k")  # the log's header is written by now
+    d.cli("message", "m", "0", "fail_leg", a)
+    qemu_io(d.uri("m"), f"write -P 0x5b {5 * MiB} 64k")
+    assert mstatus(d)["primary"] == b
+    d.kill()
+    marked = read_file(logdev, 4096, 1)[0]
+    assert marked & 1 << 5 and not marked & ~(1 << 1 | 1 << 5)  # region 5, and 1 if not cleared yet
+    d.restart()
+    until(lambda: in_sync(d), 20, "the resync of the leg that was dead")
+    st = mstatus(d)
+    assert st["primary"] == b and st["resynced_regions"] == bin(marked).count("1"), st
+    assert st["legs"][0]["note"].startswith("dead when the log was last written")
+    assert read_file(a, 5 * MiB, 65536) == b"\x5b" * 65536 and read_file(a) == read_file(b)

@@ -72,6 +72,11 @@ class Mirror(Control, Target):
         log_dev = self.get_device(p.log_dev) if p.log_dev else None
         self.log = log_class(p.log_type)()
         self.log.ctr(p.region_size, self.region_count, p.sync, log_dev, self.lock)
+        known = {word for word, _ in self.log.recorded or ()}
+        if known and not known & {leg.word for leg in self.legs}:
+            raise TargetError(f"the log device {p.log_dev} is the log of a mirror of other legs "
+                              f"({', '.join(sorted(known))})")
+        self.log.set_legs([(leg.word, False) for leg in self.legs])  # refused now if they do not fit
         self.primary = 0
         self.repairs = 0
         self.to_repair = set()  # (leg, region) a read error found bad: a repair once resynced
@@ -101,12 +106,42 @@ class Mirror(Control, Target):
             self.log.resume()
             if not self.started:
                 self.started = True
-                self.primary = self.log.primary if self.log.primary < len(self.legs) else 0
-                for leg in self.legs:  # where the legs may differ, only the primary is trusted
-                    if leg.index != self.primary:
-                        leg.stale = set(self.log.out_of_sync)
+                self._first_resume()
         self.regions.start()
         self.resync.resume()
+
+    def _first_resume(self):
+        """What each leg holds, from the log (lock held). Where the legs may differ (the regions
+        out of sync) only the primary is trusted; a leg the log records as dead missed writes
+        there; a leg the log does not know at all (another mirror's, a new disk) may differ
+        anywhere, so it is fully resynced. The status says which and why."""
+        log_, everything = self.log, set(range(self.region_count))
+        recorded = dict(log_.recorded or ())
+        words = [w for w, _ in log_.recorded or ()]
+        want = words[log_.primary] if log_.primary < len(words) else None
+        trusted = [leg for leg in self.legs if not recorded or (leg.word in recorded and not recorded[leg.word])]
+        by_word = {leg.word: leg for leg in self.legs}
+        if want in by_word and by_word[want] in trusted:
+            self.primary = by_word[want].index
+        elif recorded:
+            self.primary = (trusted or [leg for leg in self.legs if leg.word in recorded])[0].index
+        else:
+            self.primary = log_.primary if log_.primary < len(self.legs) else 0
+        for leg in self.legs:
+            if recorded and leg.word not in recorded:
+                leg.stale = set(everything)
+                leg.note = "not a leg of this mirror's log: fully resynced"
+                for r in everything:
+                    log_.set_region_sync(r, False)
+            elif recorded.get(leg.word):
+                leg.stale = set(log_.out_of_sync)
+                leg.note = "dead when the log was last written: resynced where the log says the legs differ"
+            elif leg.index != self.primary:
+                leg.stale = set(log_.out_of_sync)
+            if leg.note:
+                log.warning("mirror: leg %s: %s", leg.word, leg.note)
+        log_.set_legs([(leg.word, False) for leg in self.legs])
+        log_.set_primary(self.primary)
 
     # the request path
 
@@ -266,7 +301,7 @@ class Mirror(Control, Target):
 
     def _complete(self, w, result):
         if w.failed:
-            # the primary changed: the log must say so before the write is acknowledged
+            # a leg died under this write: the log must say so before the write is acknowledged
             with self.lock:
                 self.regions.after_flush(lambda e: w.clone.complete(result or e))
         else:
@@ -321,21 +356,21 @@ class Mirror(Control, Target):
     # legs
 
     def fail_leg(self, leg, why, path=False):
-        """Mark a leg dead; True if the primary moved (the log must record it)."""
+        """Mark a leg dead; True if it was alive: the writes it missed complete only once the
+        log records it (regions.after_flush), so a restart never trusts it there."""
         with self.lock:
             if leg.dead:
                 return False
             leg.fail(why, path)
+            self.log.set_leg_dead(leg.index, True)
             log.error("mirror: leg %s is dead: %s", leg.word, why)
-            if leg.index != self.primary:
-                return False
             live = [x for x in self.legs if not x.dead]
-            if not live:
-                return False
-            new = min(live, key=lambda x: (len(x.stale), x.index))
-            self.primary = new.index
-            self.log.set_primary(new.index)
-            log.warning("mirror: leg %s is the primary now", new.word)
+            if leg.index == self.primary and live:
+                new = min(live, key=lambda x: (len(x.stale), x.index))
+                self.primary = new.index
+                self.log.set_primary(new.index)
+                log.warning("mirror: leg %s is the primary now", new.word)
+            self.regions.after_flush(lambda e: None)  # the log records it now
             return True
 
     def reinstate_leg(self, leg):
@@ -343,6 +378,8 @@ class Mirror(Control, Target):
             if not leg.dead:
                 return False
             leg.dead, leg.why = False, None
+            self.log.set_leg_dead(leg.index, False)
+            self.regions.after_flush(lambda e: None)
             self.log.resume()  # the resync looks at every region again
             log.warning("mirror: leg %s is back; %d regions to resync", leg.word, len(leg.stale))
         self.resync.kick()

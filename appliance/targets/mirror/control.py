@@ -68,6 +68,8 @@ class Control:
                 d = {"dev": leg.word, "state": leg.state, "stale_regions": len(leg.stale)}
                 if leg.dead:
                     d["why"] = leg.why
+                if leg.note:
+                    d["note"] = leg.note
                 legs.append(d)
             info = {
                 "legs": legs,

@@ -25,6 +25,7 @@ class Leg:
         self.comes_back = False  # died of a path error: reinstated when its device is back
         self.seen_down = False  # its device said it was down since it died
         self.stale = set()
+        self.note = None  # what the log said of it at the first resume (status shows it)
         self.inflight = 0  # the balance of reads: I/O in flight on it
 
     @property

@@ -22,6 +22,8 @@ class CoreLog:
         self.out_of_sync = set() if sync == "nosync" else set(range(region_count))
         self.search = 0  # get_resync_work looks from here (dm's sync_search)
         self.primary = 0  # the leg that is the source for regions out of sync
+        self.legs = []  # [(word, dead)]: which legs the log is about, and which are dead
+        self.recorded = None  # the legs a log that survives restarts found on its device
         self.failed = None  # why the log device cannot be written
 
     def dtr(self):
@@ -76,9 +78,16 @@ class CoreLog:
     def get_sync_count(self):
         return self.region_count - len(self.out_of_sync)
 
-    # which leg is the source where the legs differ: the disk log keeps it across restarts
+    # the legs: which is the source where they differ and which are dead; the disk log keeps
+    # them across restarts (its legs' sidecar records)
     def set_primary(self, leg):
         self.primary = leg
+
+    def set_legs(self, legs):
+        self.legs = list(legs)
+
+    def set_leg_dead(self, index, dead):
+        self.legs[index] = (self.legs[index][0], dead)
 
     # reporting
     def status(self):

@@ -2,7 +2,10 @@
 of the regions that were being written, not of the whole mirror.
 
 Layout of the log device, in 4 KiB blocks:
-  block 0   header: magic "APMIRLG1", version, region size, region count, primary leg, crc32
+  block 0   header: magic "APMIRLG1", u32 version, u32 primary leg, u64 region size (bytes),
+            u64 region count, u32 number of legs, then per leg: u8 dead, u16 length, its word
+            from the table (the sidecar record of a raw leg); crc32 of the block's first
+            4092 bytes in its last 4 (all little-endian)
   block 1.. bitmap: bit r (byte r // 8, bit r % 8) set = region r may differ between the legs
             (a write was in flight, or a leg missed writes there); clear = the legs are equal.
 A zeroed device is formatted on first use: every region set (the initial sync) unless
@@ -25,7 +28,8 @@ from .core import CoreLog
 BLOCK = 4096
 MAGIC = b"APMIRLG1"
 VERSION = 1
-_HEADER = struct.Struct("<8sIIQQI")  # magic, version, primary, region_size, region_count, crc32
+_HEADER = struct.Struct("<8sIIQQI")  # magic, version, primary, region_size, region_count, legs
+_LEG = struct.Struct("<BH")  # dead, length of the word
 
 
 def log_bytes(region_count):
@@ -47,7 +51,8 @@ class DiskLog(CoreLog):
         self.header_changed = False
         self.loaded = False
         self.formatted = False  # this table formatted the device
-        self._read_header()  # a device that is not this mirror's log is refused at load
+        header = self._read_header()  # a device that is not a log for this table is refused at load
+        self.recorded = header[1] if header else None
 
     # the bitmap on disk is `marked | out_of_sync`: every region that may differ
 
@@ -86,31 +91,64 @@ class DiskLog(CoreLog):
             self.loaded = True
 
     def _read_header(self):
-        """The header's primary leg, or None for a zeroed device; TargetError if it is not
-        this mirror's log."""
+        """(primary, [(word, dead)] per leg) from the header, or None for a zeroed device;
+        TargetError if it is not a log for this table's regions."""
         head = bytearray(BLOCK)
         if sync_io(self.dev, bio.READ, 0, BLOCK, head):
             raise TargetError("cannot read the log device")
         if not any(head):
             return None
-        magic, version, primary, region_size, count, crc = _HEADER.unpack_from(head)
+        magic, version, primary, region_size, count, nlegs = _HEADER.unpack_from(head)
         if magic != MAGIC:
             raise TargetError("the log device holds something else than a mirror log (zero it to format it)")
-        if crc != zlib.crc32(head[: _HEADER.size - 4]):
+        if struct.unpack_from("<I", head, BLOCK - 4)[0] != zlib.crc32(head[: BLOCK - 4]):
             raise TargetError("the mirror log's header is damaged (bad checksum)")
         if version != VERSION:
             raise TargetError(f"the mirror log is version {version}; this appliance reads version {VERSION}")
         if (region_size, count) != (self.region_size, self.region_count):
             raise TargetError(f"the mirror log is for {count} regions of {region_size // 512} sectors; "
                               f"the table has {self.region_count} of {self.region_size // 512}")
-        return primary
+        legs, pos = [], _HEADER.size
+        for _ in range(nlegs):
+            dead, n = _LEG.unpack_from(head, pos)
+            pos += _LEG.size
+            legs.append((bytes(head[pos : pos + n]).decode(errors="replace"), bool(dead)))
+            pos += n
+        return primary, legs
+
+    def _header(self):
+        head = bytearray(BLOCK)
+        _HEADER.pack_into(head, 0, MAGIC, VERSION, self.primary, self.region_size, self.region_count,
+                          len(self.legs))
+        pos = _HEADER.size
+        for word, dead in self.legs:
+            raw = word.encode()
+            _LEG.pack_into(head, pos, dead, len(raw))
+            pos += _LEG.size
+            head[pos : pos + len(raw)] = raw
+            pos += len(raw)
+        struct.pack_into("<I", head, BLOCK - 4, zlib.crc32(head[: BLOCK - 4]))
+        return bytes(head)
+
+    def set_legs(self, legs):
+        words = sum(_LEG.size + len(w.encode()) for w, _ in legs)
+        if _HEADER.size + words > BLOCK - 4:
+            raise TargetError(f"the legs' names take {words} bytes: more than the log's header holds")
+        super().set_legs(legs)
+        self.header_changed = True
+
+    def set_leg_dead(self, index, dead):
+        if self.legs[index][1] != dead:
+            super().set_leg_dead(index, dead)
+            self.header_changed = True
 
     def _load(self):
         try:
-            primary = self._read_header()
-            if primary is None:
+            header = self._read_header()
+            if header is None:
                 self._format()
                 return
+            primary, self.recorded = header
             self._check(sync_io(self.dev, bio.READ, BLOCK, len(self.bitmap), self.bitmap), "read")
         except (TargetError, OSError) as e:
             # no log to trust: every region may differ, and the status says why
@@ -147,16 +185,14 @@ class DiskLog(CoreLog):
             head = None
             if self.header_changed:
                 self.header_changed = False
-                head = bytearray(BLOCK)
-                _HEADER.pack_into(head, 0, MAGIC, VERSION, self.primary, self.region_size, self.region_count, 0)
-                struct.pack_into("<I", head, _HEADER.size - 4, zlib.crc32(head[: _HEADER.size - 4]))
+                head = self._header()
         if not blocks and head is None:
             return
         try:
             for b, data in blocks:
                 self._check(sync_io(self.dev, bio.WRITE, BLOCK + b * BLOCK, BLOCK, data), "write")
             if head is not None:
-                self._check(sync_io(self.dev, bio.WRITE, 0, BLOCK, bytes(head)), "write")
+                self._check(sync_io(self.dev, bio.WRITE, 0, BLOCK, head), "write")
             self._check(sync_io(self.dev, bio.FLUSH), "flush")
         except OSError:
             with self.lock:  # not durable: the next flush writes them again
