@@ -9,8 +9,9 @@ One daemon serves two devices, measured one at a time with fio's nbd engine:
   m    `mirror disk` over two other files (legs), with its log on a third, `nosync`.
 The table gives mirror's figure as a ratio of linear's. Then `message m 0 resync` copies every
 region again and the time it takes gives the resync rate, compared with fio writing a file of
-the same size sequentially with O_DIRECT (the resync writes each region with FUA). Also: log
-writes per 1000 client writes under 4 KiB random writes (marks are batched, clears lazy).
+the same size sequentially with O_DIRECT. Also: log writes per 1000 client writes (marks are
+batched, clears lazy). Last, read balancing: 4 KiB random reads from a mirror whose two legs
+are rate-limited nbdkit servers (`--filter=rate`), against `linear` on one of them.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from common import (  # noqa: E402
     MiB,
     Appliance,
     BenchError,
+    Nbdkit,
     Workload,
     environment,
     fmt_num,
@@ -56,10 +58,36 @@ def mirror_status(app):
     return app.status("m")["devices"][0]["segments"][0]["status"]
 
 
+def balanced_reads(wd, a, b, size, args):
+    """4 KiB random reads, QD16: mirror over two rate-limited nbdkit servers, and linear over
+    the first of them. Reads spread over both legs should go up to twice as fast."""
+    need_tools("nbdkit")
+    wl = Workload("remote-randread-4k-qd16", "4 KiB random read QD16, legs on 2 nbdkit", "randread", "4k", 16)
+    kits = [Nbdkit(wd, "file", [f"file={path}", f"rate={args.remote_rate}"], name=f"kit{i}", filters=["rate"])
+            for i, path in enumerate((a, b))]
+    for kit in kits:
+        kit.start()
+    try:
+        sectors = size // 512
+        uris = [f"nbd+unix:///?socket={kit.socket}" for kit in kits]
+        devices = [("lin", [f"0 {sectors} linear {uris[0]} 0"]),
+                   ("m", [f"0 {sectors} mirror core 2 {REGION_SECTORS} nosync 2 {uris[0]} 0 {uris[1]} 0 "
+                          "1 handle_errors"])]
+        with Appliance(wd, devices, name="remote") as app:
+            r_lin = measure(app, wl, runtime=args.runtime, export="lin")
+            r_m = measure(app, wl, runtime=args.runtime, export="m")
+    finally:
+        for kit in kits:
+            kit.stop()
+    return [wl.title, fmt_num(r_lin.iops), fmt_num(r_m.iops), fmt_ratio(ratio(r_m.iops, r_lin.iops)), "-"]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--runtime", type=float, default=8, help="seconds per fio run (default 8)")
     p.add_argument("--size", type=int, default=512, help="device size in MiB (default 512)")
+    p.add_argument("--remote-rate", default="40M",
+                   help="each remote leg's nbdkit rate= (bits/s) for the read-balancing run (default 40M)")
     p.add_argument("--keep", action="store_true", help="keep the temp dir")
     p.add_argument("--no-save", action="store_true", help="do not write bench/results/mirror-*.json")
     args = p.parse_args(argv)
@@ -109,6 +137,8 @@ def main(argv=None) -> int:
                      fmt_ratio(resync_mib_s / fio_seq.mib_s), "-"])
         results["resync"] = {"mib_s": resync_mib_s, "wall_mib_s": wall_mib_s,
                              "fio_direct_write_mib_s": fio_seq.mib_s}
+        rows.append(balanced_reads(wd, a, b, size, args))
+        results["remote_randread"] = rows[-1]
     print_table(["workload", "linear", "mirror", "mirror/linear", "log writes/1000"], rows)
     if not args.no_save:
         print(f"results: {write_results('mirror', results)}", file=sys.stderr)
