@@ -275,18 +275,18 @@ class Mirror(Control, Target):
 
     def _leg_done(self, w, leg, io):
         error = io.error
-        with self.lock:
+        with self.lock:  # the leg is failed before the last completion can see w.failed
             leg.inflight -= 1
             if error:
                 self._missed(leg, w.regions)
                 w.error = w.error or error
+                if self.handle_errors and error != errno.ENOTSUP:
+                    w.failed = self.fail_leg(leg, f"{bio.OP_NAMES[io.op]} failed: {bio.error_name(error)}",
+                                             path=bio.error_class(error) == bio.PATH) or w.failed
             else:
                 w.ok += 1
             w.remaining -= 1
             last = w.remaining == 0
-        if error and self.handle_errors and error != errno.ENOTSUP:
-            w.failed = self.fail_leg(leg, f"{bio.OP_NAMES[io.op]} failed: {bio.error_name(error)}",
-                                     path=bio.error_class(error) == bio.PATH) or w.failed
         if not last:
             return
         result = w.error
