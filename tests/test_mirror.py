@@ -253,8 +253,8 @@ def test_marks_reach_the_log_before_the_data_and_clears_after_the_data_is_durabl
     lwlog = image("lw.log", 64 * MiB)
     d = make_daemon(device("under", f"0 {9 * MiB // S} log-writes {big} {lwlog}")
                     + device("mlog", f"0 {MiB // S} linear @under 0")
-                    + device("m", mirror_line(8 * MiB, [f"@under", b], log="disk 3 @mlog 2048 nosync")
-                             .replace("@under 0", f"@under {MiB // S}")))
+                    + device("m", f"0 {8 * MiB // S} mirror disk 3 @mlog 2048 nosync "
+                                  f"2 @under {MiB // S} {b} 0 1 handle_errors"))
     need("nbdsh")  # no client FLUSH (qemu-io sends one on exit): the mirror's own flushes only
     run("nbdsh", "-u", d.uri("m"), "-c", f"h.pwrite(b'\\x31' * 65536, {3 * MiB}); "
         f"h.pwrite(b'\\x32' * 8192, {5 * MiB + 8192})", env=nbdsh_env())
