@@ -377,3 +377,21 @@ def test_a_dead_primary_stays_untrusted_across_a_restart(make_daemon, image):
     assert st["primary"] == b and st["resynced_regions"] == bin(marked).count("1"), st
     assert st["legs"][0]["note"].startswith("dead when the log was last written")
     assert read_file(a, 5 * MiB, 65536) == b"\x5b" * 65536 and read_file(a) == read_file(b)
+
+
+def test_a_log_device_that_fails_fails_the_writes_it_cannot_mark(make_daemon, image):
+    a, b = image("a.img", 8 * MiB), image("b.img", 8 * MiB)
+    logimg = image("log.img", MiB)
+    # the log device takes writes for 3 s, then fails them for a minute
+    d = make_daemon(device("mlog", f"0 {MiB // S} flakey {logimg} 0 3 60 1 error_writes")
+                    + device("m", mirror_line(8 * MiB, [a, b], log="disk 3 @mlog 2048 nosync")))
+    assert "wrote 4096/4096" in qemu_io(d.uri("m"), "write -P 0x21 0 4k").stdout
+    until(lambda: mstatus(d)["log"]["state"] == "failed" or
+          "Input/output error" in qemu_io(d.uri("m"), f"write -P 0x22 {6 * MiB} 4k", check=False).stdout,
+          20, "the log device to fail")
+    out = qemu_io(d.uri("m"), f"write -P 0x23 {7 * MiB} 4k", check=False).stdout
+    assert "Input/output error" in out, out  # never written to a leg without its mark on the log
+    assert read_file(a, 7 * MiB, 4096) == read_file(b, 7 * MiB, 4096) == bytes(4096)
+    st = mstatus(d)
+    assert st["log"]["state"] == "failed" and "cannot write the log device" in st["log"]["error"], st["log"]
+    assert "3 disk @mlog D" in d.cli("status", "m").stdout

@@ -71,7 +71,7 @@ class Mirror(Control, Target):
             self.legs.append(Leg(i, d.word, dev, d.offset))
         log_dev = self.get_device(p.log_dev) if p.log_dev else None
         self.log = log_class(p.log_type)()
-        self.log.ctr(p.region_size, self.region_count, p.sync, log_dev, self.lock)
+        self.log.ctr(p.region_size, self.region_count, p.sync, log_dev, self.lock, p.log_dev)
         known = {word for word, _ in self.log.recorded or ()}
         if known and not known & {leg.word for leg in self.legs}:
             raise TargetError(f"the log device {p.log_dev} is the log of a mirror of other legs "

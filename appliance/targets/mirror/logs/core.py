@@ -9,11 +9,13 @@ class CoreLog:
     name = "core"
 
     # construction
-    def ctr(self, region_size, region_count, sync=None, dev=None, lock=None):
+    def ctr(self, region_size, region_count, sync=None, dev=None, lock=None, word=None):
         """`sync`: "sync" (resync every region), "nosync" (the legs are equal) or None (as
-        the log knows; in memory it knows nothing, so a full resync). `lock`: the mirror's,
-        held by whoever changes the regions' states."""
+        the log knows; in memory it knows nothing, so a full resync). `dev`: the log device,
+        `word` its name in the table. `lock`: the mirror's, held by whoever changes the
+        regions' states."""
         self.lock = lock
+        self.word = word
         self.region_size = region_size
         self.region_count = region_count
         self.sync_arg = sync

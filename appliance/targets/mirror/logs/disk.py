@@ -41,8 +41,8 @@ def log_bytes(region_count):
 class DiskLog(CoreLog):
     name = "disk"
 
-    def ctr(self, region_size, region_count, sync=None, dev=None, lock=None):
-        super().ctr(region_size, region_count, sync, dev, lock)
+    def ctr(self, region_size, region_count, sync=None, dev=None, lock=None, word=None):
+        super().ctr(region_size, region_count, sync, dev, lock, word)
         if dev.size < log_bytes(region_count):
             raise TargetError(f"the log device is too small: {dev.size} bytes, "
                               f"{log_bytes(region_count)} needed for {region_count} regions")
@@ -207,8 +207,8 @@ class DiskLog(CoreLog):
             raise OSError(int(error) or errno.EIO, self.failed)
 
     def status(self):
-        return ["3", "disk", self.dev.name, "D" if self.failed else "A"]
+        return ["3", "disk", self.word, "D" if self.failed else "A"]
 
     def status_table(self):
-        words = [self.dev.name, str(self.region_size // 512)] + ([self.sync_arg] if self.sync_arg else [])
+        words = [self.word, str(self.region_size // 512)] + ([self.sync_arg] if self.sync_arg else [])
         return ["disk", str(len(words)), *words]
