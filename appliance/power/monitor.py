@@ -76,7 +76,8 @@ class Monitor:
         self.plan = self.machine.plan(clock())
         self.last_event = None  # (event, source, wall time)
         self.clean = None  # as of the drain worker's last pass; None while not draining
-        self.safe = False
+        self.safe = False  # cleared in the same step that changes the state (see _step)
+        self.epoch = 0  # counts state changes: a drain pass begun before one says nothing after it
         self.unreachable_since = None
         self.reminded = 0.0
         self.applied = {}  # id(target) -> _Applied
@@ -151,7 +152,8 @@ class Monitor:
         """The `power` object of `status --json`."""
         with self.lock:
             plan, m, ev = self.plan, self.machine, self.last_event
-            clean, safe = self.clean, self.safe
+            clean = self.clean
+            safe = self.safe and plan.state == st.LOW_BATTERY
         dirty, eta, n = 0, 0.0, 0
         for _, t in rambacks(self.registry):
             try:
@@ -252,6 +254,10 @@ class Monitor:
         with self.lock:
             old, plan = self.plan, self.machine.plan(now)
             self.plan = plan
+            if old.state != plan.state:
+                # what the drain worker found holds only for the state it drained in
+                self.epoch += 1
+                self.clean, self.safe = None, False
         if (old.state, old.mode) != (plan.state, plan.mode):
             log.warning("power: %s: rambacks %s (%s)", plan.state, plan.mode, plan.reason)
         self._apply(plan)
@@ -340,7 +346,8 @@ class Monitor:
         while not self.stopping.is_set():
             self.drain_kick.wait(TICK)
             self.drain_kick.clear()
-            plan = self.plan
+            with self.lock:
+                plan, epoch = self.plan, self.epoch
             if not plan.drain:
                 with self.lock:
                     self.clean, self.safe = None, False
@@ -356,8 +363,11 @@ class Monitor:
                 flushed = plan.state if clean else None
             elif not clean:
                 flushed = None
-            safe = clean and plan.state == st.LOW_BATTERY and self.plan.state == st.LOW_BATTERY
             with self.lock:
+                if epoch != self.epoch:  # the state changed while we drained: start over
+                    flushed = None
+                    continue
+                safe = clean and plan.state == st.LOW_BATTERY
                 was, self.clean, self.safe = self.safe, clean, safe
             if safe and not was:
                 log.warning("power: every ramback is clean and its backing flushed: safe to power off")
