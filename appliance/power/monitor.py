@@ -5,8 +5,9 @@
   nothing but the next poll.
 - `power` takes observations (polls, and pushes from `appliance power EVENT`)
   off one queue, feeds the machine, and applies the plan to every ramback in
-  every device's live table: mode, refused writes, dirty limit. It never holds
-  a device lock; it calls the targets' own thread-safe methods.
+  every device's live table: mode, refused writes, dirty limit. It applies it
+  holding the daemon's device lock, so no table is swapped or destroyed under
+  it; when a control command holds that lock it tries again BUSY_RETRY later.
 - `power-drain` keeps draining while on battery, flushes the backing devices
   once clean, and says "safe to power off" on low battery.
 
@@ -32,6 +33,7 @@ DRAIN_SLICE = 0.5  # seconds per drain() call, so a change of plan is seen quick
 PUSH_WAIT = 1.0  # a push answers once applied, or after this long
 FLUSH_TIMEOUT = 60.0  # per backing device
 REMIND = 60.0  # seconds between "still unreachable" errors
+BUSY_RETRY = 0.1  # seconds before applying again a plan that found the device lock held
 _UNSET = object()
 
 
@@ -60,9 +62,10 @@ class _Applied:
 
 
 class Monitor:
-    def __init__(self, config, registry, *, clock=time.monotonic, wall=time.time):
+    def __init__(self, config, registry, devices_lock=None, *, clock=time.monotonic, wall=time.time):
         self.config = config
         self.registry = registry
+        self.devices_lock = devices_lock or threading.RLock()  # the daemon's device lock
         self.clock = clock
         self.wall = wall
         if config is None or config.ups == "none":
@@ -81,6 +84,7 @@ class Monitor:
         self.unreachable_since = None
         self.reminded = 0.0
         self.applied = {}  # id(target) -> _Applied
+        self.pending = False  # the last plan found the device lock held: not applied yet
         self.queue = queue.Queue()
         self.stopping = threading.Event()
         self.poll_now = threading.Event()
@@ -206,10 +210,13 @@ class Monitor:
                 plan = self._step()
             except Exception:  # the monitor must outlive any one bad tick
                 log.exception("power: applying the power plan failed")
-            for a in acks:
-                a.set()
-            acks = []
+            if not self.pending:  # a push is answered once its plan is applied
+                for a in acks:
+                    a.set()
+                acks = []
             timeout = TICK if plan.wake is None else min(TICK, plan.wake + 0.01)
+            if self.pending:
+                timeout = BUSY_RETRY
             try:
                 item = self.queue.get(timeout=timeout)
             except queue.Empty:
@@ -260,7 +267,12 @@ class Monitor:
                 self.clean, self.safe = None, False
         if (old.state, old.mode) != (plan.state, plan.mode):
             log.warning("power: %s: rambacks %s (%s)", plan.state, plan.mode, plan.reason)
-        self._apply(plan)
+        self.pending = not self.devices_lock.acquire(timeout=BUSY_RETRY)
+        if not self.pending:
+            try:
+                self._apply(plan)
+            finally:
+                self.devices_lock.release()
         if plan.drain or self.clean is not None:
             self.drain_kick.set()
         return plan

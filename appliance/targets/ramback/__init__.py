@@ -35,6 +35,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from ..._fast.chunkstate import DIRTY, FLUSHING
+from ...power.state import NO_POWER, WRITEBACK, WRITETHROUGH
 from .. import Target, TargetError
 from .flush import Flusher
 from .limit import DirtyLimit, format_limit, parse_limit, parse_size
@@ -45,9 +46,6 @@ from .store import Marker, default_dir, open_store, backing_identity
 
 log = logging.getLogger("appliance.ramback")
 
-WRITEBACK = "writeback"
-WRITETHROUGH = "writethrough"
-NO_POWER = (WRITETHROUGH, "no [power] section: no UPS, no promise")
 USAGE = ("ramback takes <ram> <backing> [chunk=BYTES] [max_dirty=BYTES|SECONDSs] [sync=ram|backing] "
          "[on_mismatch=refuse|discard]")
 OPTIONS = ("chunk", "max_dirty", "sync", "on_mismatch")
@@ -162,7 +160,8 @@ class Ramback(RequestPath, Target):
                     pool.shutdown(wait=True)
             if self.store.refs == 1 and self.flusher is not None:
                 self._drain_for_stop()
-            self.cs.set_wake_fd(-1)
+            # the wake fd is the running flusher's (Flusher.stop took it back): a table that was
+            # only loaded, never resumed, shares the live table's store and leaves it alone
             if self.flusher is not None:
                 self.flusher.close()
             self.cs = None
@@ -208,6 +207,7 @@ class Ramback(RequestPath, Target):
         if self.running:
             return
         self.running = True
+        self.update_limit()  # the shared store's limit is the live table's: set once live
         self.flusher.start()
         self.populate.start()
         self._apply_mode()
@@ -247,7 +247,7 @@ class Ramback(RequestPath, Target):
         bw = self.flusher.bw
         limit, why = self.limit.effective(bw.value, bw.measured)
         self.limit_bytes, self.limit_reason = limit, why
-        if self.cs is not None:
+        if self.cs is not None and self.running:  # a table only loaded must not change the live one's
             self.cs.limit_chunks = max(1, limit >> self.shift)
 
     # modes, for messages and the power monitor

@@ -28,6 +28,7 @@ import time
 
 from ... import io as bio
 from ..._fast.chunkstate import DIRTY, FLUSHING
+from ...power.state import WRITEBACK
 
 log = logging.getLogger("appliance.ramback")
 
@@ -179,6 +180,7 @@ class Flusher:
         self.kick()
         self.thread.join()
         self.thread = None
+        self.rb.cs.set_wake_fd(-1)  # start() set it; the store may outlive this table
 
     def kick(self):
         try:
@@ -205,7 +207,7 @@ class Flusher:
             self.dirty_since = now
         cs = rb.cs
         dirty = (cs.count(DIRTY) + cs.count(FLUSHING)) << rb.shift
-        if rb.mode != "writeback" or rb.refused is not None or now < self.urgent_until:
+        if rb.mode != WRITEBACK or rb.refused is not None or now < self.urgent_until:
             return 0.0
         if dirty >= rb.limit_bytes * BACKGROUND:
             return 0.0

@@ -17,12 +17,11 @@ import threading
 
 from ... import io as bio
 from ..._fast.chunkstate import DIRTY, EMPTY, FLUSHING
+from ...power.state import WRITEBACK, WRITETHROUGH
 
 log = logging.getLogger("appliance.ramback")
 
 FAST_RAMBACK = 3  # appliance/_fast/gate.pxd
-WRITETHROUGH = "writethrough"
-WRITEBACK = "writeback"
 
 
 class RequestPath:
