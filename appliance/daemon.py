@@ -2,11 +2,13 @@
 that acts on signals and on control requests that change the whole set
 (reload, stop). Signal handlers only queue an event (Patroni's shape).
 
-Whatever changes a device (a control command, a reload, a kernel disk event,
-the power plan) holds `Daemon.lock`, the one device lock, so no two of them
-interleave; what only reads (status, ls, table) does not wait for it. The run
-loop never blocks on it: an event that finds it held waits for the next turn,
-so the watchdog is fed while a long suspend holds a device.
+Whatever changes devices (a control command, a reload, a kernel disk event)
+holds `Daemon.lock`, so no two of them interleave; what only reads (status,
+ls, table) does not wait for it. The run loop never blocks on it for a disk
+event (the event waits for the next turn), so the watchdog is fed while a long
+suspend holds it. The power monitor acts on a device's rambacks holding that
+device's own control lock, which every table change (suspend, load, resume)
+holds as well, so a plan never lands on a table being swapped out.
 """
 
 from __future__ import annotations
@@ -58,8 +60,8 @@ class Daemon:
         self.config_arg = config_arg
         self.pool = DevicePool(resolve=udev.resolve)
         self.registry = Registry()
-        self.lock = threading.RLock()  # the device lock (see the module's docstring)
-        self.power = self.registry.power = PowerMonitor(config.power, self.registry, self.lock)
+        self.lock = threading.RLock()  # changes to devices (see the module's docstring)
+        self.power = self.registry.power = PowerMonitor(config.power, self.registry)
         self.registry.daemon_config = config.daemon  # state_dir, shm_dir: ramback's store and marker
         self.catalog = Catalog()
         self.server = Server(self.catalog)
@@ -400,7 +402,7 @@ class Daemon:
                         raise AssemblyError(f"device {d.name}: table {e}") from None
                     loaded.append((dev, before))
             if new.power != self.config.power:
-                power = PowerMonitor(new.power, self.registry, self.lock)
+                power = PowerMonitor(new.power, self.registry)
         except BaseException:
             for dev, before in loaded:
                 dev.clear()
@@ -430,6 +432,10 @@ class Daemon:
             if dev is not None:
                 dev.resume()
                 dev.remove()
+                # a request its client sent before the disconnect may have reached the gate after
+                # remove() closed it: answer it (no table: ENXIO) so the connection can end
+                for io in dev.gate.open():
+                    dev.submit(io)
         for name in [n for n in self.waiting if n in fresh and n not in waiting]:
             waiting[name] = self.waiting[name]  # re-checked by _attach_waiting
         self.waiting = waiting

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, need, run
+from nut import free_port
 
 from appliance.control import call
 
@@ -87,15 +88,9 @@ def notify(tmp_path):
     n.close()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ready_is_sent_only_once_every_export_answers(make_daemon, image, notify):
     need("nbdinfo")
-    port = _free_port()
+    port = free_port()
     devices = DEV.format(name="a", sectors=8192, path=image("a.img", 4 << 20)) + DEV.format(
         name="b", sectors=8192, path=image("b.img", 4 << 20)
     )
@@ -108,7 +103,7 @@ def test_ready_is_sent_only_once_every_export_answers(make_daemon, image, notify
 
 
 def test_status_line_names_devices_exports_and_clients(make_daemon, image, notify):
-    port = _free_port()
+    port = free_port()
     devices = DEV.format(name="a", sectors=8192, path=image("a.img", 4 << 20)) + DEV.format(
         name="b", sectors=8192, path=image("b.img", 4 << 20)
     )

@@ -6,8 +6,9 @@
 - `power` takes observations (polls, and pushes from `appliance power EVENT`)
   off one queue, feeds the machine, and applies the plan to every ramback in
   every device's live table: mode, refused writes, dirty limit. It applies it
-  holding the daemon's device lock, so no table is swapped or destroyed under
-  it; when a control command holds that lock it tries again BUSY_RETRY later.
+  to each device holding that device's control lock, so no table is swapped
+  or destroyed under it; a device whose lock a suspend or reload holds is
+  tried again BUSY_RETRY later, and the others do not wait for it.
 - `power-drain` keeps draining while on battery, flushes the backing devices
   once clean, and says "safe to power off" on low battery.
 
@@ -33,19 +34,18 @@ DRAIN_SLICE = 0.5  # seconds per drain() call, so a change of plan is seen quick
 PUSH_WAIT = 1.0  # a push answers once applied, or after this long
 FLUSH_TIMEOUT = 60.0  # per backing device
 REMIND = 60.0  # seconds between "still unreachable" errors
-BUSY_RETRY = 0.1  # seconds before applying again a plan that found the device lock held
+BUSY_RETRY = 0.1  # seconds to wait for a device's control lock, and before trying a busy device again
 _UNSET = object()
 
 
 def rambacks(registry):
     """(device name, target) for every ramback in every device's live table."""
-    out = []
-    for dev in list(registry.devices.values()):
-        table = dev.table
-        for t in table.targets if table is not None else ():
-            if getattr(t, "name", None) == "ramback":
-                out.append((dev.name, t))
-    return out
+    return [rt for dev in list(registry.devices.values()) for rt in _rambacks_of(dev)]
+
+
+def _rambacks_of(dev):
+    table = dev.table
+    return [(dev.name, t) for t in (table.targets if table is not None else ()) if getattr(t, "name", None) == "ramback"]
 
 
 class _Applied:
@@ -62,10 +62,9 @@ class _Applied:
 
 
 class Monitor:
-    def __init__(self, config, registry, devices_lock=None, *, clock=time.monotonic, wall=time.time):
+    def __init__(self, config, registry, *, clock=time.monotonic, wall=time.time):
         self.config = config
         self.registry = registry
-        self.devices_lock = devices_lock or threading.RLock()  # the daemon's device lock
         self.clock = clock
         self.wall = wall
         if config is None or config.ups == "none":
@@ -84,7 +83,7 @@ class Monitor:
         self.unreachable_since = None
         self.reminded = 0.0
         self.applied = {}  # id(target) -> _Applied
-        self.pending = False  # the last plan found the device lock held: not applied yet
+        self.pending = False  # the last plan found a device busy: not applied to it yet
         self.queue = queue.Queue()
         self.stopping = threading.Event()
         self.poll_now = threading.Event()
@@ -267,42 +266,51 @@ class Monitor:
                 self.clean, self.safe = None, False
         if (old.state, old.mode) != (plan.state, plan.mode):
             log.warning("power: %s: rambacks %s (%s)", plan.state, plan.mode, plan.reason)
-        self.pending = not self.devices_lock.acquire(timeout=BUSY_RETRY)
-        if not self.pending:
-            try:
-                self._apply(plan)
-            finally:
-                self.devices_lock.release()
+        self.pending = self._apply(plan)
         if plan.drain or self.clean is not None:
             self.drain_kick.set()
         return plan
 
     def _apply(self, plan):
-        targets = rambacks(self.registry)
-        key = (plan.state, plan.mode)
-        limits = self._limits(plan, targets)
-        seen = {}
-        for name, t in targets:
-            a = self.applied.get(id(t))
-            if a is None or a.target is not t:
-                a = _Applied(t)
-            seen[id(t)] = a
+        """Apply the plan to every ramback; True if a device was busy (try it again soon)."""
+        limits = self._limits(plan, rambacks(self.registry))
+        seen, busy = {}, False
+        for dev in list(self.registry.devices.values()):
+            lock = getattr(dev, "control_lock", None)
+            if lock is not None and not lock.acquire(timeout=BUSY_RETRY):
+                busy = True  # a suspend or reload holds it: what we told its rambacks stands
+                seen.update((id(t), a) for _, t in _rambacks_of(dev) if (a := self.applied.get(id(t))))
+                continue
             try:
-                if a.key != key or plan.enforce:  # else a manual switch stands until the next change
-                    mode = _info(t).get("mode")
-                    if mode != plan.mode:
-                        if a.key == key:
-                            log.warning("power: %s: mode %s undone: %s", name, mode, plan.reason)
-                        t.set_mode(plan.mode, plan.reason)
-                    a.key = key
-                if a.refuse != plan.refuse:
-                    t.refuse_writes(plan.refuse)
-                    a.refuse = plan.refuse
-                if limits is not None:
-                    self._set_limit(name, t, a, limits)
-            except Exception:
-                log.exception("power: %s: applying the power plan failed", name)
+                for name, t in _rambacks_of(dev):
+                    seen[id(t)] = self._apply_one(plan, name, t, limits)
+            finally:
+                if lock is not None:
+                    lock.release()
         self.applied = seen
+        return busy
+
+    def _apply_one(self, plan, name, t, limits):
+        key = (plan.state, plan.mode)
+        a = self.applied.get(id(t))
+        if a is None or a.target is not t:
+            a = _Applied(t)
+        try:
+            if a.key != key or plan.enforce:  # else a manual switch stands until the next change
+                mode = _info(t).get("mode")
+                if mode != plan.mode:
+                    if a.key == key:
+                        log.warning("power: %s: mode %s undone: %s", name, mode, plan.reason)
+                    t.set_mode(plan.mode, plan.reason)
+                a.key = key
+            if a.refuse != plan.refuse:
+                t.refuse_writes(plan.refuse)
+                a.refuse = plan.refuse
+            if limits is not None:
+                self._set_limit(name, t, a, limits)
+        except Exception:
+            log.exception("power: %s: applying the power plan failed", name)
+        return a
 
     def _limits(self, plan, targets):
         """(runtime, safety factor, how many) for the dirty limit, or None to leave limits be."""
