@@ -243,7 +243,7 @@ class Daemon:
             except queue.Empty:
                 event, arg = None, None
             now = time.monotonic()
-            if self.pending and self._disk_events(now):
+            if self.pending and self._disk_events():
                 next_status = now
             if event == "stop":
                 self.stopping = True
@@ -262,18 +262,18 @@ class Daemon:
                     arg.put(error)
             elif event == "disk":
                 self.pending.append(arg)
-                if self._disk_events(now):
+                if self._disk_events():
                     next_status = now
             if now >= next_retry:
                 next_retry = now + DISK_RETRY
-                if (self.disks.lost or self.waiting) and not self.lock.acquire(blocking=False):
-                    next_retry = now + BUSY_RETRY  # a control command holds the devices: soon again
-                elif self.disks.lost or self.waiting:
+                if (self.disks.lost or self.waiting) and self.lock.acquire(blocking=False):
                     try:
                         if self.disks.retry() | self._attach_waiting():
                             next_status = now
                     finally:
                         self.lock.release()
+                elif self.disks.lost or self.waiting:
+                    next_retry = now + BUSY_RETRY  # a control command holds the devices: soon again
             if now >= next_status:
                 next_status = now + STATUS_PERIOD
                 text = self.summary()
@@ -281,7 +281,7 @@ class Daemon:
                     self._status_sent = text
                     sdnotify.notify(f"STATUS={text}")
 
-    def _disk_events(self, now):
+    def _disk_events(self):
         """Act on the kernel events taken so far, unless the device lock is held (then they wait
         for the next turn of the loop). True if a device changed."""
         if not self.lock.acquire(blocking=False):
