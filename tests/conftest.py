@@ -153,6 +153,18 @@ def device(name, *lines, **opts):
     return text + "\n"
 
 
+def wait_for(predicate, timeout=10.0, what=None, step=0.05):
+    """Poll `predicate` until it returns something true, and return that; bounded by `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not true within {timeout}s: {what or predicate.__doc__ or predicate}")
+        time.sleep(step)
+
+
 def nbd_python():
     """A python3 with libnbd's bindings (the `nbd` module). Debian's python3-libnbd is for
     /usr/bin/python3, not for a pyenv python3 that may come first on PATH."""
