@@ -1,25 +1,48 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
-"""The NBD transmission phase: one loop per connection, without the GIL.
+"""The NBD transmission phase: one loop thread per connection, without the GIL.
 
-The loop reads request headers in batches, checks each one the way the spec
-asks (range, size, flags, read-only), and serves what the gate's fast map
-covers (plain reads and writes of files and disks) with pread/pwrite and a
-gathered send. Everything else goes to `dispatch` in Python, which maps it
-through the target stack and replies later, from whatever thread completes
-it, through the reply methods here. Replies on one connection are
-serialized by `send_lock`, so a reply is never interleaved with another.
+The loop reads request headers in batches and checks each one the way the spec
+asks (range, size, flags, read-only). It keeps reading while earlier requests
+are in flight, up to `depth` of them (128), and replies to each as it
+completes, out of order as the protocol allows.
+
+- The fast path: the gate looks a READ or WRITE up once (Gate.fast_enter) and
+  the loop calls the segments' descriptors (fastops.pxd). A descriptor either
+  serves the request at once (zero, ramback's RAM copy) or returns fd pieces,
+  which go to the connection's I/O engine queue (uring.pyx): io_uring, so many
+  reads and writes are at the disk at once, or the worker pool where io_uring
+  is unavailable. A buffered read that hits the page cache completes inside
+  the submit call. FUA is the write, then fdatasync once it is done.
+- The slow path: everything else goes to `dispatch` in Python (with the GIL),
+  which maps it through the target stack and replies later, from whatever
+  thread completes it, through reply()/reply_read()/send_raw(). `unplug()` is
+  called after slow requests were dispatched and before the loop waits.
+- Waiting: the loop sleeps in poll() on its socket (while there is room for
+  more requests) and the queue's eventfd, which io_uring completions, the
+  worker pool and slow-path replies all signal.
+- Sending: every reply is sent without blocking from the thread that has it;
+  what the socket does not take is copied to a queue the connection's sender
+  thread writes out, so a reply is never cut by another. A client that stops
+  reading is dropped when its queued replies pass QUEUE_MAX (256 MiB), or when
+  its socket takes no byte for SEND_STALL seconds (60); the daemon and the
+  other clients carry on.
+- Memory: each request in flight has its own page-aligned buffer (O_DIRECT
+  needs no bounce). Free requests keep buffers up to KEEP_BUF (1 MiB) for the
+  next one, at most KEEP_BUFS of them; a larger buffer is freed as soon as its
+  request is answered, and everything when the connection closes.
 """
 
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
 from libc.string cimport memcpy, memset, memmove
-from libc.stdlib cimport malloc, free
-from libc.errno cimport errno, EINTR, EAGAIN, EIO, EINVAL, ENOSPC, EPERM, ENOMEM, EOVERFLOW
-from posix.unistd cimport pread, pwrite, fdatasync
+from libc.stdlib cimport malloc, calloc, free
+from libc.errno cimport errno, EINTR, EAGAIN, EIO, EINVAL, ENOMEM
 from posix.uio cimport iovec
 from appliance._fast.sync cimport (pthread_mutex_init, pthread_mutex_lock, pthread_mutex_unlock,
     pthread_cond_init, pthread_cond_wait, pthread_cond_broadcast)
-from appliance._fast.gate cimport Gate, FastSeg, FAST_FD, FAST_ZERO, FAST_RAMBACK
-from appliance._fast.chunkstate cimport rb_read, rb_write
+from appliance._fast.gate cimport Gate, FastSeg
+from appliance._fast.fastops cimport FdPiece, fast_fn
+from appliance._fast.uring cimport (IoOp, Queue, OP_READ, OP_WRITE, OP_FSYNC, queue_init, queue_exit,
+    queue_submit, queue_flush, queue_reap, queue_drain_efd)
 
 cdef extern from "<endian.h>" nogil:
     uint16_t be16toh(uint16_t)
@@ -31,6 +54,19 @@ cdef extern from "<endian.h>" nogil:
 
 cdef extern from "<stdlib.h>" nogil:
     int posix_memalign(void **, size_t, size_t)
+
+cdef extern from "<poll.h>" nogil:
+    struct pollfd:
+        int fd
+        short events
+        short revents
+    int poll(pollfd *, unsigned long, int)
+    short POLLIN
+
+cdef extern from "<sys/time.h>" nogil:
+    struct timeval:
+        long tv_sec
+        long tv_usec
 
 cdef extern from "<sys/socket.h>" nogil:
     ctypedef int socklen_t
@@ -44,21 +80,42 @@ cdef extern from "<sys/socket.h>" nogil:
         int msg_flags
     ssize_t recv(int, void *, size_t, int)
     ssize_t sendmsg(int, const msghdr *, int)
+    int setsockopt(int, int, int, const void *, socklen_t)
+    int shutdown(int, int)
     int MSG_NOSIGNAL
     int MSG_WAITALL
     int MSG_DONTWAIT
+    int SOL_SOCKET
+    int SO_SNDTIMEO
+    int SHUT_RDWR
 
 DEF REQUEST_MAGIC = 0x25609513
 DEF SIMPLE_REPLY_MAGIC = 0x67446698
 DEF STRUCTURED_REPLY_MAGIC = 0x668e33ef
 DEF HEADER = 28
 DEF RBUF = 65536
-# A write longer than this is not even read to be discarded: the stream is
-# hostile or broken, and the connection is closed.
-DEF HARD_MAX = 64 * 1024 * 1024
-# Replies queued for a client that does not read them are capped: past this
-# the client is dropped rather than the daemon's memory filled.
+# A write longer than this is not even read to be discarded: the stream is hostile or
+# broken, and the connection is closed. Up to here an oversized request gets EINVAL.
+DEF HARD_MAX = 128 * 1024 * 1024
+# Replies queued for a client that does not read them are capped: past this the client is
+# dropped rather than the daemon's memory filled.
 DEF QUEUE_MAX = 256 * 1024 * 1024
+# A client whose socket takes no byte of a reply for this long is gone (SO_SNDTIMEO).
+DEF SEND_STALL = 60
+DEF KEEP_BUF = 1024 * 1024
+DEF KEEP_BUFS = 16
+DEF MIN_BUF = 65536
+DEF BATCH = 32      # requests taken before the loop reaps completions again
+DEF REAP = 64
+
+# why the loop stopped reading
+DEF REASON_EOF = 1
+DEF REASON_RECV = 2
+DEF REASON_MAGIC = 3
+DEF REASON_DISC = 4
+DEF REASON_HARD = 5
+DEF REASON_PAYLOAD = 6
+DEF REASON_DEAD = 7
 
 DEF CMD_READ = 0
 DEF CMD_WRITE = 1
@@ -142,29 +199,37 @@ cdef inline int consumed(iovec **iovp, int n, size_t sent) noexcept nogil:
 cdef class Connection:
     """One client in transmission phase. `dispatch(conn, cmd, flags, cookie, offset, length, payload)`
     is called with the GIL for everything the fast path does not serve, and must
-    arrange exactly one reply through reply()/reply_read()/reply_error()/send_raw()."""
+    arrange exactly one reply through reply()/reply_read()/send_raw(). `unplug()`, if
+    given, is called with the GIL after slow requests were dispatched, before the loop
+    waits for the client."""
 
     def __cinit__(self, int fd, Gate gate, dispatch, uint64_t size, bint read_only, bint structured,
-                  uint32_t max_block=32 * 1024 * 1024, int max_inflight=64, bytes initial=b""):
+                  uint32_t max_block=64 * 1024 * 1024, int depth=128, bytes initial=b"", unplug=None):
+        cdef int i
+        if depth < 1:
+            raise ValueError("depth must be at least 1")
         self.fd = fd
         self.gate = gate
         self.dispatch = dispatch
+        self.unplug = unplug
         self.size = size
         self.read_only = read_only
         self.structured = structured
         self.max_block = max_block
-        self.max_inflight = max_inflight
+        self.depth = depth
         self.rcap = RBUF
         self.rbuf = <char *>malloc(RBUF)
-        if self.rbuf == NULL:
+        self.reqs = <Req *>calloc(depth, sizeof(Req))
+        if self.rbuf == NULL or self.reqs == NULL:
             raise MemoryError()
+        for i in range(depth):
+            self.reqs[i].next_free = i + 1 if i + 1 < depth else -1
+        self.free_head = 0
         if len(initial) > RBUF:
             raise ValueError("too much trailing handshake data")
         memcpy(self.rbuf, <char *>initial, len(initial))
         self.rstart = 0
         self.rend = len(initial)
-        self.iobuf = NULL
-        self.iocap = 0
         pthread_mutex_init(&self.send_lock, NULL)
         pthread_mutex_init(&self.qlock, NULL)
         pthread_cond_init(&self.qcond, NULL)
@@ -172,21 +237,33 @@ cdef class Connection:
         self.qtail = NULL
         pthread_mutex_init(&self.lock, NULL)
         pthread_cond_init(&self.idle, NULL)
+        self.q.efd = -1
         self.close_reason = None
 
     def __dealloc__(self):
+        self.free_all()
+
+    cdef void free_all(self) noexcept nogil:
         cdef OutMsg *m
+        cdef int i
         while self.qhead != NULL:
             m = self.qhead
             self.qhead = m.next
             free(m)
+        self.qtail = NULL
+        self.qbytes = 0
         free(self.rbuf)
-        free(self.iobuf)
+        self.rbuf = NULL
+        if self.reqs != NULL:
+            for i in range(self.depth):
+                free(self.reqs[i].buf)
+            free(self.reqs)
+            self.reqs = NULL
 
     # receiving
 
     cdef int fill(self, size_t need) noexcept nogil:
-        """Make `need` bytes available at rbuf+rstart. 1 ok, 0 clean EOF, -1 error."""
+        """Make `need` bytes available at rbuf+rstart, waiting for them. 1 ok, 0 EOF, -1 error."""
         cdef ssize_t n
         if self.rend - self.rstart >= need:
             return 1
@@ -202,6 +279,25 @@ cdef class Connection:
                 return 0
             elif errno != EINTR:
                 return -1
+        return 1
+
+    cdef int next_header(self) noexcept nogil:
+        """A whole header at rbuf+rstart without waiting: 1 yes, 0 not yet, -1 EOF, -2 error."""
+        cdef ssize_t n
+        while self.rend - self.rstart < HEADER:
+            if self.rstart and self.rcap - self.rstart < HEADER * 4:
+                memmove(self.rbuf, self.rbuf + self.rstart, self.rend - self.rstart)
+                self.rend -= self.rstart
+                self.rstart = 0
+            n = recv(self.fd, self.rbuf + self.rend, self.rcap - self.rend, MSG_DONTWAIT)
+            if n > 0:
+                self.rend += n
+            elif n == 0:
+                return -1
+            elif errno == EAGAIN:
+                return 0
+            elif errno != EINTR:
+                return -2
         return 1
 
     cdef int take(self, char *dst, size_t length) noexcept nogil:
@@ -232,61 +328,52 @@ cdef class Connection:
                 return -1
         return 1
 
-    cdef int ensure_iobuf(self, size_t length) noexcept nogil:
+    # requests and their buffers
+
+    cdef Req *get_req(self, size_t length) noexcept nogil:
+        """A free request whose buffer holds `length` bytes; NULL if none is free or no memory."""
+        cdef Req *r
         cdef void *p = NULL
         cdef size_t cap
-        if length <= self.iocap:
-            return 1
-        cap = 65536
-        while cap < length:
-            cap <<= 1
-        if posix_memalign(&p, 4096, cap) != 0:
-            return 0
-        free(self.iobuf)
-        self.iobuf = <char *>p
-        self.iocap = cap
-        return 1
+        if self.free_head < 0:
+            return NULL
+        r = &self.reqs[self.free_head]
+        if r.cap < length:
+            cap = MIN_BUF
+            while cap < length:
+                cap <<= 1
+            if posix_memalign(&p, 4096, cap) != 0:
+                return NULL
+            if r.buf != NULL:
+                self.ncached -= 1
+            free(r.buf)
+            r.buf = <char *>p
+            r.cap = cap
+        elif r.buf != NULL:
+            self.ncached -= 1
+        self.free_head = r.next_free
+        r.pending = 0
+        r.err = 0
+        return r
+
+    cdef void put_req(self, Req *r) noexcept nogil:
+        # a large buffer goes at once: one big request must not pin its size for the
+        # connection's life (nor many of them, on a long-lived connection)
+        if r.buf != NULL and (r.cap > KEEP_BUF or self.ncached >= KEEP_BUFS):
+            free(r.buf)
+            r.buf = NULL
+            r.cap = 0
+        if r.buf != NULL:
+            self.ncached += 1
+        r.next_free = self.free_head
+        self.free_head = <int>(r - self.reqs)
 
     # sending
 
     cdef int sendv(self, iovec *iov, int n) noexcept nogil:
-        """Send one whole reply. The connection's own loop thread may block on its
-        client; any other thread (a completion, a resume releasing held I/O, a
-        control request) must never wait for a client that stopped reading."""
-        if self.looping and pthread_equal(pthread_self(), self.loop_thread):
-            # let queued replies out first, so none is cut by this one
-            pthread_mutex_lock(&self.qlock)
-            while (self.qhead != NULL or self.sender_busy) and not self.dead:
-                pthread_cond_wait(&self.qcond, &self.qlock)
-            pthread_mutex_lock(&self.send_lock)  # free: posters hold qlock, the sender is idle
-            pthread_mutex_unlock(&self.qlock)
-            n = self.send_blocking(iov, n)
-            pthread_mutex_unlock(&self.send_lock)
-            return n
-        return self.post(iov, n)
-
-    cdef int send_blocking(self, iovec *iov, int n) noexcept nogil:
-        """Write all of iov; the caller holds send_lock. 0 ok, -1 the client is gone."""
-        cdef msghdr msg
-        cdef ssize_t sent
-        if self.dead:
-            return -1
-        memset(&msg, 0, sizeof(msg))
-        while n > 0:
-            msg.msg_iov = iov
-            msg.msg_iovlen = n
-            sent = sendmsg(self.fd, &msg, MSG_NOSIGNAL)
-            if sent < 0:
-                if errno == EINTR:
-                    continue
-                self.dead = 1
-                return -1
-            n = consumed(&iov, n, sent)
-        return 0
-
-    cdef int post(self, iovec *iov, int n) noexcept nogil:
-        """Send what the socket takes now, without waiting; queue the rest (or all of it,
-        if replies are already queued or the socket is in use) for the sender thread."""
+        """Send one whole reply without waiting for the client, from any thread: what the
+        socket takes now goes now, the rest (or all, if replies are queued already or the
+        socket is in use) is copied to the sender thread's queue. -1: the client is gone."""
         cdef msghdr msg
         cdef ssize_t sent
         cdef size_t total = 0, off = 0
@@ -316,18 +403,16 @@ cdef class Connection:
         # copy what is left; a partly sent reply goes first (the queue is empty then)
         for i in range(n):
             total += iov[i].iov_len
-        if self.qbytes + total > QUEUE_MAX:
-            self.dead = 1
-            pthread_cond_broadcast(&self.qcond)
+        if self.qbytes and self.qbytes + total > QUEUE_MAX:
             pthread_mutex_unlock(&self.qlock)
+            self.drop()
             return -1
-        self.qbytes += total
         m = <OutMsg *>malloc(sizeof(OutMsg) + total)
         if m == NULL:
-            self.dead = 1  # cannot keep the stream whole: drop the client
-            pthread_cond_broadcast(&self.qcond)
             pthread_mutex_unlock(&self.qlock)
+            self.drop()  # cannot keep the stream whole: drop the client
             return -1
+        self.qbytes += total
         m.next = NULL
         m.length = total
         m.sent = 0
@@ -344,18 +429,47 @@ cdef class Connection:
         pthread_mutex_unlock(&self.qlock)
         return 0
 
+    cdef void drop(self) noexcept nogil:
+        """The client is gone or stopped reading: no more replies, and the loop, the sender
+        and the client all see the socket shut."""
+        pthread_mutex_lock(&self.qlock)
+        self.dead = 1
+        pthread_cond_broadcast(&self.qcond)
+        pthread_mutex_unlock(&self.qlock)
+        shutdown(self.fd, SHUT_RDWR)
+
+    cdef int send_blocking(self, iovec *iov, int n) noexcept nogil:
+        """Write all of iov; the caller holds send_lock. 0 ok, -1 the client is gone (or took
+        no byte for SEND_STALL seconds)."""
+        cdef msghdr msg
+        cdef ssize_t sent
+        if self.dead:
+            return -1
+        memset(&msg, 0, sizeof(msg))
+        while n > 0:
+            msg.msg_iov = iov
+            msg.msg_iovlen = n
+            sent = sendmsg(self.fd, &msg, MSG_NOSIGNAL)
+            if sent < 0:
+                if errno == EINTR:
+                    continue
+                return -1
+            n = consumed(&iov, n, sent)
+        return 0
+
     def sender(self):
         """The thread that writes queued replies, blocking on the client so nobody else does.
         Runs until the connection is closed and the queue is empty."""
         cdef OutMsg *m
         cdef iovec iov[1]
+        cdef int r
         with nogil:
             while True:
                 pthread_mutex_lock(&self.qlock)
                 while self.qhead == NULL and not self.closing:
                     pthread_cond_wait(&self.qcond, &self.qlock)
                 m = self.qhead
-                if m == NULL:
+                if m == NULL or self.dead:
                     pthread_mutex_unlock(&self.qlock)
                     break
                 self.qhead = m.next
@@ -367,9 +481,11 @@ cdef class Connection:
                 pthread_mutex_lock(&self.send_lock)
                 iov[0].iov_base = m.data
                 iov[0].iov_len = m.length
-                self.send_blocking(iov, 1)
+                r = self.send_blocking(iov, 1)
                 pthread_mutex_unlock(&self.send_lock)
                 free(m)
+                if r < 0:
+                    self.drop()
                 pthread_mutex_lock(&self.qlock)
                 self.sender_busy = 0
                 pthread_cond_broadcast(&self.qcond)
@@ -422,9 +538,12 @@ cdef class Connection:
         return self.sendv(iov, 1)
 
     cdef void done_one(self) noexcept nogil:
+        cdef uint64_t one = 1
         pthread_mutex_lock(&self.lock)
         self.inflight -= 1
         pthread_cond_broadcast(&self.idle)
+        if self.q.efd >= 0:
+            write_efd(self.q.efd)  # room for another request: wake the loop
         pthread_mutex_unlock(&self.lock)
 
     # replies from the slow path (Python, any thread). Each ends one request.
@@ -472,111 +591,118 @@ cdef class Connection:
 
     @property
     def in_flight(self):
-        return self.inflight
+        return self.inflight + self.nfast
 
-    # the loop
+    # the fast path
 
-    cdef int fast(self, uint16_t cmd, uint16_t flags, uint64_t cookie, uint64_t offset, uint32_t length) noexcept nogil:
-        """Serve a read or write from the fast map. 1 served, 0 not ours (payload kept in iobuf)."""
+    cdef int start_fast(self, Req *r) noexcept nogil:
+        """Serve r through the fast map: 1 taken (answered now or when its I/O completes),
+        0 not ours (the slow path serves it; r's payload is untouched)."""
         cdef FastSeg *seg
-        cdef uint64_t pos, end, n, fo
-        cdef ssize_t r
-        cdef int i, err = 0, lo, hi, mid
-        cdef char *p
-        if not self.gate.fast_enter(offset, length):
+        cdef FdPiece pieces[MAX_PIECES]
+        cdef fast_fn fn
+        cdef uint64_t pos, end, n
+        cdef int i, k, np = 0, j
+        cdef char *p = r.buf
+        cdef IoOp *op
+        i = self.gate.fast_enter(r.offset, r.length)
+        if i < 0:
             return 0
-        # find the first segment; the map cannot change until exit()
-        lo = 0
-        hi = self.gate.nsegs - 1
-        while lo < hi:
-            mid = (lo + hi + 1) >> 1
-            if self.gate.segs[mid].start <= offset:
-                lo = mid
-            else:
-                hi = mid - 1
-        i = lo
-        pos = offset
-        end = offset + length
-        p = self.iobuf
-        # ramback serves a request whole or declines it before touching anything (a load
-        # needed, writethrough, the dirty cap): one that is not inside a single ramback
-        # segment goes to the slow path, so nothing is ever left half done here
-        seg = &self.gate.segs[i]
-        if seg.kind == FAST_RAMBACK or (end > seg.end and self.ramback_after(i, end)):
-            if end > seg.end or seg.kind != FAST_RAMBACK:
-                r = 0
-            elif cmd == CMD_READ:
-                r = rb_read(seg.ram, offset - seg.start, p, length)
-            else:
-                r = rb_write(seg.ram, offset - seg.start, p, length, flags & F_FUA)
-            self.gate.exit()
-            if not r:
-                return 0
-            if cmd == CMD_READ:
-                self.send_data(cookie, offset, self.iobuf, length)
-            else:
-                self.send_simple(cookie, 0, NULL, 0)
-            return 1
-        while pos < end and not err:
+        pos = r.offset
+        end = r.offset + r.length
+        while pos < end:
             seg = &self.gate.segs[i]
-            n = seg.end - pos
-            if n > end - pos:
-                n = end - pos
-            fo = seg.fd_offset + (pos - seg.start)
-            if seg.kind == FAST_ZERO:
-                if cmd == CMD_READ:
-                    memset(p, 0, n)
-            elif cmd == CMD_READ:
-                while n:
-                    r = pread(seg.fd, p, n, fo)
-                    if r > 0:
-                        p += r
-                        pos += r
-                        fo += r
-                        n -= r
-                    elif r == 0:
-                        err = EIO  # the file is shorter than the table says
-                        break
-                    elif errno != EINTR:
-                        err = errno
-                        break
-                i += 1
-                continue
-            else:
-                while n:
-                    r = pwrite(seg.fd, p, n, fo)
-                    if r > 0:
-                        p += r
-                        pos += r
-                        fo += r
-                        n -= r
-                    elif r < 0 and errno != EINTR:
-                        err = errno
-                        break
-                if not err and flags & F_FUA and fdatasync(seg.fd) != 0:
-                    err = errno
-                i += 1
-                continue
-            p += n
+            n = (seg.end if seg.end < end else end) - pos
+            fn = seg.desc.read if r.cmd == CMD_READ else seg.desc.write
+            k = fn(&seg.desc, pos - seg.start, p, n, r.flags & F_FUA, &pieces[np], MAX_PIECES - np)
+            if k < 0:
+                # only a descriptor that is alone in the request may act before it declines
+                self.gate.exit()
+                return 0
+            np += k
             pos += n
+            p += n
             i += 1
-        self.gate.exit()
-        if err:
-            self.send_error(cookie, nbd_errno(err), cmd == CMD_READ)
-        elif cmd == CMD_READ:
-            self.send_data(cookie, offset, self.iobuf, length)
+        for j in range(np):
+            op = &r.ops[j]
+            op.op = OP_READ if r.cmd == CMD_READ else OP_WRITE
+            op.fd = pieces[j].fd
+            op.buf = pieces[j].buf
+            op.len = pieces[j].len
+            op.off = pieces[j].off
+            op.tag = <int>(r - self.reqs)
+            op.fua = r.cmd == CMD_WRITE and (r.flags & F_FUA) != 0
+            if queue_submit(&self.q, op) == 0:
+                r.pending += 1
+            elif not r.err:
+                r.err = EAGAIN
+        if r.pending:
+            self.nfast += 1
         else:
-            self.send_simple(cookie, 0, NULL, 0)
+            self.finish(r)
         return 1
 
-    cdef int ramback_after(self, int i, uint64_t end) noexcept nogil:
-        """1 if a segment after i that [.., end) reaches is a ramback one."""
-        i += 1
-        while i < self.gate.nsegs and self.gate.segs[i].start < end:
-            if self.gate.segs[i].kind == FAST_RAMBACK:
-                return 1
-            i += 1
-        return 0
+    cdef void finish(self, Req *r) noexcept nogil:
+        self.gate.exit()
+        if r.err:
+            self.send_error(r.cookie, nbd_errno(r.err), r.cmd == CMD_READ)
+        elif r.cmd == CMD_READ:
+            self.send_data(r.cookie, r.offset, r.buf, r.length)
+        else:
+            self.send_simple(r.cookie, 0, NULL, 0)
+        self.put_req(r)
+
+    cdef int reap(self) noexcept nogil:
+        """Finish what the engine completed, without waiting. Returns how many ops came back."""
+        cdef IoOp *ops[REAP]
+        cdef IoOp *op
+        cdef Req *r
+        cdef int n, i, total = 0
+        while True:
+            n = queue_reap(&self.q, ops, REAP)
+            if n == 0:
+                return total
+            total += n
+            for i in range(n):
+                op = ops[i]
+                r = &self.reqs[op.tag]
+                if op.res < 0:
+                    if not r.err:
+                        r.err = <int>-op.res
+                elif op.op != OP_FSYNC and <uint64_t>op.res < op.len:
+                    if op.res == 0:
+                        if not r.err:
+                            r.err = EIO  # the file is shorter than the table says
+                    else:  # a short transfer: go on from where it stopped
+                        op.buf += op.res
+                        op.off += op.res
+                        op.len -= op.res
+                        if queue_submit(&self.q, op) == 0:
+                            continue
+                        r.err = EAGAIN
+                elif op.op == OP_WRITE and op.fua and not r.err:
+                    op.op = OP_FSYNC  # FUA: the data is written; now make it durable
+                    if queue_submit(&self.q, op) == 0:
+                        continue
+                    r.err = EAGAIN
+                r.pending -= 1
+                if r.pending == 0:
+                    self.nfast -= 1
+                    self.finish(r)
+            queue_flush(&self.q)
+
+    cdef void wait(self, bint want_socket) noexcept nogil:
+        """Sleep until the engine or a slow-path reply has news, or (want_socket) the client
+        sent more."""
+        cdef pollfd fds[2]
+        fds[0].fd = self.q.efd
+        fds[0].events = POLLIN
+        fds[0].revents = 0
+        fds[1].fd = self.fd
+        fds[1].events = POLLIN
+        fds[1].revents = 0
+        if poll(fds, 2 if want_socket else 1, -1) > 0 and fds[0].revents:
+            queue_drain_efd(&self.q)
 
     cdef int check(self, uint16_t cmd, uint16_t flags, uint64_t offset, uint32_t length) noexcept nogil:
         """The spec's checks, before any target sees the request. Returns an NBD errno or 0."""
@@ -606,7 +732,7 @@ cdef class Connection:
         if self.read_only and (cmd == CMD_WRITE or cmd == CMD_TRIM or cmd == CMD_WRITE_ZEROES):
             return NBD_EPERM
         if (cmd == CMD_READ or cmd == CMD_WRITE) and length > self.max_block:
-            return NBD_EOVERFLOW
+            return NBD_EINVAL  # over the advertised maximum: EOVERFLOW is for DF reads only
         if length == 0:
             return NBD_EINVAL
         if offset > self.size or length > self.size - offset:
@@ -615,95 +741,145 @@ cdef class Connection:
             return NBD_EINVAL
         return 0
 
-    def run(self):
-        """Serve until the client disconnects or the stream is broken. Returns the reason."""
+    cdef int one_request(self) noexcept nogil:
+        """Take one request whose header is at rbuf+rstart: check it, read its payload, then
+        serve it on the fast path or dispatch it. 0 go on, -1 stop reading (why is set)."""
         cdef uint32_t magic, length, e
         cdef uint16_t flags, cmd
         cdef uint64_t cookie, offset
+        cdef char *h = self.rbuf + self.rstart
+        cdef Req *r = NULL
         cdef int rc
-        cdef bint served
-        cdef char *h
-        cdef object reason = None
-        cdef object payload
-        self.loop_thread = pthread_self()
-        self.looping = 1
+        memcpy(&magic, h, 4)
+        memcpy(&flags, h + 4, 2)
+        memcpy(&cmd, h + 6, 2)
+        memcpy(&cookie, h + 8, 8)
+        memcpy(&offset, h + 16, 8)
+        memcpy(&length, h + 24, 4)
+        magic = be32toh(magic)
+        flags = be16toh(flags)
+        cmd = be16toh(cmd)
+        offset = be64toh(offset)
+        length = be32toh(length)
+        self.rstart += HEADER
+        if magic != REQUEST_MAGIC:
+            self.why = REASON_MAGIC
+            self.why_value = magic
+            return -1
+        if cmd == CMD_DISC:
+            self.why = REASON_DISC
+            return -1
+        self.requests += 1
+        e = self.check(cmd, flags, offset, length)
+        if cmd == CMD_WRITE:
+            if length > HARD_MAX:
+                self.why = REASON_HARD
+                self.why_value = length
+                return -1
+            if not e:
+                r = self.get_req(length)
+                if r == NULL:
+                    e = NBD_ENOMEM
+            rc = self.take(r.buf if r != NULL else NULL, length)
+            if rc <= 0:
+                if r != NULL:
+                    self.put_req(r)
+                self.why = REASON_PAYLOAD
+                return -1
+        if e:
+            if r != NULL:
+                self.put_req(r)
+            self.send_error(cookie, e, cmd == CMD_READ or cmd == CMD_BLOCK_STATUS)
+            return 0
+        if cmd == CMD_READ:
+            r = self.get_req(length)
+            if r == NULL:
+                self.send_error(cookie, NBD_ENOMEM, 1)
+                return 0
+        if r != NULL:
+            r.cookie = cookie
+            r.offset = offset
+            r.length = length
+            r.cmd = cmd
+            r.flags = flags
+            if self.start_fast(r):
+                self.fast_requests += 1
+                return 0
+        # the slow path
+        pthread_mutex_lock(&self.lock)
+        self.inflight += 1
+        pthread_mutex_unlock(&self.lock)
+        self.slow_since_wait = 1
+        self.dispatch_slow(cmd, flags, cookie, offset, length, r)
+        return 0
+
+    cdef void dispatch_slow(self, uint16_t cmd, uint16_t flags, uint64_t cookie, uint64_t offset,
+                            uint32_t length, Req *r) noexcept with gil:
+        """Hand a request to Python; r (if any) holds a WRITE's payload and is given back."""
+        payload = r.buf[:length] if cmd == CMD_WRITE else None
+        if r != NULL:
+            self.put_req(r)
+        try:
+            self.dispatch(self, cmd, flags, cookie, offset, length, payload)
+        except BaseException as ex:
+            import logging
+            logging.getLogger("appliance.nbd").exception("dispatch failed: %s", ex)
+            self.reply(cookie, EIO, cmd == CMD_READ or cmd == CMD_BLOCK_STATUS)
+
+    # the loop
+
+    def run(self):
+        """Serve until the client disconnects or the stream is broken. Returns the reason."""
+        cdef int rc, taken, reaped
+        cdef timeval tv
+        rc = queue_init(&self.q, 2 * self.depth)
+        if rc < 0:
+            import os
+            pthread_mutex_lock(&self.qlock)
+            self.closing = 1  # the sender thread ends too
+            pthread_cond_broadcast(&self.qcond)
+            pthread_mutex_unlock(&self.qlock)
+            raise OSError(-rc, f"cannot start the I/O engine queue: {os.strerror(-rc)}")
+        self.q_ready = 1
+        tv.tv_sec = SEND_STALL
+        tv.tv_usec = 0
+        setsockopt(self.fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv))
         with nogil:
             while True:
-                rc = self.fill(HEADER)
-                if rc <= 0:
-                    with gil:
-                        reason = "client closed the connection" if rc == 0 else "receive failed"
-                    break
-                h = self.rbuf + self.rstart
-                memcpy(&magic, h, 4)
-                memcpy(&flags, h + 4, 2)
-                memcpy(&cmd, h + 6, 2)
-                memcpy(&cookie, h + 8, 8)
-                memcpy(&offset, h + 16, 8)
-                memcpy(&length, h + 24, 4)
-                magic = be32toh(magic)
-                flags = be16toh(flags)
-                cmd = be16toh(cmd)
-                offset = be64toh(offset)
-                length = be32toh(length)
-                self.rstart += HEADER
-                if magic != REQUEST_MAGIC:
-                    with gil:
-                        reason = f"bad request magic 0x{magic:08x}"
-                    break
-                if cmd == CMD_DISC:
-                    with gil:
-                        reason = "client sent NBD_CMD_DISC"
-                    break
-                self.requests += 1
-                e = self.check(cmd, flags, offset, length)
-                if cmd == CMD_WRITE:
-                    if length > HARD_MAX:
-                        with gil:
-                            reason = f"write of {length} bytes is over the hard limit; closing"
+                taken = 0
+                while not self.eof and taken < BATCH and self.nfast + self.inflight < self.depth:
+                    rc = self.next_header()
+                    if rc == 0:
                         break
-                    if e:
-                        rc = self.take(NULL, length)
-                    else:
-                        if not self.ensure_iobuf(length):
-                            e = NBD_ENOMEM
-                            rc = self.take(NULL, length)
-                        else:
-                            rc = self.take(self.iobuf, length)
-                    if rc <= 0:
-                        with gil:
-                            reason = "client closed the connection in the middle of a write payload"
+                    if rc < 0:
+                        self.eof = 1
+                        self.why = REASON_EOF if rc == -1 else REASON_RECV
                         break
-                if e:
-                    self.send_error(cookie, e, cmd == CMD_READ or cmd == CMD_BLOCK_STATUS)
+                    if self.one_request() < 0:
+                        self.eof = 1
+                        break
+                    taken += 1
+                queue_flush(&self.q)
+                reaped = self.reap()
+                if self.dead and not self.eof:
+                    self.eof = 1
+                    self.why = REASON_DEAD
+                if self.eof and self.nfast == 0:
+                    break
+                if taken or reaped:
                     continue
-                served = 0
-                if cmd == CMD_READ:
-                    if not self.ensure_iobuf(length):
-                        self.send_error(cookie, NBD_ENOMEM, 1)
-                        continue
-                    served = self.fast(cmd, flags, cookie, offset, length)
-                elif cmd == CMD_WRITE:
-                    served = self.fast(cmd, flags, cookie, offset, length)
-                if served:
-                    self.fast_requests += 1
+                if self.slow_since_wait and self.unplug is not None:
+                    self.slow_since_wait = 0
+                    with gil:
+                        try:
+                            self.unplug()
+                        except BaseException as ex:
+                            import logging
+                            logging.getLogger("appliance.nbd").exception("unplug failed: %s", ex)
                     continue
-                # the slow path: bound what is in flight, then hand it to Python
-                pthread_mutex_lock(&self.lock)
-                while self.inflight >= self.max_inflight:
-                    pthread_cond_wait(&self.idle, &self.lock)
-                self.inflight += 1
-                pthread_mutex_unlock(&self.lock)
-                with gil:
-                    payload = self.iobuf[:length] if cmd == CMD_WRITE else None
-                    try:
-                        self.dispatch(self, cmd, flags, cookie, offset, length, payload)
-                    except BaseException as ex:
-                        import logging
-                        logging.getLogger("appliance.nbd").exception("dispatch failed: %s", ex)
-                        self.reply(cookie, EIO, cmd == CMD_READ or cmd == CMD_BLOCK_STATUS)
-                    payload = None
-            # answer everything still in flight before the socket goes
+                self.slow_since_wait = 0
+                self.wait(not self.eof and self.nfast + self.inflight < self.depth)
+            # answer everything still in flight on the slow path before the socket goes
             pthread_mutex_lock(&self.lock)
             while self.inflight > 0:
                 pthread_cond_wait(&self.idle, &self.lock)
@@ -715,6 +891,45 @@ cdef class Connection:
             while (self.qhead != NULL or self.sender_busy) and not self.dead:
                 pthread_cond_wait(&self.qcond, &self.qlock)
             pthread_mutex_unlock(&self.qlock)
+            pthread_mutex_lock(&self.lock)
+            queue_exit(&self.q)
+            pthread_mutex_unlock(&self.lock)
+        self.q_ready = 0
         if self.close_reason is None:
-            self.close_reason = reason
+            self.close_reason = self._reason()
         return self.close_reason
+
+    def _reason(self):
+        if self.why == REASON_EOF:
+            return "client closed the connection"
+        if self.why == REASON_RECV:
+            return "receive failed"
+        if self.why == REASON_MAGIC:
+            return f"bad request magic 0x{self.why_value:08x}"
+        if self.why == REASON_DISC:
+            return "client sent NBD_CMD_DISC"
+        if self.why == REASON_HARD:
+            return f"write of {self.why_value} bytes is over the hard limit; closing"
+        if self.why == REASON_PAYLOAD:
+            return "client closed the connection in the middle of a write payload"
+        if self.why == REASON_DEAD:
+            return "client stopped reading its replies (or went away); dropped"
+        return "closed"
+
+    def release(self):
+        """After run() and the sender: free the buffers and let go of the session, so a
+        closed connection costs nothing even before the garbage collector runs."""
+        if self.q_ready:
+            raise RuntimeError("release() while the connection runs")
+        self.dispatch = None
+        self.unplug = None
+        self.gate = None
+        self.free_all()
+
+
+cdef extern from *:
+    """
+    #include <unistd.h>
+    static inline void write_efd(int fd) { unsigned long long one = 1; ssize_t r = write(fd, &one, 8); (void)r; }
+    """
+    void write_efd(int fd) nogil

@@ -17,17 +17,10 @@ class TargetError(ValueError):
     """A constructor or message that fails says why in one sentence (dm's ti->error)."""
 
 
-# fast-path descriptors a target may offer (see appliance/_fast/gate.pyx)
-FAST_FD = 1  # (FAST_FD, fd, byte offset on fd, alignment): plain pread/pwrite
-FAST_ZERO = 2  # reads return zeros, writes are discarded
-
-
 class Target:
     """Base class. `begin` and `length` are the segment's, in bytes."""
 
     name = None
-    # Targets that keep state the core must not bypass (dirty bits, paths)
-    # never offer a fast map, and the NBD server hands every request to map().
 
     def __init__(self, ctx, segment):
         self.ctx = ctx
@@ -54,6 +47,10 @@ class Target:
         return bio.DONE
 
     def fast_map(self):
+        """A fast-path descriptor (appliance/_fast/fastops.pxd) the NBD loop serves this
+        segment's reads and writes through without the GIL, or None: every request goes
+        to map(). A target whose state the loop must not bypass implements the descriptor's
+        functions next to that state (ramback) or offers none (delay, flakey)."""
         return None
 
     def block_status(self, offset, length):

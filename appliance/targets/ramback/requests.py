@@ -20,7 +20,6 @@ from ..._fast.chunkstate import DIRTY, EMPTY, FLUSHING
 
 log = logging.getLogger("appliance.ramback")
 
-FAST_RAMBACK = 3  # appliance/_fast/gate.pxd
 WRITETHROUGH = "writethrough"
 WRITEBACK = "writeback"
 
@@ -29,7 +28,7 @@ class RequestPath:
     """Mixed into Ramback: needs cs, locks, populate, flusher, mode, sync, shift, length."""
 
     def fast_map(self):
-        return (FAST_RAMBACK, -1, 0, 1, self.cs)
+        return self.cs.fast_ops()
 
     def _chunks(self, io):
         return io.offset >> self.shift, ((io.offset + max(io.length, 1) - 1) >> self.shift) + 1
