@@ -55,6 +55,12 @@ cdef extern from "<endian.h>" nogil:
 cdef extern from "<stdlib.h>" nogil:
     int posix_memalign(void **, size_t, size_t)
 
+cdef extern from "<sys/mman.h>" nogil:
+    void *mmap(void *, size_t, int, int, int, long)
+    int munmap(void *, size_t)
+    int PROT_READ, PROT_WRITE, MAP_PRIVATE, MAP_ANONYMOUS
+    void *MAP_FAILED
+
 cdef extern from "<poll.h>" nogil:
     struct pollfd:
         int fd
@@ -105,6 +111,9 @@ DEF SEND_STALL = 60
 DEF KEEP_BUF = 1024 * 1024
 DEF KEEP_BUFS = 16
 DEF MIN_BUF = 65536
+# Buffers from here up are mapped and unmapped directly: malloc would keep them in a
+# thread's arena after free, and a connection's threads come and go.
+DEF MAP_MIN = 256 * 1024
 DEF BATCH = 32      # requests taken before the loop reaps completions again
 DEF REAP = 64
 
@@ -196,6 +205,26 @@ cdef inline int consumed(iovec **iovp, int n, size_t sent) noexcept nogil:
     return n
 
 
+cdef char *buf_alloc(size_t size) noexcept nogil:
+    """Page-aligned memory (O_DIRECT wants it) that buf_free gives back to the system if big."""
+    cdef void *p = NULL
+    if size >= MAP_MIN:
+        p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
+        return NULL if p == MAP_FAILED else <char *>p
+    if posix_memalign(&p, 4096, size) != 0:
+        return NULL
+    return <char *>p
+
+
+cdef void buf_free(char *p, size_t size) noexcept nogil:
+    if p == NULL:
+        return
+    if size >= MAP_MIN:
+        munmap(p, size)
+    else:
+        free(p)
+
+
 cdef class Connection:
     """One client in transmission phase. `dispatch(conn, cmd, flags, cookie, offset, length, payload)`
     is called with the GIL for everything the fast path does not serve, and must
@@ -249,14 +278,14 @@ cdef class Connection:
         while self.qhead != NULL:
             m = self.qhead
             self.qhead = m.next
-            free(m)
+            buf_free(<char *>m, sizeof(OutMsg) + m.length)
         self.qtail = NULL
         self.qbytes = 0
         free(self.rbuf)
         self.rbuf = NULL
         if self.reqs != NULL:
             for i in range(self.depth):
-                free(self.reqs[i].buf)
+                buf_free(self.reqs[i].buf, self.reqs[i].cap)
             free(self.reqs)
             self.reqs = NULL
 
@@ -342,11 +371,12 @@ cdef class Connection:
             cap = MIN_BUF
             while cap < length:
                 cap <<= 1
-            if posix_memalign(&p, 4096, cap) != 0:
+            p = buf_alloc(cap)
+            if p == NULL:
                 return NULL
             if r.buf != NULL:
                 self.ncached -= 1
-            free(r.buf)
+            buf_free(r.buf, r.cap)
             r.buf = <char *>p
             r.cap = cap
         elif r.buf != NULL:
@@ -360,7 +390,7 @@ cdef class Connection:
         # a large buffer goes at once: one big request must not pin its size for the
         # connection's life (nor many of them, on a long-lived connection)
         if r.buf != NULL and (r.cap > KEEP_BUF or self.ncached >= KEEP_BUFS):
-            free(r.buf)
+            buf_free(r.buf, r.cap)
             r.buf = NULL
             r.cap = 0
         if r.buf != NULL:
@@ -407,7 +437,7 @@ cdef class Connection:
             pthread_mutex_unlock(&self.qlock)
             self.drop()
             return -1
-        m = <OutMsg *>malloc(sizeof(OutMsg) + total)
+        m = <OutMsg *>buf_alloc(sizeof(OutMsg) + total)
         if m == NULL:
             pthread_mutex_unlock(&self.qlock)
             self.drop()  # cannot keep the stream whole: drop the client
@@ -483,7 +513,7 @@ cdef class Connection:
                 iov[0].iov_len = m.length
                 r = self.send_blocking(iov, 1)
                 pthread_mutex_unlock(&self.send_lock)
-                free(m)
+                buf_free(<char *>m, sizeof(OutMsg) + m.length)
                 if r < 0:
                     self.drop()
                 pthread_mutex_lock(&self.qlock)
