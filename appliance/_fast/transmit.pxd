@@ -9,6 +9,7 @@ cdef extern from "<pthread.h>" nogil:
 
 cdef enum:
     MAX_PIECES = 8      # engine I/Os one fast request may need
+    BATCH_REPLIES = 32  # fast replies gathered into one sendmsg
 
 # A reply that could not be sent at once, waiting for the connection's sender thread.
 cdef struct OutMsg:
@@ -31,6 +32,15 @@ cdef struct Req:
     int next_free
     IoOp ops[MAX_PIECES]
 
+# Fast replies the loop gathers while it reaps, sent with one sendmsg: fewer system calls
+# here and fewer wakeups for the client. Their requests are freed once sent (or queued).
+cdef struct Batch:
+    int n
+    int niov
+    Req *reqs[BATCH_REPLIES]
+    char hdr[BATCH_REPLIES][28]
+    iovec iov[2 * BATCH_REPLIES]
+
 cdef class Connection:
     cdef readonly int fd
     cdef Gate gate
@@ -48,8 +58,9 @@ cdef class Connection:
     cdef readonly int depth
     cdef int free_head
     cdef int nfast      # fast requests with I/O in the engine (loop thread only)
-    cdef int ncached    # free requests that keep a buffer
+    cdef size_t ncached # bytes of buffers free requests keep
     cdef Queue q
+    cdef Batch batch
     cdef bint q_ready
     cdef bint eof
     cdef int why        # why the loop stopped reading (a REASON_ code)
@@ -86,6 +97,7 @@ cdef class Connection:
     cdef void done_one(self) noexcept nogil
     cdef int start_fast(self, Req *r) noexcept nogil
     cdef void finish(self, Req *r) noexcept nogil
+    cdef void flush_replies(self) noexcept nogil
     cdef int reap(self) noexcept nogil
     cdef void wait(self, bint want_socket) noexcept nogil
     cdef int one_request(self) noexcept nogil

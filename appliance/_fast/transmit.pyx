@@ -28,8 +28,8 @@ completes, out of order as the protocol allows.
   other clients carry on.
 - Memory: each request in flight has its own page-aligned buffer (O_DIRECT
   needs no bounce). Free requests keep buffers up to KEEP_BUF (1 MiB) for the
-  next one, at most KEEP_BUFS of them; a larger buffer is freed as soon as its
-  request is answered, and everything when the connection closes.
+  next one, KEEP_BYTES (8 MiB) of them in all; a larger buffer is freed as soon
+  as its request is answered, and everything when the connection closes.
 """
 
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
@@ -42,7 +42,7 @@ from appliance._fast.sync cimport (pthread_mutex_init, pthread_mutex_lock, pthre
 from appliance._fast.gate cimport Gate, FastSeg
 from appliance._fast.fastops cimport FdPiece, fast_fn
 from appliance._fast.uring cimport (IoOp, Queue, OP_READ, OP_WRITE, OP_FSYNC, queue_init, queue_exit,
-    queue_submit, queue_flush, queue_reap, queue_drain_efd)
+    queue_submit, queue_flush, queue_reap, queue_wait, queue_wake)
 
 cdef extern from "<endian.h>" nogil:
     uint16_t be16toh(uint16_t)
@@ -109,8 +109,8 @@ DEF QUEUE_MAX = 256 * 1024 * 1024
 # A client whose socket takes no byte of a reply for this long is gone (SO_SNDTIMEO).
 DEF SEND_STALL = 60
 DEF KEEP_BUF = 1024 * 1024
-DEF KEEP_BUFS = 16
-DEF MIN_BUF = 65536
+DEF KEEP_BYTES = 8 * 1024 * 1024
+DEF MIN_BUF = 4096
 # Buffers from here up are mapped and unmapped directly: malloc would keep them in a
 # thread's arena after free, and a connection's threads come and go.
 DEF MAP_MIN = 256 * 1024
@@ -314,6 +314,8 @@ cdef class Connection:
         """A whole header at rbuf+rstart without waiting: 1 yes, 0 not yet, -1 EOF, -2 error."""
         cdef ssize_t n
         while self.rend - self.rstart < HEADER:
+            if not self.q.sock_ready:
+                return 0  # nothing new since the last EAGAIN: no recv to learn that again
             if self.rstart and self.rcap - self.rstart < HEADER * 4:
                 memmove(self.rbuf, self.rbuf + self.rstart, self.rend - self.rstart)
                 self.rend -= self.rstart
@@ -324,6 +326,7 @@ cdef class Connection:
             elif n == 0:
                 return -1
             elif errno == EAGAIN:
+                self.q.sock_ready = 0
                 return 0
             elif errno != EINTR:
                 return -2
@@ -375,12 +378,12 @@ cdef class Connection:
             if p == NULL:
                 return NULL
             if r.buf != NULL:
-                self.ncached -= 1
+                self.ncached -= r.cap
             buf_free(r.buf, r.cap)
             r.buf = <char *>p
             r.cap = cap
         elif r.buf != NULL:
-            self.ncached -= 1
+            self.ncached -= r.cap
         self.free_head = r.next_free
         r.pending = 0
         r.err = 0
@@ -389,12 +392,12 @@ cdef class Connection:
     cdef void put_req(self, Req *r) noexcept nogil:
         # a large buffer goes at once: one big request must not pin its size for the
         # connection's life (nor many of them, on a long-lived connection)
-        if r.buf != NULL and (r.cap > KEEP_BUF or self.ncached >= KEEP_BUFS):
+        if r.buf != NULL and (r.cap > KEEP_BUF or self.ncached + r.cap > KEEP_BYTES):
             buf_free(r.buf, r.cap)
             r.buf = NULL
             r.cap = 0
         if r.buf != NULL:
-            self.ncached += 1
+            self.ncached += r.cap
         r.next_free = self.free_head
         self.free_head = <int>(r - self.reqs)
 
@@ -572,8 +575,8 @@ cdef class Connection:
         pthread_mutex_lock(&self.lock)
         self.inflight -= 1
         pthread_cond_broadcast(&self.idle)
-        if self.q.efd >= 0:
-            write_efd(self.q.efd)  # room for another request: wake the loop
+        if self.q_ready:
+            queue_wake(&self.q)  # room for another request: wake the loop
         pthread_mutex_unlock(&self.lock)
 
     # replies from the slow path (Python, any thread). Each ends one request.
@@ -673,14 +676,48 @@ cdef class Connection:
         return 1
 
     cdef void finish(self, Req *r) noexcept nogil:
+        """Answer a fast request: an error at once, a success into the batch."""
+        cdef Batch *b = &self.batch
+        cdef char *h
         self.gate.exit()
         if r.err:
             self.send_error(r.cookie, nbd_errno(r.err), r.cmd == CMD_READ)
-        elif r.cmd == CMD_READ:
-            self.send_data(r.cookie, r.offset, r.buf, r.length)
+            self.put_req(r)
+            return
+        if b.n == BATCH_REPLIES:
+            self.flush_replies()
+        h = b.hdr[b.n]
+        memcpy(h + 8, &r.cookie, 8)  # the cookie is opaque: echo its bytes
+        if r.cmd == CMD_READ and self.structured:
+            put32(h, STRUCTURED_REPLY_MAGIC)
+            put16(h + 4, REPLY_FLAG_DONE)
+            put16(h + 6, REPLY_TYPE_OFFSET_DATA)
+            put32(h + 16, <uint32_t>(8 + r.length))
+            put64(h + 20, r.offset)
+            b.iov[b.niov].iov_len = 28
         else:
-            self.send_simple(r.cookie, 0, NULL, 0)
-        self.put_req(r)
+            put32(h, SIMPLE_REPLY_MAGIC)
+            put32(h + 4, 0)
+            b.iov[b.niov].iov_len = 16
+        b.iov[b.niov].iov_base = h
+        b.niov += 1
+        if r.cmd == CMD_READ:
+            b.iov[b.niov].iov_base = r.buf
+            b.iov[b.niov].iov_len = r.length
+            b.niov += 1
+        b.reqs[b.n] = r
+        b.n += 1
+
+    cdef void flush_replies(self) noexcept nogil:
+        cdef Batch *b = &self.batch
+        cdef int i
+        if b.n == 0:
+            return
+        self.sendv(b.iov, b.niov)
+        for i in range(b.n):
+            self.put_req(b.reqs[i])
+        b.n = 0
+        b.niov = 0
 
     cdef int reap(self) noexcept nogil:
         """Finish what the engine completed, without waiting. Returns how many ops came back."""
@@ -724,15 +761,7 @@ cdef class Connection:
     cdef void wait(self, bint want_socket) noexcept nogil:
         """Sleep until the engine or a slow-path reply has news, or (want_socket) the client
         sent more."""
-        cdef pollfd fds[2]
-        fds[0].fd = self.q.efd
-        fds[0].events = POLLIN
-        fds[0].revents = 0
-        fds[1].fd = self.fd
-        fds[1].events = POLLIN
-        fds[1].revents = 0
-        if poll(fds, 2 if want_socket else 1, -1) > 0 and fds[0].revents:
-            queue_drain_efd(&self.q)
+        queue_wait(&self.q, self.fd if want_socket else -1)
 
     cdef int check(self, uint16_t cmd, uint16_t flags, uint64_t offset, uint32_t length) noexcept nogil:
         """The spec's checks, before any target sees the request. Returns an NBD errno or 0."""
@@ -889,8 +918,10 @@ cdef class Connection:
                         self.eof = 1
                         break
                     taken += 1
-                queue_flush(&self.q)
+                if taken == BATCH:
+                    queue_flush(&self.q)
                 reaped = self.reap()
+                self.flush_replies()
                 if self.dead and not self.eof:
                     self.eof = 1
                     self.why = REASON_DEAD
@@ -922,9 +953,9 @@ cdef class Connection:
                 pthread_cond_wait(&self.qcond, &self.qlock)
             pthread_mutex_unlock(&self.qlock)
             pthread_mutex_lock(&self.lock)
+            self.q_ready = 0
             queue_exit(&self.q)
             pthread_mutex_unlock(&self.lock)
-        self.q_ready = 0
         if self.close_reason is None:
             self.close_reason = self._reason()
         return self.close_reason
@@ -957,9 +988,3 @@ cdef class Connection:
         self.free_all()
 
 
-cdef extern from *:
-    """
-    #include <unistd.h>
-    static inline void write_efd(int fd) { unsigned long long one = 1; ssize_t r = write(fd, &one, 8); (void)r; }
-    """
-    void write_efd(int fd) nogil

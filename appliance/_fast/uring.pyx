@@ -16,8 +16,17 @@ environment says APPLIANCE_ENGINE=threads (tests cover both that way).
 
 from libc.stdint cimport int64_t, uint64_t
 from libc.stdlib cimport malloc, free
-from libc.string cimport memset
+from libc.string cimport memset, strcmp
+from libc.stdlib cimport getenv
 from libc.errno cimport errno, EINTR, EAGAIN
+
+cdef extern from "<poll.h>" nogil:
+    struct pollfd:
+        int fd
+        short events
+        short revents
+    int poll(pollfd *, unsigned long, int)
+    short POLLIN
 from posix.unistd cimport pread, pwrite, fdatasync, read, write, close
 from appliance._fast.sync cimport (pthread_mutex_t, pthread_cond_t, pthread_mutex_init,
     pthread_mutex_destroy, pthread_mutex_lock, pthread_mutex_unlock, pthread_cond_init,
@@ -50,8 +59,9 @@ cdef extern from "<liburing.h>" nogil:
     void io_uring_prep_write(io_uring_sqe *, int, const void *, unsigned, uint64_t)
     void io_uring_prep_fsync(io_uring_sqe *, int, unsigned)
     void io_uring_prep_nop(io_uring_sqe *)
+    void io_uring_prep_poll_add(io_uring_sqe *, int, unsigned)
+    int io_uring_submit_and_wait(io_uring *, unsigned)
     void io_uring_sqe_set_data64(io_uring_sqe *, uint64_t)
-    int io_uring_register_eventfd(io_uring *, int)
     unsigned IORING_FSYNC_DATASYNC
 
 DEF KIND_URING = 1
@@ -70,13 +80,18 @@ cdef int probe() noexcept nogil:
     return KIND_URING
 
 
+cdef int decide() noexcept nogil:
+    global _kind
+    cdef const char *env
+    if _kind == 0:
+        env = getenv("APPLIANCE_ENGINE")
+        _kind = KIND_THREADS if env != NULL and strcmp(env, "threads") == 0 else probe()
+    return _kind
+
+
 def kind():
     """"io_uring" or "threads": the engine this process uses."""
-    global _kind
-    import os
-    if _kind == 0:
-        _kind = KIND_THREADS if os.environ.get("APPLIANCE_ENGINE") == "threads" else probe()
-    return "io_uring" if _kind == KIND_URING else "threads"
+    return "io_uring" if decide() == KIND_URING else "threads"
 
 
 # ---- the worker pool (the fallback) ------------------------------------------------
@@ -167,11 +182,9 @@ cdef int queue_init(Queue *q, unsigned entries) noexcept nogil:
     if q.efd < 0:
         return -errno
     q.kind = KIND_THREADS
-    if _kind == KIND_URING and io_uring_queue_init(entries, &q.ring, 0) == 0:
-        if io_uring_register_eventfd(&q.ring, q.efd) == 0:
-            q.kind = KIND_URING
-        else:
-            io_uring_queue_exit(&q.ring)
+    q.sock_ready = 1
+    if decide() == KIND_URING and io_uring_queue_init(entries, &q.ring, 0) == 0:
+        q.kind = KIND_URING
     if q.kind == KIND_THREADS and not start_pool():
         close(q.efd)
         return -11
@@ -189,21 +202,26 @@ cdef void queue_exit(Queue *q) noexcept nogil:
     q.kind = 0
 
 
+cdef io_uring_sqe *get_sqe(Queue *q) noexcept nogil:
+    cdef io_uring_sqe *sqe = io_uring_get_sqe(&q.ring)
+    if sqe == NULL:  # the submission ring is full: hand it what it has
+        io_uring_submit(&q.ring)
+        q.queued = 0
+        sqe = io_uring_get_sqe(&q.ring)
+    return sqe
+
+
 cdef int queue_submit(Queue *q, IoOp *op) noexcept nogil:
-    """Queue one op; io_uring ops go to the kernel at the next queue_flush()."""
+    """Queue one op; io_uring ops go to the kernel at the next queue_flush() or queue_wait()."""
     global pool_head, pool_tail
     cdef io_uring_sqe *sqe
     op.owner = q
     op.next = NULL
     op.res = 0
     if q.kind == KIND_URING:
-        sqe = io_uring_get_sqe(&q.ring)
-        if sqe == NULL:  # the submission ring is full: hand it what it has
-            io_uring_submit(&q.ring)
-            q.queued = 0
-            sqe = io_uring_get_sqe(&q.ring)
-            if sqe == NULL:
-                return -11
+        sqe = get_sqe(q)
+        if sqe == NULL:
+            return -11
         if op.op == OP_READ:
             io_uring_prep_read(sqe, op.fd, op.buf, <unsigned>op.len, op.off)
         elif op.op == OP_WRITE:
@@ -240,8 +258,15 @@ cdef int queue_reap(Queue *q, IoOp **out, int max) noexcept nogil:
             op = <IoOp *>cqe.user_data
             op.res = cqe.res
             io_uring_cqe_seen(&q.ring, cqe)
-            out[n] = op
-            n += 1
+            if op == &q.sock_poll:
+                q.sock_armed = 0
+                q.sock_ready = 1
+            elif op == &q.wake_poll:
+                q.wake_armed = 0
+                drain_efd(q)
+            else:
+                out[n] = op
+                n += 1
         return n
     pthread_mutex_lock(&q.lock)
     while n < max and q.done_head != NULL:
@@ -255,9 +280,52 @@ cdef int queue_reap(Queue *q, IoOp **out, int max) noexcept nogil:
     return n
 
 
-cdef void queue_drain_efd(Queue *q) noexcept nogil:
+cdef void drain_efd(Queue *q) noexcept nogil:
     cdef uint64_t v
     read(q.efd, &v, 8)
+
+
+cdef void arm(Queue *q, IoOp *op, int fd) noexcept nogil:
+    cdef io_uring_sqe *sqe = get_sqe(q)
+    if sqe != NULL:
+        op.op = OP_POLL
+        io_uring_prep_poll_add(sqe, fd, POLLIN)
+        io_uring_sqe_set_data64(sqe, <uint64_t>op)
+
+
+cdef void queue_wait(Queue *q, int sockfd) noexcept nogil:
+    """Submit what is queued and sleep until an op completes, queue_wake() is called, or
+    (sockfd >= 0) sockfd is readable, which sets sock_ready. io_uring waits for all three
+    in one io_uring_enter (the socket and efd are polled by the ring); the worker pool
+    by poll()."""
+    cdef pollfd fds[2]
+    if q.kind == KIND_URING:
+        if sockfd >= 0 and not q.sock_armed:
+            arm(q, &q.sock_poll, sockfd)
+            q.sock_armed = 1
+        if not q.wake_armed:
+            arm(q, &q.wake_poll, q.efd)
+            q.wake_armed = 1
+        io_uring_submit_and_wait(&q.ring, 1)
+        q.queued = 0
+        return
+    fds[0].fd = q.efd
+    fds[0].events = POLLIN
+    fds[0].revents = 0
+    fds[1].fd = sockfd
+    fds[1].events = POLLIN
+    fds[1].revents = 0
+    if poll(fds, 2 if sockfd >= 0 else 1, -1) > 0:
+        if fds[0].revents:
+            drain_efd(q)
+        if sockfd >= 0 and fds[1].revents:
+            q.sock_ready = 1
+
+
+cdef void queue_wake(Queue *q) noexcept nogil:
+    """Make queue_wait return (any thread)."""
+    cdef uint64_t one = 1
+    write(q.efd, &one, 8)
 
 
 # ---- the Python API's ring (appliance/engine.py) ------------------------------------
