@@ -19,12 +19,14 @@ cdef enum:
 # data at buf. Return FAST_DECLINE, 0 (served here and now), or the number of pieces
 # (at most `room`) written to `out` for the engine. FUA applies to the pieces too (the loop
 # follows each written piece with fdatasync). A cow-like target returns several pieces.
+# flush is called with off 0, buf NULL, n 0; its pieces name the fds to fdatasync.
 ctypedef int (*fast_fn)(FastDesc *d, uint64_t off, char *buf, uint64_t n, int fua,
                         FdPiece *out, int room) noexcept nogil
 
 cdef struct FastDesc:
     fast_fn read
     fast_fn write
+    fast_fn flush       # NULL: FLUSH takes the slow path; else 0 or fd pieces to fdatasync
     void *state         # the target's own (kept alive by the FastOps' owner)
     int fd              # for descriptors that map onto one fd
     uint64_t fd_offset

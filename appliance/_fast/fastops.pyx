@@ -43,6 +43,7 @@ def fd_range(int fd, uint64_t offset, uint32_t align=1):
     cdef FastOps ops = FastOps.__new__(FastOps)
     ops.desc.read = fd_io
     ops.desc.write = fd_io
+    ops.desc.flush = fd_io
     ops.desc.fd = fd
     ops.desc.fd_offset = offset
     ops.desc.align = align
@@ -54,6 +55,7 @@ def zeros():
     cdef FastOps ops = FastOps.__new__(FastOps)
     ops.desc.read = zero_read
     ops.desc.write = discard
+    ops.desc.flush = discard
     ops.desc.fd = -1
     ops.desc.align = 1
     return ops

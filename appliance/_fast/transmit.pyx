@@ -12,7 +12,9 @@ completes, out of order as the protocol allows.
   which go to the connection's I/O engine queue (uring.pyx): io_uring, so many
   reads and writes are at the disk at once, or the worker pool where io_uring
   is unavailable. A buffered read that hits the page cache completes inside
-  the submit call. FUA is the write, then fdatasync once it is done.
+  the submit call. FUA is the write, then fdatasync once it is done. A FLUSH
+  on a device whose descriptors can all flush is an fdatasync of each fd in
+  the engine too, so it never holds up the connection's other requests.
 - The slow path: everything else goes to `dispatch` in Python (with the GIL),
   which maps it through the target stack and replies later, from whatever
   thread completes it, through reply()/reply_read()/send_raw(). `unplug()` is
@@ -629,36 +631,52 @@ cdef class Connection:
     # the fast path
 
     cdef int start_fast(self, Req *r) noexcept nogil:
-        """Serve r through the fast map: 1 taken (answered now or when its I/O completes),
-        0 not ours (the slow path serves it; r's payload is untouched)."""
+        """Serve r (READ, WRITE or FLUSH) through the fast map: 1 taken (answered now or
+        when its I/O completes), 0 not ours (the slow path serves it; r's payload is
+        untouched). A FLUSH is fast when every segment's descriptor can flush: it is
+        then an fdatasync of each distinct fd, in the engine, so it blocks nothing."""
         cdef FastSeg *seg
         cdef FdPiece pieces[MAX_PIECES]
         cdef fast_fn fn
         cdef uint64_t pos, end, n
-        cdef int i, k, np = 0, j
+        cdef int i, k, np = 0, j, m
         cdef char *p = r.buf
         cdef IoOp *op
-        i = self.gate.fast_enter(r.offset, r.length)
+        cdef bint flush = r.cmd == CMD_FLUSH
+        if flush:
+            i = self.gate.fast_enter(0, self.size)
+            pos, end = 0, self.size
+        else:
+            i = self.gate.fast_enter(r.offset, r.length)
+            pos, end = r.offset, r.offset + r.length
         if i < 0:
             return 0
-        pos = r.offset
-        end = r.offset + r.length
         while pos < end:
             seg = &self.gate.segs[i]
             n = (seg.end if seg.end < end else end) - pos
-            fn = seg.desc.read if r.cmd == CMD_READ else seg.desc.write
-            k = fn(&seg.desc, pos - seg.start, p, n, r.flags & F_FUA, &pieces[np], MAX_PIECES - np)
+            fn = seg.desc.flush if flush else (seg.desc.read if r.cmd == CMD_READ else seg.desc.write)
+            k = -1 if fn == NULL else fn(&seg.desc, 0 if flush else pos - seg.start, p, 0 if flush else n,
+                                         r.flags & F_FUA, &pieces[np], MAX_PIECES - np)
             if k < 0:
                 # only a descriptor that is alone in the request may act before it declines
                 self.gate.exit()
                 return 0
-            np += k
+            if flush:  # one fdatasync per fd
+                for j in range(np, np + k):
+                    for m in range(np):
+                        if pieces[m].fd == pieces[j].fd:
+                            break
+                    else:
+                        pieces[np] = pieces[j]
+                        np += 1
+            else:
+                np += k
+                p += n
             pos += n
-            p += n
             i += 1
         for j in range(np):
             op = &r.ops[j]
-            op.op = OP_READ if r.cmd == CMD_READ else OP_WRITE
+            op.op = OP_FSYNC if flush else (OP_READ if r.cmd == CMD_READ else OP_WRITE)
             op.fd = pieces[j].fd
             op.buf = pieces[j].buf
             op.len = pieces[j].len
@@ -850,10 +868,10 @@ cdef class Connection:
                 self.put_req(r)
             self.send_error(cookie, e, cmd == CMD_READ or cmd == CMD_BLOCK_STATUS)
             return 0
-        if cmd == CMD_READ:
+        if cmd == CMD_READ or cmd == CMD_FLUSH:
             r = self.get_req(length)
             if r == NULL:
-                self.send_error(cookie, NBD_ENOMEM, 1)
+                self.send_error(cookie, NBD_ENOMEM, cmd == CMD_READ)
                 return 0
         if r != NULL:
             r.cookie = cookie
