@@ -11,6 +11,7 @@ cdef struct FdPiece:
     uint64_t off
     uint64_t len
     char *buf
+    int buffered        # fd is not O_DIRECT: a write only copies into the page cache
 
 cdef enum:
     FAST_DECLINE = -1   # not here: the slow path (map()) serves the request
@@ -32,6 +33,7 @@ cdef struct FastDesc:
     uint64_t fd_offset
     uint32_t align      # every piece's offset, length and place in the buffer (O_DIRECT)
     int alone           # may act and then decline: a request must not span another segment
+    int buffered        # fd is not O_DIRECT
 
 cdef class FastOps:
     cdef FastDesc desc

@@ -8,6 +8,9 @@ states) implements its functions next to that state and fills a FastOps the same
 from libc.stdint cimport uint32_t, uint64_t
 from libc.string cimport memset
 
+import fcntl
+import os
+
 
 cdef class FastOps:
     """A fast-path descriptor, handed from a target's fast_map() to the gate."""
@@ -24,6 +27,7 @@ cdef int fd_io(FastDesc *d, uint64_t off, char *buf, uint64_t n, int fua, FdPiec
     out[0].off = d.fd_offset + off
     out[0].len = n
     out[0].buf = buf
+    out[0].buffered = d.buffered
     return 1
 
 
@@ -47,6 +51,7 @@ def fd_range(int fd, uint64_t offset, uint32_t align=1):
     ops.desc.fd = fd
     ops.desc.fd_offset = offset
     ops.desc.align = align
+    ops.desc.buffered = not (fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT)
     return ops
 
 

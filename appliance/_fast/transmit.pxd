@@ -99,6 +99,8 @@ cdef class Connection:
     cdef void finish(self, Req *r) noexcept nogil
     cdef void flush_replies(self) noexcept nogil
     cdef int reap(self) noexcept nogil
+    cdef void op_done(self, IoOp *op) noexcept nogil
+    cdef void piece_done(self, Req *r) noexcept nogil
     cdef void wait(self, bint want_socket) noexcept nogil
     cdef int one_request(self) noexcept nogil
     cdef void dispatch_slow(self, uint16_t cmd, uint16_t flags, uint64_t cookie, uint64_t offset,

@@ -39,6 +39,7 @@ from libc.string cimport memcpy, memset, memmove
 from libc.stdlib cimport malloc, calloc, free
 from libc.errno cimport errno, EINTR, EAGAIN, EIO, EINVAL, ENOMEM
 from posix.uio cimport iovec
+from posix.unistd cimport pwrite
 from appliance._fast.sync cimport (pthread_mutex_init, pthread_mutex_lock, pthread_mutex_unlock,
     pthread_cond_init, pthread_cond_wait, pthread_cond_broadcast)
 from appliance._fast.gate cimport Gate, FastSeg
@@ -205,6 +206,20 @@ cdef inline int consumed(iovec **iovp, int n, size_t sent) noexcept nogil:
         iov[0].iov_len -= sent
     iovp[0] = iov
     return n
+
+
+cdef int64_t pwrite_all(int fd, char *buf, uint64_t n, uint64_t off) noexcept nogil:
+    """All of buf at off: the byte count, or -errno."""
+    cdef uint64_t done = 0
+    cdef ssize_t r
+    while done < n:
+        r = pwrite(fd, buf + done, n - done, off + done)
+        if r < 0:
+            if errno == EINTR:
+                continue
+            return -errno
+        done += r
+    return done
 
 
 cdef char *buf_alloc(size_t size) noexcept nogil:
@@ -674,6 +689,9 @@ cdef class Connection:
                 p += n
             pos += n
             i += 1
+        # pending counts the pieces, plus one held until all are on their way
+        self.nfast += 1
+        r.pending = np + 1
         for j in range(np):
             op = &r.ops[j]
             op.op = OP_FSYNC if flush else (OP_READ if r.cmd == CMD_READ else OP_WRITE)
@@ -683,14 +701,17 @@ cdef class Connection:
             op.off = pieces[j].off
             op.tag = <int>(r - self.reqs)
             op.fua = r.cmd == CMD_WRITE and (r.flags & F_FUA) != 0
-            if queue_submit(&self.q, op) == 0:
-                r.pending += 1
-            elif not r.err:
-                r.err = EAGAIN
-        if r.pending:
-            self.nfast += 1
-        else:
-            self.finish(r)
+            if op.op == OP_WRITE and pieces[j].buffered:
+                # into the page cache: at once, here. io_uring would hand a buffered write on
+                # ext4 to a kernel worker (it cannot be tried without blocking), a thread
+                # switch that costs more than the copy
+                op.res = pwrite_all(op.fd, op.buf, op.len, op.off)
+                self.op_done(op)
+            elif queue_submit(&self.q, op) != 0:
+                if not r.err:
+                    r.err = EAGAIN
+                self.piece_done(r)
+        self.piece_done(r)
         return 1
 
     cdef void finish(self, Req *r) noexcept nogil:
@@ -740,8 +761,6 @@ cdef class Connection:
     cdef int reap(self) noexcept nogil:
         """Finish what the engine completed, without waiting. Returns how many ops came back."""
         cdef IoOp *ops[REAP]
-        cdef IoOp *op
-        cdef Req *r
         cdef int n, i, total = 0
         while True:
             n = queue_reap(&self.q, ops, REAP)
@@ -749,32 +768,39 @@ cdef class Connection:
                 return total
             total += n
             for i in range(n):
-                op = ops[i]
-                r = &self.reqs[op.tag]
-                if op.res < 0:
-                    if not r.err:
-                        r.err = <int>-op.res
-                elif op.op != OP_FSYNC and <uint64_t>op.res < op.len:
-                    if op.res == 0:
-                        if not r.err:
-                            r.err = EIO  # the file is shorter than the table says
-                    else:  # a short transfer: go on from where it stopped
-                        op.buf += op.res
-                        op.off += op.res
-                        op.len -= op.res
-                        if queue_submit(&self.q, op) == 0:
-                            continue
-                        r.err = EAGAIN
-                elif op.op == OP_WRITE and op.fua and not r.err:
-                    op.op = OP_FSYNC  # FUA: the data is written; now make it durable
-                    if queue_submit(&self.q, op) == 0:
-                        continue
-                    r.err = EAGAIN
-                r.pending -= 1
-                if r.pending == 0:
-                    self.nfast -= 1
-                    self.finish(r)
+                self.op_done(ops[i])
             queue_flush(&self.q)
+
+    cdef void op_done(self, IoOp *op) noexcept nogil:
+        """One op of a request came back (res set): go on with it, or count it done and
+        answer the request when it was its last."""
+        cdef Req *r = &self.reqs[op.tag]
+        if op.res < 0:
+            if not r.err:
+                r.err = <int>-op.res
+        elif op.op != OP_FSYNC and <uint64_t>op.res < op.len:
+            if op.res == 0:
+                if not r.err:
+                    r.err = EIO  # the file is shorter than the table says
+            else:  # a short transfer: go on from where it stopped
+                op.buf += op.res
+                op.off += op.res
+                op.len -= op.res
+                if queue_submit(&self.q, op) == 0:
+                    return
+                r.err = EAGAIN
+        elif op.op == OP_WRITE and op.fua and not r.err:
+            op.op = OP_FSYNC  # FUA: the data is written; now make it durable
+            if queue_submit(&self.q, op) == 0:
+                return
+            r.err = EAGAIN
+        self.piece_done(r)
+
+    cdef void piece_done(self, Req *r) noexcept nogil:
+        r.pending -= 1
+        if r.pending == 0:
+            self.nfast -= 1
+            self.finish(r)
 
     cdef void wait(self, bint want_socket) noexcept nogil:
         """Sleep until the engine or a slow-path reply has news, or (want_socket) the client
