@@ -51,6 +51,39 @@ def test_status_says_which_io_engine_runs(make_daemon, image, engine):
     assert d.status()["daemon"]["io_engine"] == engine
 
 
+def test_the_engine_reads_writes_and_syncs_files_for_python_callers(engine, tmp_path):
+    # appliance/engine.py's API, in a process of its own (the engine is chosen once per process)
+    path = tmp_path / "f"
+    path.write_bytes(b"abc" * 1000)
+    script = textwrap.dedent(
+        f"""
+        import os, queue
+        from appliance import engine
+        e = engine.get()
+        assert e.kind == {engine!r}, e.kind
+        fd = os.open({str(path)!r}, os.O_RDWR)
+        q = queue.SimpleQueue()
+        buf = bytearray(5000)
+        e.read(fd, buf, 0, q.put)
+        assert q.get(timeout=10) == 3000  # short only at the end of the file
+        assert bytes(buf[:6]) == b"abcabc"
+        e.write(fd, b"xyz" * 10000, 2997, q.put)
+        assert q.get(timeout=10) == 30000
+        e.fsync(fd, q.put)
+        assert q.get(timeout=10) == 0
+        e.read(9999, bytearray(10), 0, q.put)
+        assert q.get(timeout=10) == -9  # EBADF, as a negative errno
+        assert os.pread(fd, 9, 2994) == b"abcxyzxyz"
+        print(e.status())
+        """
+    )
+    import sys
+    from conftest import REPO
+
+    out = run(sys.executable, "-c", script, cwd=REPO).stdout
+    assert engine in out
+
+
 def test_a_fast_read_sent_after_100_slow_ones_is_answered_first(make_daemon, image, engine):
     # first half delay 50 ms (the slow path), second half linear (the fast path); 100 slow
     # reads are more than one request at a time, and than the old bound of 64 in flight

@@ -63,6 +63,8 @@ cdef extern from "<liburing.h>" nogil:
     int io_uring_submit_and_wait(io_uring *, unsigned)
     void io_uring_sqe_set_data64(io_uring_sqe *, uint64_t)
     unsigned IORING_FSYNC_DATASYNC
+    unsigned IORING_SETUP_SINGLE_ISSUER
+    unsigned IORING_SETUP_DEFER_TASKRUN
 
 DEF KIND_URING = 1
 DEF KIND_THREADS = 2
@@ -175,7 +177,8 @@ cdef int start_pool() noexcept nogil:
 # ---- a submitter's queue ----------------------------------------------------------
 
 cdef int queue_init(Queue *q, unsigned entries) noexcept nogil:
-    """0 ok, else -errno. Uses io_uring if the process does, else the worker pool."""
+    """0 ok, else -errno. Uses io_uring if the process does, else the worker pool. Only the
+    thread that calls this may submit, reap and wait on the queue."""
     memset(q, 0, sizeof(Queue))
     pthread_mutex_init(&q.lock, NULL)
     q.efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
@@ -183,7 +186,11 @@ cdef int queue_init(Queue *q, unsigned entries) noexcept nogil:
         return -errno
     q.kind = KIND_THREADS
     q.sock_ready = 1
-    if decide() == KIND_URING and io_uring_queue_init(entries, &q.ring, 0) == 0:
+    # one thread submits and waits (the owner), so completions can wait for it to ask
+    # for them: no interrupt of whatever it is doing (Linux 6.1; without, where older)
+    if decide() == KIND_URING and (
+            io_uring_queue_init(entries, &q.ring, IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN) == 0
+            or io_uring_queue_init(entries, &q.ring, 0) == 0):
         q.kind = KIND_URING
     if q.kind == KIND_THREADS and not start_pool():
         close(q.efd)

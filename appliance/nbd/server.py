@@ -235,6 +235,7 @@ class Server:
             session = Session(self, sock, device, selected, trailing)
             with self._lock:
                 if self._stopping:
+                    session.conn.release()
                     return
                 self.sessions.add(session)
             log.info("%s: %s: connected%s", device.name, peer, " (structured replies)" if selected.structured_replies else "")
