@@ -83,7 +83,6 @@ cdef class Connection:
     cdef readonly unsigned long long requests
     cdef readonly unsigned long long fast_requests
 
-    cdef int fill(self, size_t need) noexcept nogil
     cdef int take(self, char *dst, size_t length) noexcept nogil
     cdef int next_header(self) noexcept nogil
     cdef Req *get_req(self, size_t length) noexcept nogil

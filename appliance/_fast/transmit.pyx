@@ -12,17 +12,21 @@ completes, out of order as the protocol allows.
   which go to the connection's I/O engine queue (uring.pyx): io_uring, so many
   reads and writes are at the disk at once, or the worker pool where io_uring
   is unavailable. A buffered read that hits the page cache completes inside
-  the submit call. FUA is the write, then fdatasync once it is done. A FLUSH
+  the submit call; a write to a buffered (not O_DIRECT) fd is copied into the
+  page cache inline, which is cheaper than the kernel worker io_uring would
+  hand it to. FUA is the write, then fdatasync once it is done. A FLUSH
   on a device whose descriptors can all flush is an fdatasync of each fd in
   the engine too, so it never holds up the connection's other requests.
 - The slow path: everything else goes to `dispatch` in Python (with the GIL),
   which maps it through the target stack and replies later, from whatever
   thread completes it, through reply()/reply_read()/send_raw(). `unplug()` is
   called after slow requests were dispatched and before the loop waits.
-- Waiting: the loop sleeps in poll() on its socket (while there is room for
-  more requests) and the queue's eventfd, which io_uring completions, the
-  worker pool and slow-path replies all signal.
-- Sending: every reply is sent without blocking from the thread that has it;
+- Waiting: the loop sleeps in queue_wait(): with io_uring one io_uring_enter
+  submits the new I/Os and waits for a completion, the socket (polled by the
+  ring) or a wake (an eventfd slow-path replies write, polled by the ring);
+  with the worker pool, poll() on the socket and the eventfd.
+- Sending: every reply is sent without blocking from the thread that has it
+  (the loop gathers the fast replies of one round into one sendmsg);
   what the socket does not take is copied to a queue the connection's sender
   thread writes out, so a reply is never cut by another. A client that stops
   reading is dropped when its queued replies pass QUEUE_MAX (256 MiB), or when
@@ -307,25 +311,6 @@ cdef class Connection:
             self.reqs = NULL
 
     # receiving
-
-    cdef int fill(self, size_t need) noexcept nogil:
-        """Make `need` bytes available at rbuf+rstart, waiting for them. 1 ok, 0 EOF, -1 error."""
-        cdef ssize_t n
-        if self.rend - self.rstart >= need:
-            return 1
-        if self.rstart and self.rcap - self.rstart < need:
-            memmove(self.rbuf, self.rbuf + self.rstart, self.rend - self.rstart)
-            self.rend -= self.rstart
-            self.rstart = 0
-        while self.rend - self.rstart < need:
-            n = recv(self.fd, self.rbuf + self.rend, self.rcap - self.rend, 0)
-            if n > 0:
-                self.rend += n
-            elif n == 0:
-                return 0
-            elif errno != EINTR:
-                return -1
-        return 1
 
     cdef int next_header(self) noexcept nogil:
         """A whole header at rbuf+rstart without waiting: 1 yes, 0 not yet, -1 EOF, -2 error."""
