@@ -153,8 +153,10 @@ cdef void *worker(void *arg) noexcept nogil:
         else:
             q.done_tail.next = op
         q.done_tail = op
-        pthread_mutex_unlock(&q.lock)
+        # under the lock: once the owner has reaped its last op it may close efd (queue_exit
+        # takes the lock), and a write after that could land on a reused descriptor
         write(q.efd, &one, 8)
+        pthread_mutex_unlock(&q.lock)
     return NULL
 
 
@@ -202,9 +204,11 @@ cdef void queue_exit(Queue *q) noexcept nogil:
     """Only once nothing is in flight."""
     if q.kind == KIND_URING:
         io_uring_queue_exit(&q.ring)
+    pthread_mutex_lock(&q.lock)
     if q.efd >= 0:
         close(q.efd)
     q.efd = -1
+    pthread_mutex_unlock(&q.lock)
     pthread_mutex_destroy(&q.lock)
     q.kind = 0
 
