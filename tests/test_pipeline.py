@@ -98,6 +98,23 @@ def test_a_fast_read_sent_after_100_slow_ones_is_answered_first(make_daemon, ima
     s.close()
 
 
+def test_a_write_whose_payload_is_slow_to_come_holds_up_neither_replies_nor_suspend(make_daemon, image, engine):
+    d = make_daemon(device("data0", f"0 {SIZE // 512} linear {image('disk.img', SIZE)} 0"))
+    s, _ = handshake(d)
+    s.sendall(request(C.NBD_CMD_READ, 0, 4096, cookie=1) + request(C.NBD_CMD_WRITE, 8192, 4096, cookie=2) + b"w" * 100)
+    assert reply_cookie(s, 4096) == 1  # answered while the write's payload is still missing
+    started = time.monotonic()
+    d.cli("suspend", "data0", timeout=10)
+    assert time.monotonic() - started < 5
+    s.sendall(b"w" * 3996)
+    d.cli("resume", "data0", timeout=10)
+    assert reply_cookie(s, 0) == 2
+    s.close()
+    with open(d.dir / "disk.img", "rb") as f:
+        f.seek(8192)
+        assert f.read(4096) == b"w" * 4096
+
+
 def test_a_client_that_stops_reading_is_dropped_and_others_carry_on(make_daemon, image, engine):
     d = make_daemon(device("data0", f"0 {SIZE // 512} linear {image('disk.img', SIZE)} 0"))
     s, _ = handshake(d)

@@ -335,7 +335,9 @@ cdef class Connection:
         return 1
 
     cdef int take(self, char *dst, size_t length) noexcept nogil:
-        """Read `length` payload bytes into dst (dst may be NULL: discard). 1 ok, 0/-1 EOF/error."""
+        """Read `length` payload bytes into dst (dst may be NULL: discard). 1 ok, 0/-1 EOF/error.
+        While the client is slow to send them, the requests in flight go on and are answered:
+        none may wait for this one (a suspend waits for them)."""
         cdef size_t have = self.rend - self.rstart, chunk
         cdef ssize_t n
         cdef char scratch[4096]
@@ -351,13 +353,18 @@ cdef class Connection:
             chunk = length
             if dst == NULL and chunk > sizeof(scratch):
                 chunk = sizeof(scratch)
-            n = recv(self.fd, dst if dst != NULL else scratch, chunk, MSG_WAITALL)
+            n = recv(self.fd, dst if dst != NULL else scratch, chunk, MSG_DONTWAIT)
             if n > 0:
                 length -= n
                 if dst != NULL:
                     dst += n
             elif n == 0:
                 return 0
+            elif errno == EAGAIN:
+                self.q.sock_ready = 0
+                self.reap()
+                self.flush_replies()
+                queue_wait(&self.q, self.fd)
             elif errno != EINTR:
                 return -1
         return 1
