@@ -69,7 +69,6 @@ cdef extern from "<liburing.h>" nogil:
 DEF KIND_URING = 1
 DEF KIND_THREADS = 2
 DEF WORKERS = 16
-workers = WORKERS  # for status
 
 cdef int _kind = 0
 
