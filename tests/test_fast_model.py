@@ -405,3 +405,36 @@ def test_initial_bytes_from_the_handshake_are_served_first():
         client.close()
         t.join(10)
         server.close()
+
+
+def test_slow_requests_held_until_unplug_are_answered_before_the_loop_waits():
+    """A device queue may hold what dispatch gave it until unplug(): the loop calls it once it
+    has dispatched what the client sent and before it waits for more."""
+    held, unplugs = [], []
+
+    def dispatch(conn, cmd, flags, cookie, offset, length, payload):
+        held.append(cookie)
+
+    def unplug():
+        unplugs.append(len(held))
+        while held:
+            conn.reply(held.pop(0), 0)
+
+    g = Gate()  # no fast map: every request is slow
+    server, client = socket.socketpair()
+    client.settimeout(10)
+    conn = Connection(server.fileno(), g, dispatch, 65536, False, False, 4096, 64, b"", unplug=unplug)
+    sender = threading.Thread(target=conn.sender, daemon=True)
+    t = threading.Thread(target=conn.run, daemon=True)
+    sender.start()
+    t.start()
+    try:
+        client.sendall(b"".join(struct.pack(">IHHQQI", C.NBD_REQUEST_MAGIC, 0, FLUSH, i, 0, 0) for i in range(3)))
+        got = sorted(struct.unpack(">IIQ", recv_exact(client, 16))[2] for _ in range(3))
+        assert got == [0, 1, 2]
+        assert unplugs and unplugs[0] >= 1
+    finally:
+        client.close()
+        t.join(10)
+        sender.join(10)
+        server.close()

@@ -105,4 +105,5 @@ cdef class Connection:
     cdef void dispatch_slow(self, uint16_t cmd, uint16_t flags, uint64_t cookie, uint64_t offset,
                             uint32_t length, Req *r) noexcept with gil
     cdef void free_all(self) noexcept nogil
+    cdef void unplug_slow(self) noexcept with gil
     cdef int check(self, uint16_t cmd, uint16_t flags, uint64_t offset, uint32_t length) noexcept nogil

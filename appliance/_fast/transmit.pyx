@@ -364,6 +364,8 @@ cdef class Connection:
                 self.q.sock_ready = 0
                 self.reap()
                 self.flush_replies()
+                if self.slow_since_wait:
+                    self.unplug_slow()
                 queue_wait(&self.q, self.fd)
             elif errno != EINTR:
                 return -1
@@ -908,6 +910,18 @@ cdef class Connection:
         self.dispatch_slow(cmd, flags, cookie, offset, length, r)
         return 0
 
+    cdef void unplug_slow(self) noexcept with gil:
+        """Slow requests were dispatched and the loop is about to wait for the client: let
+        the device queue go on with what it has (merge a batch first)."""
+        self.slow_since_wait = 0
+        if self.unplug is None:
+            return
+        try:
+            self.unplug()
+        except BaseException as ex:
+            import logging
+            logging.getLogger("appliance.nbd").exception("unplug failed: %s", ex)
+
     cdef void dispatch_slow(self, uint16_t cmd, uint16_t flags, uint64_t cookie, uint64_t offset,
                             uint32_t length, Req *r) noexcept with gil:
         """Hand a request to Python; r (if any) holds a WRITE's payload and is given back."""
@@ -965,16 +979,9 @@ cdef class Connection:
                     break
                 if taken or reaped:
                     continue
-                if self.slow_since_wait and self.unplug is not None:
-                    self.slow_since_wait = 0
-                    with gil:
-                        try:
-                            self.unplug()
-                        except BaseException as ex:
-                            import logging
-                            logging.getLogger("appliance.nbd").exception("unplug failed: %s", ex)
+                if self.slow_since_wait:
+                    self.unplug_slow()
                     continue
-                self.slow_since_wait = 0
                 self.wait(not self.eof and self.nfast + self.inflight < self.depth)
             # answer everything still in flight on the slow path before the socket goes
             pthread_mutex_lock(&self.lock)
