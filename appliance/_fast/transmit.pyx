@@ -11,10 +11,10 @@ completes, out of order as the protocol allows.
   serves the request at once (zero, ramback's RAM copy) or returns fd pieces,
   which go to the connection's I/O engine queue (uring.pyx): io_uring, so many
   reads and writes are at the disk at once, or the worker pool where io_uring
-  is unavailable. A buffered read that hits the page cache completes inside
-  the submit call; a write to a buffered (not O_DIRECT) fd is copied into the
-  page cache inline, which is cheaper than the kernel worker io_uring would
-  hand it to. FUA is the write, then fdatasync once it is done. A FLUSH
+  is unavailable. On a buffered (not O_DIRECT) fd, a read the page cache holds
+  is served inline (preadv2 RWF_NOWAIT; what is not cached goes to the ring),
+  and a write is copied into the page cache inline, which is cheaper than the
+  kernel worker io_uring would hand it to. FUA is the write, then fdatasync once it is done. A FLUSH
   on a device whose descriptors can all flush is an fdatasync of each fd in
   the engine too, so it never holds up the connection's other requests.
 - The slow path: everything else goes to `dispatch` in Python (with the GIL),
@@ -61,6 +61,10 @@ cdef extern from "<endian.h>" nogil:
 
 cdef extern from "<stdlib.h>" nogil:
     int posix_memalign(void **, size_t, size_t)
+
+cdef extern from "<sys/uio.h>" nogil:
+    ssize_t preadv2(int, const iovec *, int, long, int)
+    int RWF_NOWAIT
 
 cdef extern from "<sys/mman.h>" nogil:
     void *mmap(void *, size_t, int, int, int, long)
@@ -224,6 +228,17 @@ cdef int64_t pwrite_all(int fd, char *buf, uint64_t n, uint64_t off) noexcept no
             return -errno
         done += r
     return done
+
+
+cdef int64_t read_cached(int fd, char *buf, uint64_t n, uint64_t off) noexcept nogil:
+    """What of [off, off+n) the page cache has, without waiting for the disk: the byte
+    count, or 0 when not even the start is cached (or on any error: the ring retries)."""
+    cdef iovec iov
+    cdef ssize_t r
+    iov.iov_base = buf
+    iov.iov_len = n
+    r = preadv2(fd, &iov, 1, off, RWF_NOWAIT)
+    return r if r > 0 else 0
 
 
 cdef char *buf_alloc(size_t size) noexcept nogil:
@@ -695,6 +710,13 @@ cdef class Connection:
             op.off = pieces[j].off
             op.tag = <int>(r - self.reqs)
             op.fua = r.cmd == CMD_WRITE and (r.flags & F_FUA) != 0
+            if op.op == OP_READ and pieces[j].buffered:
+                # from the page cache if it is all there: at once, without the ring's
+                # round trip; what is not cached goes to the ring and the disk
+                op.res = read_cached(op.fd, op.buf, op.len, op.off)
+                if op.res > 0:
+                    self.op_done(op)  # a short one is resubmitted for the rest
+                    continue
             if op.op == OP_WRITE and pieces[j].buffered:
                 # into the page cache: at once, here. io_uring would hand a buffered write on
                 # ext4 to a kernel worker (it cannot be tried without blocking), a thread
