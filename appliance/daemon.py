@@ -21,7 +21,7 @@ import threading
 import time
 
 from . import config as cfg
-from . import drain, sdnotify, size_text, udev
+from . import drain, engine, sdnotify, size_text, udev
 from .blockdev import DevicePool
 from .control import ControlError, ControlServer
 from .device import MappedDevice, Registry
@@ -538,6 +538,7 @@ class Daemon:
                 "waiting": dict(self.waiting),
                 "lost_disks": self.disks.status(),
                 "watchdog_pings": self.watchdog.pings if self.watchdog else None,
+                "io_engine": engine.get().kind,
             },
             "devices": devices,
             "power": self.power.snapshot(),

@@ -50,14 +50,14 @@ class Table:
         return lo
 
     def fastmap(self):
+        """[(start, end, FastOps or None)] for the gate: each target's fast-path descriptor,
+        none for a segment whose device failed (its requests then fail in map())."""
         out = []
         for seg, t in zip(self.segments, self.targets):
-            fm = t.fast_map()
-            if fm is None or any(getattr(d, "failed", None) for d in t.iterate_devices()):
-                out.append((seg.offset, seg.offset + seg.size, 0, -1, 0, 1))
-            else:
-                kind, fd, fd_offset, align, *extra = fm  # extra: a ramback's ChunkState
-                out.append((seg.offset, seg.offset + seg.size, kind, fd, fd_offset, align, *extra))
+            ops = t.fast_map()
+            if ops is not None and any(getattr(d, "failed", None) for d in t.iterate_devices()):
+                ops = None
+            out.append((seg.offset, seg.offset + seg.size, ops))
         return out
 
     def text(self):
