@@ -446,6 +446,7 @@ cdef class Ring:
                 continue
             self.completed += 1
             result = res if res < 0 else (done + res if op != OP_FSYNC else 0)
+            view = None  # the buffer is the caller's again: it may close or reuse it in the callback
             try:
                 callback(result)
             except BaseException:

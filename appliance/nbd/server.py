@@ -106,7 +106,7 @@ class Session:
             max_block=MAX_BLOCK,
             depth=DEPTH,
             initial=trailing,
-            unplug=getattr(device, "unplug", None),
+            unplug=self.unplug,
         )
 
     def dispatch(self, conn, cmd, flags, cookie, offset, length, payload):
