@@ -261,6 +261,7 @@ class Daemon:
         self.power.stop()
         if self.monitor:
             self.monitor.stop()
+        drain.announce_stop(self.registry.devices.values())  # before clients drain: nothing may wait for a path
         self.server.stop("daemon stopping")
         deadline = time.monotonic() + CLIENT_DRAIN
         while self.server.clients() and time.monotonic() < deadline:

@@ -92,6 +92,7 @@ class Multipath(Target):
         self._held_bytes = 0
         self._retries_left = self.no_path_retry
         self._no_queue = False  # a flushing suspend: nothing waits for a path meanwhile
+        self._stopping = False  # the daemon stops: nothing waits for a path any more
         self._failback_at = None
         self.target_errors = 0
         self.queue_full = 0
@@ -113,7 +114,7 @@ class Multipath(Target):
         checker = getattr(self, "checker", None)
         if checker is not None:
             checker.stop()
-            self._no_queue = True
+            self._stopping = True
             self._fail_held()
         super().dtr()
 
@@ -161,7 +162,7 @@ class Multipath(Target):
         return path
 
     def _queueing(self):
-        if self._no_queue:
+        if self._no_queue or self._stopping:
             return False
         if self.queue_if_no_path:
             return True
@@ -189,7 +190,7 @@ class Multipath(Target):
             if self._queueing():
                 if self._held_bytes + clone.length > self.queue_max_bytes:
                     self.queue_full += 1
-                    clone.error = bio.Error(errno.ENOMEM, bio.RESOURCE)
+                    clone.error = bio.Error(errno.EIO, bio.RESOURCE)  # NBD clients retry ENOMEM: EIO ends it
                     return bio.KILL
                 self._held.append(clone)
                 self._held_bytes += clone.length
@@ -226,7 +227,7 @@ class Multipath(Target):
 
     def fail_path(self, path, reason, by_message=False):
         with self._lock:
-            was = path.fail(reason, self.marginal_window, self.polling_interval)
+            was = path.fail(reason, self.marginal_window)
             path.by_message = path.by_message or by_message
             if was:
                 path.group.selector.fail_path(path)
@@ -290,6 +291,12 @@ class Multipath(Target):
                         self.ctx.device.name, self.no_path_retry)
             self._fail_held()
         self._release_held()
+
+    def daemon_stopping(self):
+        """As multipath.conf's `queue_without_daemon no`: with nobody left to bring a path back,
+        what waits for one fails now, and so does what comes later with no path."""
+        self._stopping = True
+        self._fail_held()
 
     def disk_failed(self, dev):
         """udev: a local path's disk is gone; fail it now, not at the next probe."""

@@ -2,7 +2,7 @@
 
 A path is `dm_st` active or failed (may it take I/O) and `chk_st` ready, faulty or
 shaky (what the checker last found; shaky: it failed again within marginal_window of
-being reinstated, so it is kept out for a while that doubles each time). `reason` says
+being reinstated, so it is kept out for a while that doubles with each relapse). `reason` says
 why a failed path is down.
 """
 
@@ -45,9 +45,9 @@ class Path:
         self.in_flight_bytes -= nbytes
         self.service_time += EMA * ((time.monotonic() - started) - self.service_time)
 
-    def fail(self, reason, marginal_window, polling_interval):
-        """Out of rotation. True if it was active. A path that fails soon after coming back
-        is marginal: held out polling_interval x 2^k, k growing with each relapse."""
+    def fail(self, reason, marginal_window):
+        """Out of rotation. True if it was active. A path that fails within marginal_window of
+        coming back is marginal: held out marginal_window x 2^(k-1) after its k-th relapse in a row."""
         was = self.active
         self.active = False
         self.reason = reason
@@ -56,7 +56,7 @@ class Path:
             now = time.monotonic()
             if self.reinstated_at is not None and now - self.reinstated_at < marginal_window:
                 self.marginal += 1
-                self.held_until = now + polling_interval * (2 ** min(self.marginal, 6))
+                self.held_until = now + marginal_window * (2 ** min(self.marginal - 1, 6))
                 self.chk_st = "shaky"
             else:
                 self.chk_st = "faulty"
