@@ -132,3 +132,19 @@ def test_multipath_settings_are_checked(make_daemon, image, tmp_path):
     cfg.write_text('[multipath]\nfailback = "sometimes"\n' + device("z", "0 8 zero"))
     r = d.cli("check-config", str(cfg), check=False)
     assert "multipath.failback: 'sometimes' is not immediate, manual, followover" in r.stderr, r.stderr
+
+
+def test_failback_immediate_returns_to_the_better_group_and_manual_stays(make_daemon, image):
+    disk = image(size=SIZE)
+    table = "0 0 2 1 round-robin 0 1 1 @pa 1 round-robin 0 1 1 @pb 1"
+    for failback, back_to in (("immediate", "@pa"), ("manual", "@pb")):
+        d = make_daemon(_paths(disk, table), name=failback, extra=f'[multipath]\nfailback = "{failback}"\n')
+        qemu_io(d.uri("mp"), "read 0 64k")
+        d.cli("message", "mp", "0", "fail_path", "@pa")
+        qemu_io(d.uri("mp"), "read 0 64k")  # group 2 takes over
+        d.cli("message", "mp", "0", "reinstate_path", "@pa")
+        before = {p["dev"]: p["requests"] for g in _mp(d)["path_groups"] for p in g["paths"]}
+        qemu_io(d.uri("mp"), "read 0 64k", "read 1M 64k")
+        after = {p["dev"]: p["requests"] for g in _mp(d)["path_groups"] for p in g["paths"]}
+        assert {w for w in after if after[w] > before[w]} == {back_to}, (failback, before, after)
+        d.stop()
