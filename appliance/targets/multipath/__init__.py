@@ -39,7 +39,7 @@ log = logging.getLogger("appliance.multipath")
 
 # requests in flight per path before the rest wait in the device queue, where they merge (as at a
 # disk's queue): without it, a client that never pauses gets every request mapped alone
-QUEUE_DEPTH_PER_PATH = 4
+QUEUE_DEPTH_PER_PATH = 8
 RESOURCE_RETRIES = 5  # a path out of memory for now: tried again, after a growing delay
 
 
