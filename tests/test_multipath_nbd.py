@@ -3,7 +3,6 @@ for a path loss and given nbdkit's filters as faults (error, delay)."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import time
@@ -212,3 +211,28 @@ def test_selectors_on_a_fast_and_a_slow_path(make_daemon, image, nbdkit, tmp_pat
         assert abs(n_slow - n_fast) <= 2, (n_slow, n_fast)  # alternates, whatever the paths do
     else:
         assert n_fast > 3 * n_slow, (n_slow, n_fast)  # the slow path gets a small share
+
+
+def test_a_reload_that_adds_and_removes_a_path_fails_no_request(make_daemon, image, nbdkit, tmp_path):
+    need("fio")
+    disk = image(size=SIZE)
+    a, b = _pair(nbdkit, disk)
+    c = nbdkit("file", disk)
+    ua, ub, uc = remote(a.sock), remote(b.sock), remote(c.sock)
+    d = make_daemon(device("mp", _map([ua, ub])), extra=FAST)
+    fio = subprocess.Popen(
+        ["fio", "--name=reload", "--ioengine=nbd", f"--uri={d.uri('mp')}", "--rw=randwrite", "--bs=4k",
+         "--iodepth=16", "--size=8M", "--rate_iops=1500", "--verify=crc32c", "--verify_fatal=1"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    time.sleep(0.5)
+    config = d.config.read_text()
+    d.config.write_text(config.replace(_map([ua, ub]), _map([ua, ub, uc], path_args=("1", "1", "1"))))
+    d.cli("reload")
+    time.sleep(0.3)
+    d.config.write_text(config.replace(_map([ua, ub]), _map([ub, uc])))
+    d.cli("reload")
+    out, _ = fio.communicate(timeout=120)
+    assert fio.returncode == 0 and "err= 0" in out, out
+    table = d.cli("table", "mp").stdout
+    assert ua not in table and ub in table and uc in table
+    assert d.status("mp")["devices"][0]["errors"] == 0

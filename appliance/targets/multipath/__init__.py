@@ -29,8 +29,9 @@ import time
 
 from ... import io as bio
 from ...config import MultipathConfig
-from .. import Target, TargetError, parse_int
+from .. import Target, TargetError
 from . import args as table_args
+from . import messages, status
 from .checker import Checker
 from .paths import Group, Path
 from .selectors import selector_class
@@ -340,119 +341,19 @@ class Multipath(Target):
             return [(length, 0)]
         return path.dev.block_status(offset, length)
 
-    # messages
+    # messages and status (messages.py, status.py)
 
     def message(self, argv):
-        if not argv:
-            raise TargetError("multipath messages: fail_path P, reinstate_path P, switch_group N, "
-                              "disable_group N, enable_group N, queue_if_no_path, fail_if_no_path")
-        cmd, rest = argv[0], list(argv[1:])
-        if cmd in ("queue_if_no_path", "fail_if_no_path"):
-            if rest:
-                raise TargetError(f"{cmd} takes no arguments")
-            with self._lock:
-                self.queue_if_no_path = cmd == "queue_if_no_path"
-                if not self.queue_if_no_path:
-                    self._retries_left = 0
-            if cmd == "fail_if_no_path":
-                self._fail_held()
-            return ""
-        if cmd not in _MESSAGES:
-            raise TargetError(f"unknown message {cmd!r}; multipath messages: {', '.join(_MESSAGES)}, "
-                              "queue_if_no_path, fail_if_no_path")
-        if len(rest) != 1:
-            raise TargetError(f"{cmd} takes one argument")
-        if cmd in ("fail_path", "reinstate_path"):
-            path = next((p for p in self.all_paths() if p.word == rest[0]), None)
-            if path is None:
-                raise TargetError(f"no path {rest[0]!r}; paths: {' '.join(p.word for p in self.all_paths())}")
-            if cmd == "fail_path":
-                self.fail_path(path, "failed by message", by_message=True)
-                return ""
-            if path.dev is None:
-                try:
-                    self.open_path(path)
-                except _Unreachable as e:
-                    raise TargetError(f"cannot reinstate {path.word}: {e}") from None
-            with self._lock:
-                path.held_until = 0.0
-                path.by_message = False
-            self.reinstate(path)
-            return ""
-        n = parse_int(rest[0], "group number", 1)  # switch_group, disable_group, enable_group
-        if n > len(self.groups):
-            raise TargetError(f"group {n} does not exist; there are {len(self.groups)}")
-        g = self.groups[n - 1]
-        with self._lock:
-            if cmd == "switch_group":
-                for other in self.groups:
-                    other.bypassed = False
-                self.next_group = g
-            else:
-                g.bypassed = cmd == "disable_group"
-        return ""
-
-    # status
-
-    def _current_number(self):
-        g = self.next_group or self.current
-        return g.number if g else 1
+        return messages.message(self, argv)
 
     def status_line(self):
-        """dm's INFO: 2 <queue_io> <pg_init_count> <#hw_handler_args> <#groups> <current>, per group
-        <A|E|D> <selector status> <#paths> <#info_args>, per path <path> <A|F> <fail_count> <info>."""
-        with self._lock:
-            words = ["2", "1" if self._held else "0", "0", "0", str(len(self.groups)), str(self._current_number())]
-            for g in self.groups:
-                state = "D" if g.bypassed else ("A" if g is self.current else "E")
-                words += [state, *g.selector.status(), str(len(g.paths)), str(g.selector.info_args)]
-                for p in g.paths:
-                    words += [p.word, "A" if p.active else "F", str(p.failures), *g.selector.status(p)]
-        return " ".join(words)
+        return status.status_line(self)
 
     def status_table(self):
-        with self._lock:
-            words = table_args.features_words(self.queue_if_no_path, self.no_path_retry, self.kept_features)
-            words += [str(len(self.hw_handler)), *self.hw_handler, str(len(self.groups)), str(self._current_number())]
-            for g in self.groups:
-                words += [*g.selector_words, str(len(g.paths)), str(g.selector.table_args)]
-                for p in g.paths:
-                    words += [p.word, *g.selector.status(p, table=True)]
-        return words
+        return status.status_table(self)
 
     def status_info(self):
-        """multipathd's `show maps json` names: path_groups, each with its paths."""
-        with self._lock:
-            if self._queueing() and self.queue_if_no_path:
-                queueing = "on"
-            elif self.no_path_retry and not self.queue_if_no_path and not self._no_queue:
-                queueing = f"{self._retries_left} chk"
-            else:
-                queueing = "off"
-            groups = []
-            for g in self.groups:
-                state = "disabled" if g.bypassed else ("active" if g is self.current else "enabled")
-                groups.append({"group": g.number, "selector": " ".join(g.selector_words), "pri": len(self.groups) - g.number + 1,
-                               "dm_st": state, "paths": [p.info(g.selector) for p in g.paths]})
-            info = {
-                "queueing": queueing,
-                "queued": len(self._held),
-                "queued_bytes": self._held_bytes,
-                "queue_max_bytes": self.queue_max_bytes,
-                "queue_full": self.queue_full,
-                "target_errors": self.target_errors,
-                "polling_interval": self.polling_interval,
-                "marginal_window": self.marginal_window,
-                "failback": self.failback,
-            }
-        queue = getattr(getattr(self.ctx.device, "table", None), "queue", None)
-        info["merged"] = queue.merged if queue is not None else 0
-        info["path_groups"] = groups
-        return info
-
-
-_MESSAGES = ("fail_path", "reinstate_path", "switch_group", "disable_group", "enable_group")
-
+        return status.status_info(self)
 
 class _Unreachable(TargetError):
     """A path that cannot be opened now (a remote server down): not a table error."""

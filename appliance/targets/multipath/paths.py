@@ -69,7 +69,7 @@ class Path:
         self.by_message = False
         self.reinstated_at = time.monotonic()
 
-    def info(self, selector):
+    def info(self):
         return {
             "dev": self.word,
             "dm_st": "active" if self.active else "failed",
