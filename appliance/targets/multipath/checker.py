@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import logging
 import threading
+import time
 
 from ... import io as bio
 
@@ -79,6 +80,8 @@ class Checker:
             dev.submit(io)
         except Exception as e:
             return str(e)
-        if not done.wait(max(self.interval, 1.0)):
-            return bio.path_error(errno.ETIMEDOUT)
+        deadline = time.monotonic() + max(self.interval, 1.0)
+        while not done.wait(0.1):  # in slices: a table being removed does not wait for a probe
+            if self._stop.is_set() or time.monotonic() > deadline:
+                return bio.path_error(errno.ETIMEDOUT)
         return io.error
