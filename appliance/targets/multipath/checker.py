@@ -3,9 +3,9 @@
 intervals with no usable path for no_path_retry.
 
 A read, not a handshake or a stat: a server that accepts connections but answers every
-read with an error is no path. A remote path's device reconnects by itself, so the probe
-reads through it: the read proves the connection it reached. A probe that gets no answer
-within the interval counts as failed (its late answer is dropped).
+read with an error is no path. A failed remote path is read through a connection of the
+probe's own (and its device must have reconnected too); an active one through its device.
+A probe that gets no answer within the interval counts as failed (its late answer is dropped).
 """
 
 from __future__ import annotations
@@ -15,7 +15,12 @@ import logging
 import threading
 import time
 
+from types import SimpleNamespace
+
 from ... import io as bio
+from ...blockdev import DeviceError
+from ...nbd import constants as C
+from ...nbd.connection import Connection, connect
 
 log = logging.getLogger("appliance.multipath")
 
@@ -74,6 +79,8 @@ class Checker:
         if why:
             return why
         n = min(PROBE_BYTES, dev.size)
+        if getattr(dev, "kind", None) == "nbd" and not path.active:
+            return self._read_fresh(dev.address, n)
         done = threading.Event()
         io = bio.IO(bio.READ, 0, n, bytearray(n), 0, lambda _io: done.set())
         try:
@@ -85,3 +92,26 @@ class Checker:
             if self._stop.is_set() or time.monotonic() > deadline:
                 return bio.path_error(errno.ETIMEDOUT)
         return io.error
+
+    def _read_fresh(self, address, n):
+        """Read n bytes at 0 of a remote export on a new connection, then let it go: 0 or why not."""
+        timeout = min(address.timeout, max(self.interval, 1.0))
+        try:
+            sock, neg = connect(address, timeout)
+        except DeviceError as e:
+            return e.strerror
+        conn = Connection(sock, neg, f"{address} checker", timeout)
+        done = threading.Event()
+        result = []
+        req = SimpleNamespace(offset=0, buf=bytearray(n), extents=None, deadline=time.monotonic() + timeout,
+                              done=lambda error: (result.append(error), done.set()))
+        receiver = threading.Thread(target=conn.receive, name="multipath-probe", daemon=True)
+        receiver.start()
+        if conn.send(C.NBD_CMD_READ, 0, 0, n, None, req):
+            done.wait(timeout + 1)  # the connection's own deadline ends it before this
+        conn.disconnect()
+        conn.sender.join(1)
+        conn.drop(errno.ENOTCONN, "probe done")
+        receiver.join(1)
+        conn.close()
+        return bio.error(result[0]) if result else bio.path_error(errno.ETIMEDOUT)
