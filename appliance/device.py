@@ -161,6 +161,12 @@ class MappedDevice(RequestPath):
                     a = max(a, getattr(d, "align", 1))
         return a
 
+    @property
+    def control_lock(self):
+        """Held while the table changes (suspend, load, resume, clear): whoever acts on the live
+        table's targets from outside (the power monitor) holds it, so the table stays live meanwhile."""
+        return self._control
+
     def load(self, lines, read_only=None):
         """Construct a table into the inactive slot (dmsetup load). Raises TableError.
         `read_only`: what the device will be when this table goes live (default: as now)."""

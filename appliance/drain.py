@@ -11,16 +11,9 @@ import os
 import threading
 
 from . import io as bio
-from . import sdnotify
+from . import sdnotify, size_text
 
 log = logging.getLogger("appliance")
-
-
-def size_text(n):
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
-        n /= 1024
 
 
 def dirty_bytes(devices):

@@ -153,6 +153,18 @@ def device(name, *lines, **opts):
     return text + "\n"
 
 
+def wait_for(predicate, timeout=10.0, what=None, step=0.05):
+    """Poll `predicate` until it returns something true, and return that; bounded by `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not true within {timeout}s: {what or predicate.__doc__ or predicate}")
+        time.sleep(step)
+
+
 def nbd_python():
     """A python3 with libnbd's bindings (the `nbd` module). Debian's python3-libnbd is for
     /usr/bin/python3, not for a pyenv python3 that may come first on PATH."""
@@ -227,7 +239,7 @@ def nbdkit(tmp_path):
         p = subprocess.Popen(["nbdkit", *listen, "-P", str(pidfile), "--foreground",
                               "--exit-with-parent", *args], stderr=subprocess.PIPE)
         procs.append(p)
-        until(lambda: pidfile.exists() or p.poll() is not None, 10, "nbdkit to listen")
+        wait_for(lambda: pidfile.exists() or p.poll() is not None, 10, "nbdkit to listen")
         if p.poll() is not None:
             raise AssertionError(f"nbdkit {' '.join(args)} exited: {p.stderr.read().decode()}")
         p.sock = sock
@@ -238,14 +250,6 @@ def nbdkit(tmp_path):
         if p.poll() is None:
             p.kill()
         p.wait()
-
-
-def until(predicate, timeout, what):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
 
 
 def remote(sock, **params):

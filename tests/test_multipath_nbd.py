@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import device, need, qemu_io, remote, run, until
+from conftest import device, need, qemu_io, remote, run, wait_for
 
 MiB = 1 << 20
 S = 512
@@ -53,9 +53,9 @@ def test_fio_verifies_while_a_path_is_killed_and_restarted_three_times(make_daem
         time.sleep(0.6)
         a.send_signal(signal.SIGKILL)
         a.wait()
-        until(lambda: _path(_mp(d), ua)["dm_st"] == "failed", 10, "the killed path to fail")
+        wait_for(lambda: _path(_mp(d), ua)["dm_st"] == "failed", 10, "the killed path to fail")
         a = nbdkit("file", disk, sock=a.sock)
-        until(lambda: _path(_mp(d), ua)["dm_st"] == "active", 15, "the checker to reinstate the path")
+        wait_for(lambda: _path(_mp(d), ua)["dm_st"] == "active", 15, "the checker to reinstate the path")
         out, _ = fio.communicate(timeout=120)
         assert fio.returncode == 0 and "err= 0" in out, out
         back = _path(_mp(d), ua)["requests"]
@@ -103,7 +103,7 @@ def test_queue_if_no_path_holds_io_until_a_path_returns(make_daemon, image, nbdk
     d = make_daemon(device("mp", _map([remote(a.sock), remote(b.sock)], "1 queue_if_no_path")), extra=FAST)
     _both_down(a, b)
     client = _qemu_io_bg(d.uri("mp"), "write -P 0x55 1M 64k")
-    until(lambda: _mp(d)["queued"] >= 1, 10, "the write to be held")
+    wait_for(lambda: _mp(d)["queued"] >= 1, 10, "the write to be held")
     time.sleep(1.0)
     assert client.poll() is None  # still waiting, not failed
     assert _mp(d)["queueing"] == "on" and "multipath 2 1 " in d.cli("status", "mp").stdout
@@ -136,7 +136,7 @@ def test_fail_if_no_path_ends_the_wait_at_once_and_the_queue_is_bounded(make_dae
                     extra="[multipath]\npolling_interval = 0.3\nqueue_max_bytes = 131072\n")
     _both_down(a, b)
     held = _qemu_io_bg(d.uri("mp"), "aio_write -P 0x66 0 64k", "aio_write -P 0x66 1M 64k", "aio_flush")
-    until(lambda: _mp(d)["queued_bytes"] == 131072, 10, "two writes to be held")
+    wait_for(lambda: _mp(d)["queued_bytes"] == 131072, 10, "two writes to be held")
     # the cap holds: a third request fails at once instead of waiting (read-only: no flush at close,
     # which would wait: a flush holds no bytes)
     out = run("qemu-io", "-f", "raw", "-r", "-c", "read 2M 64k", d.uri("mp"), check=False, timeout=10).stdout
@@ -156,7 +156,7 @@ def test_stopping_the_daemon_fails_held_io_at_once(make_daemon, image, nbdkit):
     d = make_daemon(device("mp", _map([remote(a.sock), remote(b.sock)], "1 queue_if_no_path")), extra=FAST)
     _both_down(a, b)
     held = _qemu_io_bg(d.uri("mp"), "write -P 0x77 0 64k")
-    until(lambda: _mp(d)["queued"] >= 1, 10, "the write to be held")
+    wait_for(lambda: _mp(d)["queued"] >= 1, 10, "the write to be held")
     t = time.monotonic()
     assert d.stop(timeout=20) == 0
     out, _ = held.communicate(timeout=10)

@@ -6,8 +6,8 @@ from __future__ import annotations
 import os
 import shutil
 
-from conftest import device, qemu_io, run
-from test_udev import loop, need_loop, pattern, wait  # noqa: F401 (loop: the fixture)
+from conftest import device, qemu_io, run, wait_for
+from test_udev import loop, need_loop, pattern  # noqa: F401 (loop: the fixture)
 
 
 def _mp_status(d):
@@ -28,13 +28,13 @@ def test_a_path_whose_disk_goes_away_fails_at_once_and_returns_with_it(make_daem
     shutil.copyfile(backing, saved)
     os.truncate(backing, 0)
     run("losetup", "-c", loop.path)
-    wait(lambda: _mp_status(d)[loop.path]["dm_st"] == "failed", what="the disk's path to fail")
+    wait_for(lambda: _mp_status(d)[loop.path]["dm_st"] == "failed", 15, "the disk's path to fail")
     assert "shrank" in _mp_status(d)[loop.path]["reason"]
     out = qemu_io(d.uri("mp"), *[f"read -P 0x5d {i * 64}k 64k" for i in range(8)]).stdout
     assert out.count("read 65536/65536") == 8 and "Pattern verification failed" not in out
     shutil.copyfile(saved, backing)
     run("losetup", "-c", loop.path)
-    wait(lambda: _mp_status(d)[loop.path]["dm_st"] == "active", what="the path to be reinstated")
+    wait_for(lambda: _mp_status(d)[loop.path]["dm_st"] == "active", 15, "the path to be reinstated")
     before = _mp_status(d)[loop.path]["requests"]
     qemu_io(d.uri("mp"), *[f"read -P 0x5d {i * 64}k 64k" for i in range(4)])
     assert _mp_status(d)[loop.path]["requests"] > before

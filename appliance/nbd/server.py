@@ -175,6 +175,19 @@ _OPS = {
 }
 
 
+def _close(s, name):
+    try:
+        s.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    s.close()
+    if name.startswith("unix:"):
+        try:
+            os.unlink(name[5:])
+        except OSError:
+            pass
+
+
 def _peer(sock):
     try:
         name = sock.getpeername()
@@ -232,7 +245,7 @@ class Server:
             try:
                 sock, _ = s.accept()
             except OSError:
-                if self._stopping:
+                if self._stopping or (s, name) not in self.listeners:  # closed: by stop or close_listener
                     return
                 continue
             if sock.family != socket.AF_UNIX:
@@ -310,20 +323,17 @@ class Server:
         for s in self.clients(device_name):
             s.conn.abort(reason)
 
+    def close_listener(self, name):
+        """Stop accepting on one listener (a reload dropped it); sessions and other listeners stay."""
+        for entry in [e for e in self.listeners if e[1] == name]:
+            self.listeners.remove(entry)
+            _close(*entry)
+
     def stop_listening(self):
         self._stopping = True
-        for s, name in self.listeners:
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            s.close()
-            if name.startswith("unix:"):
-                try:
-                    os.unlink(name[5:])
-                except OSError:
-                    pass
-        self.listeners = []
+        listeners, self.listeners = self.listeners, []
+        for s, name in listeners:
+            _close(s, name)
 
     def stop(self, reason="server stopping"):
         self.stop_listening()

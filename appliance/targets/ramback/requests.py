@@ -20,12 +20,11 @@ import time
 
 from ... import io as bio
 from ..._fast.chunkstate import CLEAN, DIRTY, EMPTY, FLUSHING
+from ...power.state import WRITEBACK, WRITETHROUGH
 
 log = logging.getLogger("appliance.ramback")
 
 FAST_RAMBACK = 3  # appliance/_fast/gate.pxd
-WRITETHROUGH = "writethrough"
-WRITEBACK = "writeback"
 STALL = 30.0  # seconds a writer at the dirty limit waits for a flush to make progress
 THROUGH = -1  # _admit: write this one through to backing
 
