@@ -96,6 +96,12 @@ class TableContext:
         except OSError as e:
             raise TargetError(str(e)) from None
 
+    def settings(self, section):
+        """The daemon's [section] settings (a config dataclass; `multipath`...), or None outside a
+        daemon: the target then uses its defaults."""
+        config = getattr(self.registry, "config", None)
+        return getattr(config, section, None) if config is not None else None
+
     @property
     def daemon_config(self):
         """The daemon's [daemon] settings (state_dir, shm_dir, control), or None outside a daemon."""
@@ -306,6 +312,7 @@ class Registry:
         self._lock = threading.Lock()
         self.power = None  # the daemon's power monitor, for TableContext.ramback_mode
         self.daemon_config = None  # the daemon's [daemon] section, for TableContext.daemon_config
+        self.config = None  # the daemon's whole config, for TableContext.settings
 
     def add(self, dev):
         with self._lock:

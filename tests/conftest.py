@@ -217,3 +217,49 @@ def unwritten_pages(path, offset=0, length=0):
         return st.dirty + st.writeback
     finally:
         os.close(fd)
+
+
+# ---- remote peers: nbdkit servers, and qemu-io against a URI
+
+@pytest.fixture
+def nbdkit(tmp_path):
+    """nbdkit(*args, sock=None, port=None) -> a running `nbdkit --unix SOCK ARGS...` (or on
+    127.0.0.1:PORT); `.sock` is its socket.
+    Ready once its pid file exists (nbdkit writes it when the socket accepts)."""
+    procs = []
+
+    def start(*args, sock=None, port=None):
+        need("nbdkit")
+        sock = sock or str(tmp_path / f"kit{len(procs)}.sock")
+        pidfile = tmp_path / f"kit{len(procs)}.pid"
+        for stale in (sock, pidfile):  # a SIGKILLed nbdkit leaves both
+            if os.path.exists(stale):
+                os.unlink(stale)
+        listen = ["-i", "127.0.0.1", "-p", str(port)] if port else ["--unix", sock]
+        p = subprocess.Popen(["nbdkit", *listen, "-P", str(pidfile), "--foreground",
+                              "--exit-with-parent", *args], stderr=subprocess.PIPE)
+        procs.append(p)
+        wait_for(lambda: pidfile.exists() or p.poll() is not None, 10, "nbdkit to listen")
+        if p.poll() is not None:
+            raise AssertionError(f"nbdkit {' '.join(args)} exited: {p.stderr.read().decode()}")
+        p.sock = sock
+        return p
+
+    yield start
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+        p.wait()
+
+
+def remote(sock, **params):
+    query = "".join(f"&{k}={v}" for k, v in params.items())
+    return f"nbd+unix:///?socket={sock}{query}"
+
+
+def qemu_io(uri, *commands, check=True, timeout=60):
+    need("qemu-io")
+    args = ["qemu-io", "-f", "raw"]
+    for c in commands:
+        args += ["-c", c]
+    return run(*args, uri, check=check, timeout=timeout)
