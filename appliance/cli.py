@@ -100,11 +100,20 @@ def cmd_status(args):
         from .power import describe
 
         print(describe(st["power"]))
+    lost = {}  # device -> what its lost disks say; its table line alone would look healthy
+    for disk in st["daemon"].get("lost_disks") or []:
+        for name in disk.get("devices", []):
+            lost.setdefault(name, []).append(f"disk {disk['disk']} {disk['state']}; its I/O fails until it returns")
     for dev in st["devices"]:
-        for line in dev["lines"]:
-            print(f"{dev['name']}: {line}" if not args.name else line)
+        prefix = "" if args.name else f"{dev['name']}: "
+        for line in dev["lines"] + lost.get(dev["name"], []):
+            print(prefix + line)
         if dev["suspended"] and not args.name:
-            print(f"{dev['name']}: (suspended)")
+            print(f"{prefix}(suspended)")
+    for name, words in (st["daemon"].get("waiting") or {}).items():
+        if args.name in (None, name):
+            prefix = "" if args.name else f"{name}: "
+            print(f"{prefix}waiting for {' '.join(words)}: not served until it is attached")
     return 0
 
 

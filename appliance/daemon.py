@@ -1,6 +1,14 @@
 """The daemon: assemble the configured devices, export them, and run one loop
 that acts on signals and on control requests that change the whole set
 (reload, stop). Signal handlers only queue an event (Patroni's shape).
+
+Whatever changes devices (a control command, a reload, a kernel disk event)
+holds `Daemon.lock`, so no two of them interleave; what only reads (status,
+ls, table) does not wait for it. The run loop never blocks on it for a disk
+event (the event waits for the next turn), so the watchdog is fed while a long
+suspend holds it. The power monitor acts on a device's rambacks holding that
+device's own control lock, which every table change (suspend, load, resume)
+holds as well, so a plan never lands on a table being swapped out.
 """
 
 from __future__ import annotations
@@ -13,7 +21,7 @@ import threading
 import time
 
 from . import config as cfg
-from . import drain, sdnotify, udev
+from . import drain, engine, sdnotify, size_text, udev
 from .blockdev import DevicePool
 from .control import ControlError, ControlServer
 from .device import MappedDevice, Registry
@@ -26,8 +34,20 @@ log = logging.getLogger("appliance")
 
 
 STATUS_PERIOD = 5.0  # seconds between STATUS= refreshes (sent only when the text changed)
+BUSY_RETRY = 0.1  # seconds before the run loop tries again an event that found the device lock held
 DISK_RETRY = 10.0  # seconds between attempts to reopen a lost disk, besides kernel events
 CLIENT_DRAIN = 10.0  # seconds stop waits for connected clients to finish what is in flight
+
+
+# daemon settings a reload cannot apply: (key, why)
+RESTART_ONLY = (
+    ("control", "the CLI and upsmon find the daemon there"),
+    ("state_dir", "ramback's dirty-data markers of the running devices are there"),
+    ("shm_dir", "the running rambacks' RAM stores are there"),
+)
+
+
+READ_ONLY = ("ls", "status", "table")  # control commands that never wait for the device lock
 
 
 class AssemblyError(Exception):
@@ -40,13 +60,16 @@ class Daemon:
         self.config_arg = config_arg
         self.pool = DevicePool(resolve=udev.resolve)
         self.registry = Registry()
+        self.lock = threading.RLock()  # changes to devices (see the module's docstring)
         self.power = self.registry.power = PowerMonitor(config.power, self.registry)
         self.registry.daemon_config = config.daemon  # state_dir, shm_dir: ramback's store and marker
+        self.registry.config = config  # the sections targets read ([multipath])
         self.catalog = Catalog()
         self.server = Server(self.catalog)
         self.control = None
-        self.events = queue.Queue()
-        self.lock = threading.RLock()  # one control operation at a time
+        # SimpleQueue: its put() may be called from a signal handler (a Queue's may deadlock there)
+        self.events = queue.SimpleQueue()
+        self.pending = []  # disk events that found the device lock held: retried by the loop
         self.started = time.time()
         self.last_reload = None  # (time, error or None)
         self.stopping = False
@@ -176,7 +199,7 @@ class Daemon:
                     uris.append(f"nbd+unix:///{d.name}?socket={where}")
                 else:
                     uris.append(f"nbd://{where}/{d.name}")
-            size = "waiting" if dev is None else _size(dev.size)  # for a disk (udev)
+            size = "waiting" if dev is None else size_text(dev.size)  # for a disk (udev)
             lines.append(f"  {d.name:<12} {size:>10}  " + "  ".join(uris))
         return lines
 
@@ -211,6 +234,8 @@ class Daemon:
         while True:
             now = time.monotonic()
             timeout = min(next_status, next_retry) - now
+            if self.pending:
+                timeout = min(timeout, BUSY_RETRY)
             if self.watchdog:
                 self.watchdog.tick()
                 timeout = min(timeout, self.watchdog.timeout())
@@ -219,6 +244,8 @@ class Daemon:
             except queue.Empty:
                 event, arg = None, None
             now = time.monotonic()
+            if self.pending and self._disk_events():
+                next_status = now
             if event == "stop":
                 self.stopping = True
                 sdnotify.notify("STOPPING=1", "STATUS=stopping: closing exports, draining devices")
@@ -235,23 +262,39 @@ class Daemon:
                 if arg:
                     arg.put(error)
             elif event == "disk":
-                with self.lock:
-                    changed = self.disks.event(*arg)
-                    changed |= self._attach_waiting()
-                if changed:
+                self.pending.append(arg)
+                if self._disk_events():
                     next_status = now
             if now >= next_retry:
                 next_retry = now + DISK_RETRY
-                if self.disks.lost or self.waiting:
-                    with self.lock:
+                if (self.disks.lost or self.waiting) and self.lock.acquire(blocking=False):
+                    try:
                         if self.disks.retry() | self._attach_waiting():
                             next_status = now
+                    finally:
+                        self.lock.release()
+                elif self.disks.lost or self.waiting:
+                    next_retry = now + BUSY_RETRY  # a control command holds the devices: soon again
             if now >= next_status:
                 next_status = now + STATUS_PERIOD
                 text = self.summary()
                 if text != self._status_sent:
                     self._status_sent = text
                     sdnotify.notify(f"STATUS={text}")
+
+    def _disk_events(self):
+        """Act on the kernel events taken so far, unless the device lock is held (then they wait
+        for the next turn of the loop). True if a device changed."""
+        if not self.lock.acquire(blocking=False):
+            return False
+        try:
+            events, self.pending = self.pending, []
+            changed = False
+            for arg in events:
+                changed |= self.disks.event(*arg)
+            return changed | self._attach_waiting()
+        finally:
+            self.lock.release()
 
     def teardown(self):
         """Stop accepting clients; let connected ones get answers for what is in flight; then,
@@ -260,6 +303,7 @@ class Daemon:
         self.power.stop()
         if self.monitor:
             self.monitor.stop()
+        drain.announce_stop(self.registry.devices.values())  # before clients drain: nothing may wait for a path
         self.server.stop("daemon stopping")
         deadline = time.monotonic() + CLIENT_DRAIN
         while self.server.clients() and time.monotonic() < deadline:
@@ -300,8 +344,10 @@ class Daemon:
             return str(e)
         with self.lock:
             try:
+                self.registry.config = new  # tables loaded by this reload see its settings
                 self._apply(new)
             except Exception as e:  # whatever it is, the running set stays and the daemon lives
+                self.registry.config = self.config
                 log.error("reload refused: %s", e)
                 self.last_reload = (time.time(), str(e))
                 return str(e)
@@ -328,11 +374,16 @@ class Daemon:
             if absent:
                 raise AssemblyError(f"device {d.name}: disk {', '.join(absent)} is not attached")
         waiting = {}
-        if new.daemon.control != self.config.daemon.control:
-            raise AssemblyError("daemon.control cannot change on reload; restart the daemon")
-        # load every changed table first: any error leaves the running set untouched
+        for key, why in RESTART_ONLY:
+            if getattr(new.daemon, key) != getattr(self.config.daemon, key):
+                raise AssemblyError(f"daemon.{key} cannot change on reload ({why}); "
+                                    f"restart the daemon to apply it, or put back {getattr(self.config.daemon, key)!r}")
+        # bind the new listeners and load every changed table first: any error leaves the
+        # running set, its listeners and its config untouched
+        bound, dropped, endpoints = self._bind(new.export)
         loaded = []
         created = []
+        power = None
         try:
             for d in added:
                 missing = [w for w in udev.disk_words(d.table) if udev.find(w) is None]
@@ -357,6 +408,8 @@ class Daemon:
                         dev.direct, dev.exclusive = before
                         raise AssemblyError(f"device {d.name}: table {e}") from None
                     loaded.append((dev, before))
+            if new.power != self.config.power:
+                power = PowerMonitor(new.power, self.registry)
         except BaseException:
             for dev, before in loaded:
                 dev.clear()
@@ -364,6 +417,8 @@ class Daemon:
             for dev in reversed(created):
                 self.registry.remove(dev.name)
                 dev.remove()
+            for name in bound:
+                self.server.close_listener(name)
             raise
         # commit: suspend, swap, resume each changed device; clients stay connected
         for dev, _ in loaded:
@@ -384,24 +439,56 @@ class Daemon:
             if dev is not None:
                 dev.resume()
                 dev.remove()
+                # a request its client sent before the disconnect may have reached the gate after
+                # remove() closed it: answer it (no table: ENXIO) so the connection can end
+                for io in dev.gate.open():
+                    dev.submit(io)
         for name in [n for n in self.waiting if n in fresh and n not in waiting]:
             waiting[name] = self.waiting[name]  # re-checked by _attach_waiting
         self.waiting = waiting
-        listeners_changed = new.export != self.config.export
-        if new.power != self.config.power:
+        if power is not None:
             self.power.stop()
-            self.power = self.registry.power = PowerMonitor(new.power, self.registry)
+            self.power = self.registry.power = power
             self.power.start()
+        for name in dropped:
+            self.server.close_listener(name)
+        self.endpoints = endpoints
         self.config = new
         self._publish()
-        if listeners_changed:
-            self.server.stop_listening()
-            self.server = _rebind(self.server, self.catalog)
-            self.open_listeners()
+
+    def _bind(self, export):
+        """Listen where `export` adds a listener, keeping those it keeps. -> (names bound now,
+        names to close on commit, the endpoints after it). Raises with nothing new left bound."""
+        old = self.config.export
+        kept = dict(self.endpoints)
+        bound, endpoints, where = [], [], None
+        try:
+            if export.unix:
+                if export.unix != old.unix:
+                    where = export.unix
+                    self.server.listen_unix(export.unix)
+                    bound.append(f"unix:{export.unix}")
+                endpoints.append(("unix", export.unix))
+            if export.tcp:
+                host, port = export.tcp
+                if export.tcp != old.tcp:
+                    where = f"{host}:{port}"
+                    port = self.server.listen_tcp(host, port)
+                    bound.append(f"tcp:{host}:{port}")
+                    endpoints.append(("tcp", f"{host}:{port}"))
+                else:
+                    endpoints.append(("tcp", kept["tcp"]))
+        except OSError as e:
+            for name in bound:
+                self.server.close_listener(name)
+            raise AssemblyError(f"cannot listen on {where}: {e.strerror or e}; the listeners stay as they were") from None
+        dropped = [f"{k}:{w}" for k, w in self.endpoints if (k, w) not in endpoints]
+        return bound, dropped, endpoints
 
     # control requests
 
     def handle(self, req):
+        """A control request, from a control connection's thread."""
         cmd = req["cmd"]
         fn = getattr(self, f"cmd_{cmd.replace('-', '_')}", None)
         if fn is None and cmd not in ("reload", "stop"):  # those two go through the run loop
@@ -413,7 +500,7 @@ class Daemon:
             if error:
                 raise ControlError(f"reload refused: {error}")
             return {}
-        if cmd.startswith("power"):  # UPS events never wait behind a reload: the monitor has its own queue
+        if cmd.startswith("power") or cmd in READ_ONLY:  # UPS events never wait behind a reload
             return fn(req)
         with self.lock:
             return fn(req)
@@ -422,17 +509,23 @@ class Daemon:
         name = req.get("name")
         dev = self.registry.get(name)
         if dev is None:
-            raise ControlError(f"no device named {name!r}; devices: {', '.join(self.registry.devices) or 'none'}")
+            why = f"{name} waits for {' '.join(self.waiting[name])}" if name in self.waiting else f"no device named {name!r}"
+            raise ControlError(f"{why}; devices: {', '.join(self.registry.devices) or 'none'}")
         return dev
 
     def cmd_ls(self, req):
         return {"devices": [{"name": n, "size": d.size, "exported": n in self.catalog.names()} for n, d in self.registry.devices.items()]}
 
     def cmd_status(self, req):
-        names = [req["name"]] if req.get("name") else list(self.registry.devices)
+        name = req.get("name")
+        if name and name not in self.waiting:
+            self._device(req)  # an unknown name is an error; a waiting device is in daemon.waiting
+        names = [name] if name else list(self.registry.devices)
         devices = []
         for n in names:
-            dev = self._device({"name": n})
+            dev = self.registry.get(n)
+            if dev is None:  # waiting, or removed by a reload since we listed it
+                continue
             st = dev.status()
             st["exported"] = n in self.catalog.names()
             st["clients"] = len(self.server.clients(n))
@@ -449,6 +542,7 @@ class Daemon:
                 "waiting": dict(self.waiting),
                 "lost_disks": self.disks.status(),
                 "watchdog_pings": self.watchdog.pings if self.watchdog else None,
+                "io_engine": engine.get().kind,
             },
             "devices": devices,
             "power": self.power.snapshot(),
@@ -511,7 +605,7 @@ class Daemon:
                 log.exception("power snapshot failed")
         dirty = drain.dirty_bytes(self.registry.devices.values())
         if dirty is not None:
-            parts.append(f"dirty {_size(dirty)}")
+            parts.append(f"dirty {size_text(dirty)}")
         if self.waiting:
             parts.append("waiting: " + ", ".join(f"{name} for {' '.join(w)}" for name, w in sorted(self.waiting.items())))
         for lost in self.disks.status():
@@ -520,17 +614,3 @@ class Daemon:
             parts.append(f"last reload refused: {self.last_reload[1]}")
         return "; ".join(parts)
 
-
-def _rebind(server, catalog):
-    """A new Server for new listeners; connected sessions stay with the old one."""
-    new = Server(catalog)
-    new.sessions = server.sessions
-    new._lock = server._lock
-    return new
-
-
-def _size(n):
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
-        n /= 1024

@@ -11,16 +11,9 @@ import os
 import threading
 
 from . import io as bio
-from . import sdnotify
+from . import sdnotify, size_text
 
 log = logging.getLogger("appliance")
-
-
-def size_text(n):
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
-        n /= 1024
 
 
 def dirty_bytes(devices):
@@ -47,6 +40,19 @@ def drain_eta(devices):
             except Exception:
                 continue
     return eta
+
+
+def announce_stop(devices):
+    """Tell the targets that define `daemon_stopping()` that the daemon stops: one that holds I/O
+    for a better moment (multipath with no path) must end it now, or stop would wait forever."""
+    for dev in list(devices):
+        for t in dev.table.targets if dev.table else ():
+            hook = getattr(t, "daemon_stopping", None)
+            if hook is not None:
+                try:
+                    hook()
+                except Exception:
+                    log.exception("%s: %s.daemon_stopping failed", dev.name, t.name)
 
 
 def flush(dev):

@@ -395,4 +395,5 @@ class Disks:
         return changed
 
     def status(self):
-        return [{"disk": f.word, "path": f.path, "state": f"missing: {why}", "since": since} for f, (why, since) in self.lost.items()]
+        return [{"disk": f.word, "path": f.path, "state": f"missing: {why}", "since": since,
+                 "devices": [md.name for md in self.users(f)]} for f, (why, since) in list(self.lost.items())]

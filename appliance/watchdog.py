@@ -9,8 +9,9 @@ or disk (and a stuck run loop) stops the pings and systemd restarts the
 service. A read that fails still counts as an answer: a failed disk is
 reported in status, it does not wedge anything.
 
-A device held by a suspend (its own or one below it in the stack) is skipped:
-a suspend is an administrator's choice, not a wedge.
+A device held by a suspend (its own or one below it in the stack) is skipped
+from the moment the suspend begins: a suspend is an administrator's choice,
+not a wedge, even while it waits for slow I/O in flight to finish.
 """
 
 from __future__ import annotations
@@ -30,9 +31,11 @@ STRIDE = 7919 * PROBE_BYTES  # rotate the probed block so it is not always cache
 
 
 def held(dev, _depth=0):
-    """True if I/O to `dev` waits on a suspended device (itself or one below it)."""
-    if getattr(dev, "suspended", False) or _depth > 32:
-        return getattr(dev, "suspended", False)
+    """True if I/O to `dev` waits on a suspend (its own or one below it). The gate closes when a
+    suspend begins; `dev.suspended` turns true only once I/O in flight has finished, which may take
+    as long as the slowest request below, so the gate is what says a suspend holds the device."""
+    if dev.gate.is_suspended or _depth > 32:
+        return dev.gate.is_suspended
     table = getattr(dev, "table", None)
     if table is None:
         return False

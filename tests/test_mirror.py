@@ -13,7 +13,7 @@ import pytest
 
 from appliance.targets import TargetError
 from appliance.targets.mirror import table
-from conftest import REPO, device, nbdsh_env, need, replay_log, run, until
+from conftest import REPO, device, nbdsh_env, need, qemu_io, remote, replay_log, run, wait_for
 
 MiB = 1 << 20
 S = 512
@@ -23,10 +23,6 @@ REGION = MiB  # the tests' region size
 def mirror_line(size, legs, log="core 2 2048 nosync", features="1 handle_errors"):
     words = " ".join(f"{leg} 0" for leg in legs)
     return f"0 {size // S} mirror {log} {len(legs)} {words} {features}".rstrip()
-
-
-def remote(sock):
-    return f"nbd+unix:///?socket={sock}"
 
 
 def mstatus(d, name="m"):
@@ -45,14 +41,6 @@ def fio(uri, tmp_path, *extra, background=False, offset=0, size=8 * MiB):
     if background:  # fio leaves its verify state file in the working directory
         return subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     return run(*args, cwd=tmp_path, timeout=120)
-
-
-def qemu_io(uri, *commands, check=True):
-    need("qemu-io")
-    args = ["qemu-io", "-f", "raw"]
-    for c in commands:
-        args += ["-c", c]
-    return run(*args, uri, check=check, timeout=60)
 
 
 def read_file(path, offset=0, length=None):
@@ -122,7 +110,7 @@ def test_a_new_mirror_copies_the_first_leg_to_the_others(make_daemon, image):
     a, b = image("a.img", 8 * MiB), image("b.img", 8 * MiB)
     poke(a, 3 * MiB + 100, b"\x5a" * 5000)
     d = make_daemon(device("m", mirror_line(8 * MiB, [a, b], log="core 1 2048")))
-    until(lambda: in_sync(d), 20, "the initial sync")
+    wait_for(lambda: in_sync(d), 20, "the initial sync")
     assert read_file(a) == read_file(b)
     assert mstatus(d)["resynced_regions"] == 8
     assert "read 5000/5000" in qemu_io(d.uri("m"), f"read -P 0x5a {3 * MiB + 100} 5000").stdout
@@ -140,7 +128,7 @@ def test_a_region_being_resynced_holds_writes_to_it_only(make_daemon, image, nbd
     qemu_io(d.uri("m"), "write -P 0x22 4096 4k")
     same = time.monotonic() - t
     assert other < 1.5 and same > 1.0, (other, same)
-    until(lambda: in_sync(d), 60, "the initial sync")
+    wait_for(lambda: in_sync(d), 60, "the initial sync")
     assert read_file(b, 4096, 4096) == b"\x22" * 4096 and read_file(a, 4096, 4096) == b"\x22" * 4096
     assert read_file(b, 7 * MiB, 4096) == b"\x11" * 4096
 
@@ -167,7 +155,7 @@ def test_a_killed_remote_leg_fails_no_client_io_and_is_resynced_only_where_it_mi
     r = fio(d.uri("m"), tmp_path, "--rw=write", f"--offset={20 * MiB}", "--size=2M")
     assert "err= 0" in r.stdout
     nbdkit("file", b, sock=sock)  # back: reinstated and resynced without a message
-    until(lambda: in_sync(d), 30, "the returned leg's resync")
+    wait_for(lambda: in_sync(d), 30, "the returned leg's resync")
     st = mstatus(d)
     assert 2 <= st["resynced_regions"] < st["total_regions"], st
     assert read_file(a) == read_file(b)
@@ -185,7 +173,7 @@ def test_fail_and_reinstate_by_message(make_daemon, image):
     r = d.cli("message", "m", "0", "set_primary", b, check=False)
     assert "only a leg in sync can be the primary" in r.stderr
     assert "1 regions to resync" in d.cli("message", "m", "0", "reinstate_leg", b).stdout
-    until(lambda: in_sync(d), 20, "the resync")
+    wait_for(lambda: in_sync(d), 20, "the resync")
     assert read_file(a) == read_file(b) and mstatus(d)["resynced_regions"] == 1
 
 
@@ -203,10 +191,10 @@ def test_daemon_killed_mid_write_resyncs_only_the_dirty_regions(make_daemon, ima
     dirty = sum(bin(x).count("1") for x in bitmap)
     assert 0 < dirty <= 8  # only regions fio was writing; fio writes the first 8 MiB
     d.restart()
-    until(lambda: in_sync(d), 30, "the resync after the crash")
+    wait_for(lambda: in_sync(d), 30, "the resync after the crash")
     assert mstatus(d)["resynced_regions"] == dirty
     assert read_file(a) == read_file(b)
-    until(lambda: read_file(logdev, 4096, 8) == bytes(8), 10, "the log's clears")
+    wait_for(lambda: read_file(logdev, 4096, 8) == bytes(8), 10, "the log's clears")
 
 
 # ------------------------------------------------------------ repair and verify
@@ -223,7 +211,7 @@ def test_a_leg_with_read_errors_is_repaired_from_the_other(make_daemon, image, n
     trigger.touch()
     out = qemu_io(d.uri("m"), f"read -P 0x66 {2 * MiB} 64k").stdout
     assert "read 65536/65536" in out and "Pattern verification failed" not in out, out
-    until(lambda: mstatus(d)["repairs"] == 1, 10, "the repair")
+    wait_for(lambda: mstatus(d)["repairs"] == 1, 10, "the repair")
     trigger.unlink()
     assert read_file(b, 2 * MiB, 65536) == b"\x66" * 65536  # rewritten from the good leg
     assert read_file(a) == read_file(b)
@@ -236,10 +224,10 @@ def test_verify_reports_a_region_changed_behind_the_daemons_back(make_daemon, im
     qemu_io(d.uri("m"), "write -P 0x77 0 8M")
     poke(b, 5 * MiB + 512, b"rot")
     assert "verify started: 8 regions" in d.cli("message", "m", "0", "verify").stdout
-    until(lambda: not mstatus(d)["verify"]["running"], 20, "the verify")
+    wait_for(lambda: not mstatus(d)["verify"]["running"], 20, "the verify")
     v = mstatus(d)["verify"]
     assert v["differing"] == 1 and v["regions"] == [5], v
-    until(lambda: in_sync(d), 20, "the resync of the differing region")
+    wait_for(lambda: in_sync(d), 20, "the resync of the differing region")
     assert read_file(a) == read_file(b) == b"\x77" * (8 * MiB)
 
 
@@ -258,7 +246,7 @@ def test_marks_reach_the_log_before_the_data_and_clears_after_the_data_is_durabl
     need("nbdsh")  # no client FLUSH (qemu-io sends one on exit): the mirror's own flushes only
     run("nbdsh", "-u", d.uri("m"), "-c", f"h.pwrite(b'\\x31' * 65536, {3 * MiB}); "
         f"h.pwrite(b'\\x32' * 8192, {5 * MiB + 8192})", env=nbdsh_env())
-    until(lambda: read_file(big, 4096, 1) == b"\0", 10, "the lazy clears")
+    wait_for(lambda: read_file(big, 4096, 1) == b"\0", 10, "the lazy clears")
     d.stop()
     entries = json.loads(run(sys.executable, "-m", "appliance", "log-writes", "list", "--json", lwlog,
                              cwd=REPO).stdout)["entries"]
@@ -292,7 +280,7 @@ def test_a_reloaded_table_keeps_the_log_and_its_table_round_trips(make_daemon, i
     logdev = image("log.img", MiB)
     line = mirror_line(8 * MiB, [a, b], log=f"disk 2 {logdev} 2048")
     d = make_daemon(device("m", line))
-    until(lambda: in_sync(d), 20, "the initial sync")
+    wait_for(lambda: in_sync(d), 20, "the initial sync")
     assert d.cli("table", "m").stdout.split() == line.split()
     writer = subprocess.Popen(["qemu-io", "-f", "raw", "-c", f"write -P 0x55 {MiB} 6M", d.uri("m")],
                               stdout=subprocess.PIPE, text=True)
@@ -300,7 +288,7 @@ def test_a_reloaded_table_keeps_the_log_and_its_table_round_trips(make_daemon, i
     d.cli("resume", "m")
     out, _ = writer.communicate(timeout=60)
     assert "wrote 6291456/6291456" in out, out
-    until(lambda: in_sync(d), 20, "the new table's resync of what the old one left marked")
+    wait_for(lambda: in_sync(d), 20, "the new table's resync of what the old one left marked")
     assert read_file(a) == read_file(b) and read_file(a, MiB, 6 * MiB) == b"\x55" * (6 * MiB)
     assert mstatus(d)["resynced_regions"] < 8  # the log came along: not a full resync
 
@@ -315,7 +303,7 @@ def test_without_handle_errors_a_leg_write_error_reaches_the_client(make_daemon,
     out = qemu_io(d.uri("m"), "write -P 0x12 0 4k", check=False).stdout
     assert "Input/output error" in out, out
     trigger.unlink()
-    until(lambda: in_sync(d), 20, "the resync of the region the leg missed")
+    wait_for(lambda: in_sync(d), 20, "the resync of the region the leg missed")
     assert mstatus(d)["resynced_regions"] == 1  # the leg stayed alive, out of sync where it failed
     assert read_file(a) == read_file(b) and "is dead" not in d.log.read_text()
 
@@ -331,7 +319,7 @@ def test_resync_rate_throttles_the_copy_and_status_gives_progress_and_eta(make_d
     st = mstatus(d)
     assert st["legs"][1]["state"] == "resyncing" and 0 < st["resync"]["progress"] < 1, st
     assert 0 < st["resync"]["eta_seconds"] < 10 and st["resync"]["rate"] == 4 * MiB, st["resync"]
-    until(lambda: in_sync(d), 20, "the resync")
+    wait_for(lambda: in_sync(d), 20, "the resync")
     assert time.monotonic() - t > 2.5  # 16 MiB at 4 MiB/s, four regions at a time
     assert read_file(b, 9 * MiB, 4096) == b"\x42" * 4096 and read_file(a) == read_file(b)
 
@@ -346,7 +334,7 @@ def test_a_leg_the_log_does_not_know_is_fully_resynced_and_a_log_of_other_legs_i
     poke(c, 6 * MiB, b"another mirror's data")
     d.config.write_text(d.config.read_text().replace(b, c))  # c takes b's place
     d.restart()
-    until(lambda: in_sync(d), 20, "the new leg's full resync")
+    wait_for(lambda: in_sync(d), 20, "the new leg's full resync")
     st = mstatus(d)
     assert st["legs"][1]["note"] == "not a leg of this mirror's log: fully resynced", st["legs"]
     assert "note" not in st["legs"][0] and st["resynced_regions"] == 8
@@ -372,7 +360,7 @@ def test_a_dead_primary_stays_untrusted_across_a_restart(make_daemon, image):
     marked = read_file(logdev, 4096, 1)[0]
     assert marked & 1 << 5 and not marked & ~(1 << 1 | 1 << 5)  # region 5, and 1 if not cleared yet
     d.restart()
-    until(lambda: in_sync(d), 20, "the resync of the leg that was dead")
+    wait_for(lambda: in_sync(d), 20, "the resync of the leg that was dead")
     st = mstatus(d)
     assert st["primary"] == b and st["resynced_regions"] == bin(marked).count("1"), st
     assert st["legs"][0]["note"].startswith("dead when the log was last written")
@@ -386,7 +374,7 @@ def test_a_log_device_that_fails_fails_the_writes_it_cannot_mark(make_daemon, im
     d = make_daemon(device("mlog", f"0 {MiB // S} flakey {logimg} 0 3 60 1 error_writes")
                     + device("m", mirror_line(8 * MiB, [a, b], log="disk 3 @mlog 2048 nosync")))
     assert "wrote 4096/4096" in qemu_io(d.uri("m"), "write -P 0x21 0 4k").stdout
-    until(lambda: mstatus(d)["log"]["state"] == "failed" or
+    wait_for(lambda: mstatus(d)["log"]["state"] == "failed" or
           "Input/output error" in qemu_io(d.uri("m"), f"write -P 0x22 {6 * MiB} 4k", check=False).stdout,
           20, "the log device to fail")
     out = qemu_io(d.uri("m"), f"write -P 0x23 {7 * MiB} 4k", check=False).stdout

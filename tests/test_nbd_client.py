@@ -22,7 +22,7 @@ from appliance.nbd import constants as C
 from appliance.nbd.protocol import NEED_DATA, RemoteProtocolError
 from appliance.nbd.transmission import BlockStatus, ClientTransmission, ReadData, ReadHole, ReplyDone
 from appliance.nbd.uri import parse_uri
-from conftest import device, need, run, until
+from conftest import device, need, qemu_io, remote, run, wait_for
 
 MiB = 1 << 20
 S = 512
@@ -161,19 +161,6 @@ def test_bad_uris_say_what_is_wrong(uri, message):
 
 # -------------------------------------------------------------- real servers
 
-def remote(sock, **params):
-    query = "".join(f"&{k}={v}" for k, v in params.items())
-    return f"nbd+unix:///?socket={sock}{query}"
-
-
-def qemu_io(uri, *commands, check=True, timeout=60):
-    need("qemu-io")
-    args = ["qemu-io", "-f", "raw"]
-    for c in commands:
-        args += ["-c", c]
-    return run(*args, uri, check=check, timeout=timeout)
-
-
 def file_bytes(path, offset, length):
     with open(path, "rb") as f:
         f.seek(offset)
@@ -210,7 +197,7 @@ def test_a_tcp_export_and_its_connections_close_with_the_last_table(make_daemon,
     assert log.read_text().count("Connect export=") == 3  # two for the table, one for the check
     d.cli("load", "t", "0 8192 zero")
     d.cli("resume", "t")
-    until(lambda: log.read_text().count("Disconnect") == 3, 10, "the table's connections to close")
+    wait_for(lambda: log.read_text().count("Disconnect") == 3, 10, "the table's connections to close")
     assert kit.poll() is None
 
 
@@ -256,7 +243,7 @@ def test_killed_server_fails_in_flight_io_with_eio_and_io_resumes_when_it_return
     nbdkit("file", disk, sock=sock)  # back on the same socket: no command needed
     with open(disk, "r+b") as f:
         f.write(b"\x42" * 4096)
-    until(lambda: "read 4096/4096" in qemu_io(d.uri("r"), "read -P 0x42 0 4k", check=False).stdout,
+    wait_for(lambda: "read 4096/4096" in qemu_io(d.uri("r"), "read -P 0x42 0 4k", check=False).stdout,
           15, "I/O through the restarted nbdkit")
     assert "lost: server closed the connection" in d.log.read_text()
     assert "reconnected" in d.log.read_text()
@@ -270,7 +257,7 @@ def test_a_hung_server_times_out_and_the_connection_comes_back(make_daemon, imag
     out = qemu_io(d.uri("r"), "read 0 4k", check=False).stdout
     assert "Input/output error" in out and time.monotonic() - t < 10
     assert "no reply in 1 s" in d.log.read_text()
-    until(lambda: "wrote 4096/4096" in qemu_io(d.uri("r"), "write -P 0x11 0 4k", check=False).stdout,
+    wait_for(lambda: "wrote 4096/4096" in qemu_io(d.uri("r"), "write -P 0x11 0 4k", check=False).stdout,
           15, "a write after the reconnect")
     assert file_bytes(disk, 0, 4096) == b"\x11" * 4096
 
@@ -314,7 +301,7 @@ def test_qemu_nbd_export_with_its_holes_in_block_status(make_daemon, image, tmp_
     qemu = subprocess.Popen(["qemu-nbd", "-k", sock, "-f", "raw", "--shared=4", "--persistent", "--cache=none", disk],
                             stderr=subprocess.PIPE)
     try:
-        until(lambda: os.path.exists(sock), 10, "qemu-nbd to listen")
+        wait_for(lambda: os.path.exists(sock), 10, "qemu-nbd to listen")
         d = make_daemon(device("q", f"0 {8 * MiB // S} linear {remote(sock)} 0"))
         extents = json.loads(run("nbdinfo", "--map", "--json", d.uri("q")).stdout)
         data = [(e["offset"], e["length"]) for e in extents if not e["type"] & 1]
@@ -372,11 +359,11 @@ def test_the_device_tells_callers_path_errors_by_errno(image, nbdkit):
     dev = nbd_client.pool.get(remote(kit.sock))
     try:
         assert read(dev, 8, meanwhile=lambda: (time.sleep(0.5), kit.kill())) == [errno.ECONNRESET] * 8
-        until(lambda: dev.failed, 5, "the device to notice")
+        wait_for(lambda: dev.failed, 5, "the device to notice")
         t = time.monotonic()
         assert read(dev) == [errno.ENOTCONN] and time.monotonic() - t < 0.5
         nbdkit("file", disk, sock=kit.sock)
-        until(lambda: dev.failed is None, 10, "the reconnect")
+        wait_for(lambda: dev.failed is None, 10, "the reconnect")
         assert read(dev) == [0]
     finally:
         nbd_client.pool.put(dev)

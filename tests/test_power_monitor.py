@@ -11,6 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 from nut import MON, MON_PW, nut, nut_server  # noqa: F401  (fixtures)
+from conftest import wait_for
 
 from appliance.config import PowerConfig
 from appliance.power.monitor import Monitor
@@ -30,6 +31,8 @@ class StandInRamback:
         self.limit = None
         self.backing = StandInDevice()
         self.lock = threading.Lock()
+        self.hold = None  # an Event: drain() waits for it (a drain pass that takes its time)
+        self.held = threading.Event()  # set while a drain() call waits for `hold`
 
     def _record(self, *call):
         with self.lock:
@@ -49,6 +52,10 @@ class StandInRamback:
 
     def drain(self, timeout):
         self._record("drain", timeout)
+        if self.hold is not None:
+            self.held.set()
+            self.hold.wait(10)
+            self.held.clear()
         time.sleep(min(timeout, 0.05))
         self.dirty = max(0, self.dirty - int(self.bandwidth * 0.05))
         return self.dirty == 0
@@ -100,16 +107,6 @@ def monitor():
     yield make
     for m in started:
         m.stop()
-
-
-def wait_for(what, timeout=10.0, step=0.02):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = what()
-        if value:
-            return value
-        time.sleep(step)
-    raise AssertionError(f"not true within {timeout}s: {what.__doc__ or what}")
 
 
 def test_a_poll_that_says_on_battery_switches_within_one_poll_interval(nut, monitor):
@@ -191,8 +188,19 @@ def test_low_battery_refuses_writes_drains_flushes_and_says_safe(nut, monitor):
     wait_for(lambda: m.snapshot()["safe_to_power_off"], timeout=5)
     assert r.dirty == 0 and r.backing.flushes >= 1
     assert m.wait_clean(5)["clean"]
-    nut.status("OL")
-    wait_for(lambda: r.refusing is None, timeout=2)
+    # line power returns while the drain worker is busy in a drain pass: from the moment status
+    # says "online" it must not say "safe to power off", whatever that pass found before
+    r.hold = threading.Event()
+    wait_for(r.held.is_set, timeout=3)
+    try:
+        nut.status("OL")
+        snap = wait_for(lambda: (s := m.snapshot())["state"] == "online" and s, timeout=2)
+        assert not snap["safe_to_power_off"], snap
+        wait_for(lambda: r.refusing is None, timeout=2)
+        assert not m.snapshot()["safe_to_power_off"]
+    finally:
+        r.hold.set()
+    time.sleep(0.2)  # the held pass ends: what it found belongs to the old state
     assert not m.snapshot()["safe_to_power_off"]
 
 

@@ -6,12 +6,17 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 
 import pytest
 from conftest import need, replay_log, run
+from nut import free_port
+
+from appliance.control import call
 
 REPO = Path(__file__).resolve().parent.parent
 # nbdsh runs `python3 -m nbd`: Debian's python3, which has python3-libnbd (not a pyenv one first in PATH)
@@ -221,3 +226,163 @@ def test_sigterm_drains_ramback_dirty_data_to_backing(make_daemon, tmp_path):
     data = replay_log(log, tmp_path / "replayed.img", "--last-flush", size=16 << 20)  # what reached the disk
     bad = [i for i in range(64) if data[i * 65536 : (i + 1) * 65536] != bytes([i + 1]) * 65536]
     assert not bad, f"chunks {bad[:8]}... not on backing after stop; log:\n{d.log.read_text()[-2000:]}"
+
+
+def test_a_reload_to_a_tcp_port_in_use_is_refused_and_the_old_listener_still_serves(make_daemon, tmp_path):
+    need("nbdinfo")
+    a = filled(tmp_path / "a.img", 0xA1)
+    port = free_port()
+    d = make_daemon(dev("a", a), tcp=port)
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen(1)
+    taken = busy.getsockname()[1]
+    try:
+        good = d.config.read_text()
+        d.config.write_text(good.replace(f"127.0.0.1:{port}", f"127.0.0.1:{taken}") + dev("b", a))
+        out = d.cli("reload", check=False)
+        assert out.returncode == 1 and f"cannot listen on 127.0.0.1:{taken}" in out.stderr, out.stderr
+        st = d.status()
+        assert f"tcp:127.0.0.1:{port}" in st["daemon"]["exports"], st["daemon"]
+        assert [x["name"] for x in st["devices"]] == ["a"], "the rest of the refused config was applied"
+        # both old listeners still serve
+        assert run("nbdinfo", "--size", f"nbd://127.0.0.1:{port}/a", timeout=10).stdout.strip() == str(4 << 20)
+        assert run("nbdinfo", "--size", d.uri("a"), timeout=10).stdout.strip() == str(4 << 20)
+    finally:
+        busy.close()
+    # a port that is free: the new listener serves, the old one is closed
+    other = free_port()
+    d.config.write_text(good.replace(f"127.0.0.1:{port}", f"127.0.0.1:{other}"))
+    assert d.cli("reload", check=False).returncode == 0, d.log.read_text()
+    assert run("nbdinfo", "--size", f"nbd://127.0.0.1:{other}/a", timeout=10).returncode == 0
+    assert run("nbdinfo", "--size", f"nbd://127.0.0.1:{port}/a", timeout=10, check=False).returncode != 0
+    assert run("nbdinfo", "--size", d.uri("a"), timeout=10).returncode == 0
+
+
+def test_a_reload_that_changes_state_dir_or_shm_dir_is_refused_with_a_message(make_daemon, tmp_path):
+    a = filled(tmp_path / "a.img", 0xA1)
+    d = make_daemon(dev("a", a))
+    good = d.config.read_text()
+    d.config.write_text(good.replace(f'state_dir = "{tmp_path}/state"', f'state_dir = "{tmp_path}/elsewhere"'))
+    out = d.cli("reload", check=False)
+    assert out.returncode == 1, out
+    assert "daemon.state_dir cannot change on reload" in out.stderr and "restart" in out.stderr, out.stderr
+    assert "daemon.state_dir cannot change" in d.status()["daemon"]["last_reload"]["error"]
+    d.config.write_text(good.replace("[daemon]\n", f'[daemon]\nshm_dir = "{tmp_path}/shm"\n'))
+    out = d.cli("reload", check=False)
+    assert out.returncode == 1 and "daemon.shm_dir cannot change on reload" in out.stderr, out.stderr
+
+
+def test_a_table_loaded_into_a_rambacks_inactive_slot_leaves_the_live_one_alone(tmp_path):
+    """A reload (or `appliance load`) constructs the new table while the old one serves; both share
+    one RAM store. The new table's dirty limit must not reach the live one before it is swapped in,
+    and destroying it unswapped (a refused reload, dmsetup clear) must leave the live one working.
+    In process: the limit the fast path enforces (ChunkState.limit_chunks) is not in status."""
+    from types import SimpleNamespace
+
+    from appliance.blockdev import DevicePool
+    from appliance.device import MappedDevice, Registry
+
+    backing = filled(tmp_path / "backing.img", 0, size=8 << 20)
+    registry = Registry()
+    registry.daemon_config = SimpleNamespace(state_dir=str(tmp_path / "state"), shm_dir=str(tmp_path / "shm"),
+                                             control=str(tmp_path / "control.sock"))
+    dev = MappedDevice("rb", registry, DevicePool())
+    registry.add(dev)
+    table = f"0 16384 ramback - {backing} max_dirty=4M"
+    dev.load([table])
+    dev.resume()
+    try:
+        live = dev.table.targets[0]
+        assert live.cs.limit_chunks == (4 << 20) >> 12
+        dev.load([table.replace("max_dirty=4M", "max_dirty=1M")])
+        assert dev.inactive.targets[0].cs is live.cs, "the loaded table shares the live store"
+        assert live.cs.limit_chunks == (4 << 20) >> 12, "the inactive table changed the live limit"
+        dev.clear()
+        assert live.cs.limit_chunks == (4 << 20) >> 12
+        # swapped in, the new table's limit is the one in force
+        dev.load([table.replace("max_dirty=4M", "max_dirty=2M")])
+        dev.suspend()
+        dev.resume()
+        assert dev.table.targets[0].cs.limit_chunks == (2 << 20) >> 12
+    finally:
+        dev.remove()
+
+
+def test_a_burst_of_hups_during_control_commands_leaves_the_daemon_responsive_and_consistent(make_daemon, tmp_path):
+    """Signals land while control commands suspend, resume, load and clear a device and while
+    reloads run: the handler only queues, one lock orders the changes, nothing wedges."""
+    need("qemu-io")
+    a, b1, b2 = filled(tmp_path / "a.img", 0xA1), filled(tmp_path / "b1.img", 0xB1), filled(tmp_path / "b2.img", 0xB2)
+    d = make_daemon(dev("a", a) + dev("b", b1))
+    configs = [d.config.read_text(), d.config.read_text().replace(b1, b2)]
+    stop, errors = threading.Event(), []
+
+    def commands():
+        while not stop.is_set():
+            try:
+                call(d.control, "suspend", name="a", timeout=10)
+                call(d.control, "load", name="a", table=[f"0 8192 linear {a} 0"], timeout=10)
+                call(d.control, "resume", name="a", timeout=10)
+                call(d.control, "load", name="a", table=[f"0 8192 linear {a} 0"], timeout=10)
+                call(d.control, "clear", name="a", timeout=10)
+            except Exception as e:  # noqa: BLE001  (reported below)
+                errors.append(repr(e))
+                return
+
+    worker = threading.Thread(target=commands)
+    worker.start()
+    try:
+        for i in range(120):  # bounded: about 2 s of signals
+            if i % 20 == 0:
+                d.config.write_text(configs[(i // 20) % 2])
+            d.signal(signal.SIGHUP)
+            time.sleep(0.015)
+    finally:
+        stop.set()
+        worker.join(30)
+    assert not worker.is_alive(), "a control command never answered"
+    assert errors == [], errors
+    d.config.write_text(configs[1])
+    t = time.time()
+    d.signal(signal.SIGHUP)
+    assert reload_done(d, t)["error"] is None
+    st = call(d.control, "status", timeout=5)
+    a_st, b_st = st["devices"]
+    assert not a_st["suspended"] and not a_st["inactive_table"], a_st
+    assert d.cli("table", "b").stdout.split()[3] == b2
+    run("qemu-io", "-f", "raw", "-c", "read -P 0xa1 0 4096", d.uri("a"))
+    run("qemu-io", "-f", "raw", "-c", "read -P 0xb2 0 4096", d.uri("b"))
+    assert d.proc.poll() is None
+
+
+def test_status_answers_while_a_suspend_waits_for_slow_io(make_daemon, tmp_path):
+    """A suspend waits for I/O in flight (here a write that a `delay` target holds 3 s); meanwhile
+    `appliance status` answers at once and says the device is not suspended yet."""
+    need("qemu-io")
+    slow = filled(tmp_path / "slow.img", 0)
+    d = make_daemon(f'[[device]]\nname = "slow"\nexport = false\n'
+                    f'table = ["0 8192 delay {slow} 0 0 {slow} 0 3000 {slow} 0 0"]\n' + dev("top", "@slow"))
+    writer = subprocess.Popen(["qemu-io", "-f", "raw", "-c", "write -P 7 0 4096", d.uri("top")],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 10
+        while call(d.control, "status", name="slow")["devices"][0]["segments"][0]["status"]["queued"] < 1:
+            assert time.monotonic() < deadline, "the write never reached the delay queue"
+            time.sleep(0.05)
+        suspending = threading.Thread(target=call, args=(d.control, "suspend"), kwargs={"name": "top", "timeout": 30})
+        suspending.start()
+        time.sleep(0.3)
+        t = time.monotonic()
+        st = call(d.control, "status", name="top", timeout=10)
+        took = time.monotonic() - t
+        assert took < 1.0, f"status waited {took:.2f}s for a suspend"
+        assert suspending.is_alive(), "the suspend ended before status was asked: nothing shown"
+        assert not st["devices"][0]["suspended"]
+        suspending.join(30)
+        assert call(d.control, "status", name="top")["devices"][0]["suspended"]
+        call(d.control, "resume", name="top")
+        assert writer.wait(10) == 0, writer.communicate()
+    finally:
+        writer.kill()
+        writer.wait()

@@ -15,6 +15,9 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, need, run
+from nut import free_port
+
+from appliance.control import call
 
 DEV = '[[device]]\nname = "{name}"\ntable = ["0 {sectors} linear {path} 0"]\n'
 
@@ -85,15 +88,9 @@ def notify(tmp_path):
     n.close()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ready_is_sent_only_once_every_export_answers(make_daemon, image, notify):
     need("nbdinfo")
-    port = _free_port()
+    port = free_port()
     devices = DEV.format(name="a", sectors=8192, path=image("a.img", 4 << 20)) + DEV.format(
         name="b", sectors=8192, path=image("b.img", 4 << 20)
     )
@@ -106,7 +103,7 @@ def test_ready_is_sent_only_once_every_export_answers(make_daemon, image, notify
 
 
 def test_status_line_names_devices_exports_and_clients(make_daemon, image, notify):
-    port = _free_port()
+    port = free_port()
     devices = DEV.format(name="a", sectors=8192, path=image("a.img", 4 << 20)) + DEV.format(
         name="b", sectors=8192, path=image("b.img", 4 << 20)
     )
@@ -131,6 +128,39 @@ def test_watchdog_is_fed_while_the_data_path_answers(make_daemon, image, notify)
     gaps = [b - a for a, b in zip(pings, pings[1:])]
     assert max(gaps) < 0.4, f"a gap of {max(gaps):.2f}s between pings exceeds WatchdogSec"
     assert d.status()["daemon"]["watchdog_pings"] >= 5
+
+
+def test_a_long_suspend_does_not_stop_the_watchdog_pings(make_daemon, image, notify):
+    """`appliance suspend` of a device whose I/O in flight takes 3 s (a write through a `delay`
+    target below it): the suspend is an administrator's, not a wedge, so the pings go on
+    while it waits for that write, well past WatchdogSec."""
+    need("qemu-io")
+    slow = image("slow.img", 4 << 20)
+    devices = (f'[[device]]\nname = "slow"\nexport = false\n'
+               f'table = ["0 8192 delay {slow} 0 0 {slow} 0 3000 {slow} 0 0"]\n'
+               + DEV.format(name="top", sectors=8192, path="@slow"))
+    d = start(make_daemon(devices, start=False), NOTIFY_SOCKET=notify.path, WATCHDOG_USEC="800000")
+    notify.wait("READY", "1")
+    writer = subprocess.Popen(["qemu-io", "-f", "raw", "-c", "write -P 7 0 4096", d.uri("top")],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 10
+        while call(d.control, "status", name="slow")["devices"][0]["segments"][0]["status"]["queued"] < 1:
+            assert time.monotonic() < deadline, "the write never reached the delay queue"
+            time.sleep(0.05)
+        t0 = time.monotonic()
+        call(d.control, "suspend", name="top", timeout=30)  # returns once the write has finished
+        t1 = time.monotonic()
+        assert t1 - t0 > 1.5, f"the suspend held the device only {t1 - t0:.2f}s: nothing to show"
+        pings = [t for t, _ in notify.all("WATCHDOG") if t0 <= t <= t1]
+        gaps = [b - a for a, b in zip([t0] + pings, pings + [t1])]
+        assert max(gaps) < 0.8, f"a {max(gaps):.2f}s gap between pings while `top` was being suspended"
+        assert "data path not answering" not in d.log.read_text()
+        call(d.control, "resume", name="top", timeout=30)
+        assert writer.wait(10) == 0, writer.communicate()
+    finally:
+        writer.kill()
+        writer.wait()
 
 
 def test_no_watchdog_for_another_pid(make_daemon, image, notify):

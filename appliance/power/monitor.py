@@ -5,8 +5,10 @@
   nothing but the next poll.
 - `power` takes observations (polls, and pushes from `appliance power EVENT`)
   off one queue, feeds the machine, and applies the plan to every ramback in
-  every device's live table: mode, refused writes, dirty limit. It never holds
-  a device lock; it calls the targets' own thread-safe methods.
+  every device's live table: mode, refused writes, dirty limit. It applies it
+  to each device holding that device's control lock, so no table is swapped
+  or destroyed under it; a device whose lock a suspend or reload holds is
+  tried again BUSY_RETRY later, and the others do not wait for it.
 - `power-drain` keeps draining while on battery, flushes the backing devices
   once clean, and says "safe to power off" on low battery.
 
@@ -32,18 +34,18 @@ DRAIN_SLICE = 0.5  # seconds per drain() call, so a change of plan is seen quick
 PUSH_WAIT = 1.0  # a push answers once applied, or after this long
 FLUSH_TIMEOUT = 60.0  # per backing device
 REMIND = 60.0  # seconds between "still unreachable" errors
+BUSY_RETRY = 0.1  # seconds to wait for a device's control lock, and before trying a busy device again
 _UNSET = object()
 
 
 def rambacks(registry):
     """(device name, target) for every ramback in every device's live table."""
-    out = []
-    for dev in list(registry.devices.values()):
-        table = dev.table
-        for t in table.targets if table is not None else ():
-            if getattr(t, "name", None) == "ramback":
-                out.append((dev.name, t))
-    return out
+    return [rt for dev in list(registry.devices.values()) for rt in _rambacks_of(dev)]
+
+
+def _rambacks_of(dev):
+    table = dev.table
+    return [(dev.name, t) for t in (table.targets if table is not None else ()) if getattr(t, "name", None) == "ramback"]
 
 
 class _Applied:
@@ -76,10 +78,12 @@ class Monitor:
         self.plan = self.machine.plan(clock())
         self.last_event = None  # (event, source, wall time)
         self.clean = None  # as of the drain worker's last pass; None while not draining
-        self.safe = False
+        self.safe = False  # cleared in the same step that changes the state (see _step)
+        self.epoch = 0  # counts state changes: a drain pass begun before one says nothing after it
         self.unreachable_since = None
         self.reminded = 0.0
         self.applied = {}  # id(target) -> _Applied
+        self.pending = False  # the last plan found a device busy: not applied to it yet
         self.queue = queue.Queue()
         self.stopping = threading.Event()
         self.poll_now = threading.Event()
@@ -151,7 +155,8 @@ class Monitor:
         """The `power` object of `status --json`."""
         with self.lock:
             plan, m, ev = self.plan, self.machine, self.last_event
-            clean, safe = self.clean, self.safe
+            clean = self.clean
+            safe = self.safe and plan.state == st.LOW_BATTERY
         dirty, eta, n = 0, 0.0, 0
         for _, t in rambacks(self.registry):
             try:
@@ -204,10 +209,13 @@ class Monitor:
                 plan = self._step()
             except Exception:  # the monitor must outlive any one bad tick
                 log.exception("power: applying the power plan failed")
-            for a in acks:
-                a.set()
-            acks = []
+            if not self.pending:  # a push is answered once its plan is applied
+                for a in acks:
+                    a.set()
+                acks = []
             timeout = TICK if plan.wake is None else min(TICK, plan.wake + 0.01)
+            if self.pending:
+                timeout = BUSY_RETRY
             try:
                 item = self.queue.get(timeout=timeout)
             except queue.Empty:
@@ -252,39 +260,57 @@ class Monitor:
         with self.lock:
             old, plan = self.plan, self.machine.plan(now)
             self.plan = plan
+            if old.state != plan.state:
+                # what the drain worker found holds only for the state it drained in
+                self.epoch += 1
+                self.clean, self.safe = None, False
         if (old.state, old.mode) != (plan.state, plan.mode):
             log.warning("power: %s: rambacks %s (%s)", plan.state, plan.mode, plan.reason)
-        self._apply(plan)
+        self.pending = self._apply(plan)
         if plan.drain or self.clean is not None:
             self.drain_kick.set()
         return plan
 
     def _apply(self, plan):
-        targets = rambacks(self.registry)
-        key = (plan.state, plan.mode)
-        limits = self._limits(plan, targets)
-        seen = {}
-        for name, t in targets:
-            a = self.applied.get(id(t))
-            if a is None or a.target is not t:
-                a = _Applied(t)
-            seen[id(t)] = a
+        """Apply the plan to every ramback; True if a device was busy (try it again soon)."""
+        limits = self._limits(plan, rambacks(self.registry))
+        seen, busy = {}, False
+        for dev in list(self.registry.devices.values()):
+            lock = getattr(dev, "control_lock", None)
+            if lock is not None and not lock.acquire(timeout=BUSY_RETRY):
+                busy = True  # a suspend or reload holds it: what we told its rambacks stands
+                seen.update((id(t), a) for _, t in _rambacks_of(dev) if (a := self.applied.get(id(t))))
+                continue
             try:
-                if a.key != key or plan.enforce:  # else a manual switch stands until the next change
-                    mode = _info(t).get("mode")
-                    if mode != plan.mode:
-                        if a.key == key:
-                            log.warning("power: %s: mode %s undone: %s", name, mode, plan.reason)
-                        t.set_mode(plan.mode, plan.reason)
-                    a.key = key
-                if a.refuse != plan.refuse:
-                    t.refuse_writes(plan.refuse)
-                    a.refuse = plan.refuse
-                if limits is not None:
-                    self._set_limit(name, t, a, limits)
-            except Exception:
-                log.exception("power: %s: applying the power plan failed", name)
+                for name, t in _rambacks_of(dev):
+                    seen[id(t)] = self._apply_one(plan, name, t, limits)
+            finally:
+                if lock is not None:
+                    lock.release()
         self.applied = seen
+        return busy
+
+    def _apply_one(self, plan, name, t, limits):
+        key = (plan.state, plan.mode)
+        a = self.applied.get(id(t))
+        if a is None or a.target is not t:
+            a = _Applied(t)
+        try:
+            if a.key != key or plan.enforce:  # else a manual switch stands until the next change
+                mode = _info(t).get("mode")
+                if mode != plan.mode:
+                    if a.key == key:
+                        log.warning("power: %s: mode %s undone: %s", name, mode, plan.reason)
+                    t.set_mode(plan.mode, plan.reason)
+                a.key = key
+            if a.refuse != plan.refuse:
+                t.refuse_writes(plan.refuse)
+                a.refuse = plan.refuse
+            if limits is not None:
+                self._set_limit(name, t, a, limits)
+        except Exception:
+            log.exception("power: %s: applying the power plan failed", name)
+        return a
 
     def _limits(self, plan, targets):
         """(runtime, safety factor, how many) for the dirty limit, or None to leave limits be."""
@@ -340,7 +366,8 @@ class Monitor:
         while not self.stopping.is_set():
             self.drain_kick.wait(TICK)
             self.drain_kick.clear()
-            plan = self.plan
+            with self.lock:
+                plan, epoch = self.plan, self.epoch
             if not plan.drain:
                 with self.lock:
                     self.clean, self.safe = None, False
@@ -356,8 +383,11 @@ class Monitor:
                 flushed = plan.state if clean else None
             elif not clean:
                 flushed = None
-            safe = clean and plan.state == st.LOW_BATTERY and self.plan.state == st.LOW_BATTERY
             with self.lock:
+                if epoch != self.epoch:  # the state changed while we drained: start over
+                    flushed = None
+                    continue
+                safe = clean and plan.state == st.LOW_BATTERY
                 was, self.clean, self.safe = self.safe, clean, safe
             if safe and not was:
                 log.warning("power: every ramback is clean and its backing flushed: safe to power off")

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .. import size_text
+
 ONLINE, ON_BATTERY, LOW_BATTERY, UNKNOWN, NONE = "online", "on_battery", "low_battery", "unknown", "none"
 WRITEBACK, WRITETHROUGH = "writeback", "writethrough"
 
@@ -209,16 +211,10 @@ def describe(p: dict) -> str:
         line += f" ({', '.join(facts)})"
     line += f"; {p['mode']}: {p['reason']}"
     if p.get("rambacks"):
-        line += f"; {p['rambacks']} ramback(s), {_bytes(p.get('dirty_bytes') or 0)} dirty"
+        line += f"; {p['rambacks']} ramback(s), {size_text(p.get('dirty_bytes') or 0)} dirty"
         if p.get("drain_eta_seconds"):
             line += f", drain ETA {p['drain_eta_seconds']:.0f} s"
     if p.get("safe_to_power_off"):
         line += "; safe to power off"
     return line
 
-
-def _bytes(n):
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n} B" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024

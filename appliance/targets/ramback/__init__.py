@@ -40,6 +40,7 @@ from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
 from ..._fast.chunkstate import DIRTY, FLUSHING
+from ...power.state import NO_POWER, WRITEBACK, WRITETHROUGH
 from .. import DeviceArg, Target, TargetError
 from .backing import BackingIO
 from .flush import Flusher
@@ -51,9 +52,6 @@ from .store import Marker, backing_identity, default_dir, layout, open_store
 
 log = logging.getLogger("appliance.ramback")
 
-WRITEBACK = "writeback"
-WRITETHROUGH = "writethrough"
-NO_POWER = (WRITETHROUGH, "no [power] section: no UPS, no promise")
 USAGE = ("ramback takes <ram> <backing> [chunk=BYTES] [max_dirty=BYTES|SECONDSs] [sync=ram|backing] "
          "[on_mismatch=refuse|discard]")
 OPTIONS = ("chunk", "max_dirty", "sync", "on_mismatch")
@@ -214,7 +212,8 @@ class Ramback(RequestPath, Target):
                     pool.shutdown(wait=True)
             if self.store.refs == 1 and self.flusher is not None:
                 self._drain_for_stop()
-            self.cs.set_wake_fd(-1)
+            # the wake fd is the running flusher's (Flusher.stop took it back): a table that was
+            # only loaded, never resumed, shares the live table's store and leaves it alone
             if self.flusher is not None:
                 self.flusher.close()
             self.cs = None
@@ -262,6 +261,7 @@ class Ramback(RequestPath, Target):
             return
         self._keep_marker(force=True)  # on disk before the first writeback write is acknowledged
         self.running = True
+        self.update_limit()  # the shared store's limit is the live table's: set once live
         self.flusher.start()
         self.populate.start()
         self._apply_mode()
@@ -320,7 +320,7 @@ class Ramback(RequestPath, Target):
         limit, why, raised = self.limit.effective(bw.value, bw.measured)
         self.limit_bytes, self.limit_reason, self.limit_raised = limit, why, raised
         self.limit_chunks = max(1, limit >> self.shift)
-        if self.cs is not None:
+        if self.cs is not None and self.running:  # a table only loaded must not change the live one's
             with self._room:
                 self._fast_limit()
         if raised != self._floor_said:

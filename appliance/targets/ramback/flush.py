@@ -35,6 +35,7 @@ import time
 
 from ... import io as bio
 from ..._fast.chunkstate import DIRTY, FLUSHING
+from ...power.state import WRITEBACK
 from .backing import InFlight
 
 log = logging.getLogger("appliance.ramback")
@@ -221,6 +222,7 @@ class Flusher:
         self.thread.join()
         self.thread = None
         self._background.wait()
+        self.rb.cs.set_wake_fd(-1)  # start() set it; the store may outlive this table
 
     def kick(self):
         try:
@@ -247,7 +249,7 @@ class Flusher:
             self.dirty_since = now
         cs = rb.cs
         dirty = (cs.count(DIRTY) + cs.count(FLUSHING)) << rb.shift
-        if rb.mode != "writeback" or rb.refused is not None or now < self.urgent_until:
+        if rb.mode != WRITEBACK or rb.refused is not None or now < self.urgent_until:
             return 0.0
         if dirty >= rb.limit_bytes * BACKGROUND:
             return 0.0

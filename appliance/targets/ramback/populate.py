@@ -23,6 +23,7 @@ import time
 
 from ... import io as bio
 from ..._fast.chunkstate import DIRTY, EMPTY, FLUSHING
+from ...power.state import WRITETHROUGH
 from .backing import InFlight
 
 log = logging.getLogger("appliance.ramback")
@@ -131,7 +132,7 @@ class Populate:
         self._t0, self._b0 = time.monotonic(), self.loaded_bytes
         while not self.stop_flag and cs.count(EMPTY) > 0:
             try:
-                if rb.mode == "writethrough" and cs.count(DIRTY) + cs.count(FLUSHING) > 0:
+                if rb.mode == WRITETHROUGH and cs.count(DIRTY) + cs.count(FLUSHING) > 0:
                     self.wake.wait(0.2)  # the drain has the disk first
                     self.wake.clear()
                     continue
