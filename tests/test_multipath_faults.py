@@ -1,0 +1,43 @@
+"""multipath as an administrator breaks it: remote servers that go away politely or hang, and
+disks that are absent when the daemon starts. nbdkit servers over one file are the paths."""
+
+from __future__ import annotations
+
+import time
+
+from conftest import device, qemu_io, remote
+
+MiB = 1 << 20
+S = 512
+SIZE = 32 * MiB
+FAST = "[multipath]\npolling_interval = 0.3\n"
+
+
+def _mp(d):
+    return d.status("mp")["devices"][0]["segments"][0]["status"]
+
+
+def _path(st, word):
+    return next(p for g in st["path_groups"] for p in g["paths"] if p["dev"] == word)
+
+
+def _two_groups(ua, ub):
+    """A group each: a request that fails on the first path is retried on the second only if
+    its error is a path error."""
+    return f"0 {SIZE // S} multipath 0 0 2 1 round-robin 0 1 1 {ua} 1 round-robin 0 1 1 {ub} 1"
+
+
+def test_a_server_shutting_down_is_a_path_error(make_daemon, image, nbdkit, tmp_path):
+    # NBD_ESHUTDOWN is a server saying it is going away: another path to the same storage serves
+    disk = image(size=SIZE)
+    trigger = tmp_path / "shutdown"
+    a = nbdkit("--filter=error", "file", disk, "error=ESHUTDOWN", f"error-file={trigger}", "error-rate=100%")
+    b = nbdkit("file", disk)
+    ua, ub = remote(a.sock), remote(b.sock)
+    d = make_daemon(device("mp", _two_groups(ua, ub)), extra=FAST)
+    trigger.touch()
+    out = qemu_io(d.uri("mp"), "write -P 0x5a 0 64k", "read -P 0x5a 0 64k", check=False).stdout
+    assert "wrote 65536/65536" in out and "read 65536/65536" in out, out
+    st = _mp(d)
+    assert _path(st, ua)["dm_st"] == "failed" and "ESHUTDOWN" in _path(st, ua)["reason"], st
+    assert st["target_errors"] == 0 and _path(st, ub)["requests"] >= 2
