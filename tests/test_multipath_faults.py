@@ -41,3 +41,31 @@ def test_a_server_shutting_down_is_a_path_error(make_daemon, image, nbdkit, tmp_
     st = _mp(d)
     assert _path(st, ua)["dm_st"] == "failed" and "ESHUTDOWN" in _path(st, ua)["reason"], st
     assert st["target_errors"] == 0 and _path(st, ub)["requests"] >= 2
+
+
+ABSENT_DISK = "wwn:0x5000c500d15ab5e0"  # no such disk is attached
+
+
+def test_a_map_with_one_path_absent_starts_on_the_others(make_daemon, image, tmp_path):
+    # as multipathd: a map is made of the paths that are there; an absent disk does not hold the
+    # whole map back (serve used to wait for it and then not serve the map at all)
+    disk = image(size=SIZE)
+    table = f"0 {SIZE // S} multipath 0 0 1 1 round-robin 0 2 1 {disk} 1 {ABSENT_DISK} 1"
+    d = make_daemon(device("mp", table), extra=FAST, start=False)
+    d.config.write_text(d.config.read_text().replace("[daemon]\n", "[daemon]\ndisk_timeout = 0.5\n"))
+    d.start()
+    out = qemu_io(d.uri("mp"), "write -P 0x3c 0 64k", "read -P 0x3c 0 64k").stdout
+    assert "wrote 65536/65536" in out and "read 65536/65536" in out, out
+    st = _mp(d)
+    assert _path(st, disk)["dm_st"] == "active" and _path(st, ABSENT_DISK)["dm_st"] == "failed", st
+    # check-config says what serve does: no wait, and a missing file path starts failed too
+    r = d.cli("check-config", check=False)
+    assert r.returncode == 0 and "waits" not in r.stdout + r.stderr, r.stdout + r.stderr
+    cfg = tmp_path / "missing.toml"
+    cfg.write_text(d.config.read_text().replace(ABSENT_DISK, str(tmp_path / "typo.img")))
+    r = d.cli("check-config", str(cfg), check=False)
+    assert r.returncode == 0, r.stderr
+    # with no path there at all, the map waits for its disks (and check-config says so)
+    cfg.write_text(d.config.read_text().replace(disk, "wwn:0x5000c500d15ab5e1"))
+    r = d.cli("check-config", str(cfg), check=False)
+    assert r.returncode == 0 and "device mp waits for disk" in r.stdout + r.stderr, r.stdout + r.stderr

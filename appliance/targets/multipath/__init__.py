@@ -28,7 +28,9 @@ import threading
 import time
 
 from ... import io as bio
+from ...blockdev import DeviceError
 from ...config import MultipathConfig
+from ...nbd.client import is_uri as nbd_uri
 from .. import Target, TargetError
 from . import args as table_args
 from . import messages, status
@@ -63,6 +65,32 @@ class Multipath(Target):
     @classmethod
     def parse(cls, args):
         return table_args.parse(args)
+
+    @classmethod
+    def device_words(cls, args):
+        """The disks the map waits for: none while one of its paths is there (as multipathd, a
+        map is made of the paths present; the others start failed and the checker opens them
+        when they appear), all of them while none is."""
+        words = super().device_words(args)
+        return [] if any(_present(w) for w in words) else words
+
+    @classmethod
+    def validate(cls, segment, check):
+        """What ctr refuses: a path that is there but does not hold the segment, or no path that
+        can be opened. A path that cannot be opened now starts failed; with no path there at all,
+        every one is checked, so a map that waits for its disks says so."""
+        parsed = cls.parse(list(segment.args))
+        words = [d.word for d in parsed.devices]
+        present = [w for w in words if _present(w)] or words
+        unreachable = []
+        for word in present:
+            try:
+                check(word, segment.size)
+            except DeviceError as e:
+                unreachable.append(e)
+        if len(unreachable) == len(present):
+            raise unreachable[0]
+        return parsed
 
     def ctr(self, args):
         p = self.parse(args)
@@ -357,6 +385,19 @@ class Multipath(Target):
 
 class _Unreachable(TargetError):
     """A path that cannot be opened now (a remote server down): not a table error."""
+
+
+def _present(word):
+    """Whether a path's device is there now, short of opening it: a disk that is attached, a file
+    that exists. An `@NAME` device or a remote export counts as there (the daemon makes the one,
+    the table's load reaches the other)."""
+    from ... import udev  # udev knows the targets: imported late
+
+    if udev.is_disk_word(word):
+        return udev.find(word) is not None
+    if word.startswith("@") or nbd_uri(word):
+        return True
+    return os.path.exists(word)
 
 
 def _why(error):
