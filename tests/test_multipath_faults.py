@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 
-from conftest import device, qemu_io, remote
+from conftest import device, qemu_io, remote, wait_for
 
 MiB = 1 << 20
 S = 512
@@ -69,3 +69,22 @@ def test_a_map_with_one_path_absent_starts_on_the_others(make_daemon, image, tmp
     cfg.write_text(d.config.read_text().replace(disk, "wwn:0x5000c500d15ab5e1"))
     r = d.cli("check-config", str(cfg), check=False)
     assert r.returncode == 0 and "device mp waits for disk" in r.stdout + r.stderr, r.stdout + r.stderr
+
+
+def test_a_reload_applies_changed_multipath_settings_to_running_maps(make_daemon, image, nbdkit):
+    # multipathd's reconfigure: new [multipath] defaults reach the maps it already has, not only
+    # those it makes next (reload said "reloaded" and the running map kept its old settings)
+    disk = image(size=SIZE)
+    a, b = nbdkit("file", disk), nbdkit("file", disk)
+    ua = remote(a.sock)
+    d = make_daemon(device("mp", _two_groups(ua, remote(b.sock))))  # defaults: a probe every 5 s
+    d.config.write_text(d.config.read_text() + "[multipath]\npolling_interval = 0.3\nqueue_max_bytes = 65536\n")
+    d.cli("reload")
+    st = _mp(d)
+    assert st["polling_interval"] == 0.3 and st["queue_max_bytes"] == 65536, st
+    a.kill()
+    a.wait()
+    # found by probes 0.3 s apart, not 5 s: the loss, then the return
+    wait_for(lambda: _path(_mp(d), ua)["dm_st"] == "failed", 2, "the checker to fail the lost path")
+    nbdkit("file", disk, sock=a.sock)
+    wait_for(lambda: _path(_mp(d), ua)["dm_st"] == "active", 2, "the checker to reinstate it")

@@ -94,12 +94,7 @@ class Multipath(Target):
 
     def ctr(self, args):
         p = self.parse(args)
-        settings = self.ctx.settings("multipath") if hasattr(self.ctx, "settings") else None
-        s = settings or MultipathConfig()  # outside a daemon: the defaults
-        self.polling_interval = float(s.polling_interval)
-        self.queue_max_bytes = int(s.queue_max_bytes)
-        self.marginal_window = float(s.marginal_window)
-        self.failback = str(s.failback)
+        self._take_settings()
         self.queue_if_no_path = p.queue_if_no_path
         self.no_path_retry = p.no_path_retry
         self.kept_features = p.kept_features
@@ -138,6 +133,22 @@ class Multipath(Target):
         if not any(p.dev for p in self.all_paths()):
             raise TargetError(f"no path can be opened: {reasons[0]}")
         self.checker = Checker(self, self.polling_interval)
+
+    def _take_settings(self):
+        settings = self.ctx.settings("multipath") if hasattr(self.ctx, "settings") else None
+        s = settings or MultipathConfig()  # outside a daemon: the defaults
+        self.polling_interval = float(s.polling_interval)
+        self.queue_max_bytes = int(s.queue_max_bytes)
+        self.marginal_window = float(s.marginal_window)
+        self.failback = str(s.failback)
+
+    def reconfigure(self):
+        """A reload may have changed [multipath] (multipathd's reconfigure): the running map takes
+        the new settings, keeping its paths and their state."""
+        with self._lock:
+            self._take_settings()
+        self.checker.interval = self.polling_interval
+        self.checker.poke()  # the next probe by the new interval, not after the old one
 
     def dtr(self):
         checker = getattr(self, "checker", None)
