@@ -88,3 +88,19 @@ def test_a_reload_applies_changed_multipath_settings_to_running_maps(make_daemon
     wait_for(lambda: _path(_mp(d), ua)["dm_st"] == "failed", 2, "the checker to fail the lost path")
     nbdkit("file", disk, sock=a.sock)
     wait_for(lambda: _path(_mp(d), ua)["dm_st"] == "active", 2, "the checker to reinstate it")
+
+
+def test_a_read_only_path_of_a_writable_map_takes_no_writes(make_daemon, image, nbdkit):
+    # as dm refuses a read-only disk in a writable table: a path exported read-only (nbdkit -r)
+    # starts failed and says why, rather than fail every write that round-robin sends it
+    disk = image(size=SIZE)
+    ro, rw = nbdkit("-r", "file", disk), nbdkit("file", disk)
+    uro, urw = remote(ro.sock), remote(rw.sock)
+    d = make_daemon(device("mp", f"0 {SIZE // S} multipath 0 0 1 1 round-robin 0 2 1 {uro} 1 {urw} 1"),
+                    extra=FAST)
+    out = qemu_io(d.uri("mp"), *[f"write -P 0x7e {i * 64}k 64k" for i in range(4)], check=False).stdout
+    assert out.count("wrote 65536/65536") == 4, out
+    p = _path(_mp(d), uro)
+    assert p["dm_st"] == "failed" and "read-only" in p["reason"], p
+    r = d.cli("load", "mp", f"0 {SIZE // S} multipath 0 0 1 1 round-robin 0 1 1 {uro} 1", check=False)
+    assert r.returncode != 0 and "read-only" in r.stderr, r.stderr

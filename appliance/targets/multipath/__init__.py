@@ -169,6 +169,10 @@ class Multipath(Target):
             raise _Unreachable(str(e)) from None
         try:
             self.check_fits(dev, 0, path.word)
+            if getattr(dev, "read_only", False) and getattr(self.ctx, "writable", False):
+                # as dm refuses a read-only disk in a writable table; down, not a table error:
+                # a server may come back writable
+                raise _Unreachable(f"{path.word}: read-only, and the map is writable")
         except TargetError:
             self.devices.remove(dev)
             self.ctx.put_device(dev)
