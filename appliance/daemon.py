@@ -351,10 +351,23 @@ class Daemon:
                 log.error("reload refused: %s", e)
                 self.last_reload = (time.time(), str(e))
                 return str(e)
+            self._reconfigure_targets()
             self._attach_waiting()
         self.last_reload = (time.time(), None)
         log.info("reloaded %s", new.source)
         return None
+
+    def _reconfigure_targets(self):
+        """Targets that read a section of the config (TableContext.settings) define
+        `reconfigure()`: the running ones take what a reload changed there."""
+        for dev in list(self.registry.devices.values()):
+            for t in dev.table.targets if dev.table else ():
+                hook = getattr(t, "reconfigure", None)
+                if hook is not None:
+                    try:
+                        hook()
+                    except Exception:
+                        log.exception("%s: %s.reconfigure failed", dev.name, t.name)
 
     def _apply(self, new):
         old = {d.name: d for d in self.config.devices}
