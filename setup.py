@@ -3,7 +3,7 @@
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
-MODULES = ["sync", "chunkstate", "gate", "transmit"]
+MODULES = ["sync", "chunkstate", "gate", "transmit", "cowindex"]
 
 extensions = [
     Extension(f"appliance._fast.{name}", [f"appliance/_fast/{name}.pyx"], extra_compile_args=["-O2"])

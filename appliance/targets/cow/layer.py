@@ -251,6 +251,11 @@ class Layer:
     def uuid(self):
         return self.header.uuid
 
+    def reload_bitmap(self):
+        """Read the bitmap from disk again (a table that replaces another one that synced its bits)."""
+        with self._lock:
+            self._load_bitmap()
+
     def _load_bitmap(self):
         h, chunk = self.header, 1 << 22
         for off in range(0, h.bitmap_length, chunk):

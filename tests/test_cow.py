@@ -1,0 +1,276 @@
+"""The cow target: reads from the topmost layer that holds a grain, writes into the writable
+layer only, partial-grain copy-up, push while clients stay connected, the chain a table must
+form, block status (base:allocation and qemu:allocation-depth), and what a FLUSH made durable
+after a kill -9. Real daemons, qemu-io, nbdinfo, nbdsh; the layer files read after the daemon
+is dead."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+from conftest import REPO, device, need, nbdsh_env, run, unwritten_pages
+
+KiB, MiB = 1 << 10, 1 << 20
+SIZE = 8 * MiB
+SECTORS = SIZE // 512
+BASE = 0x42  # the base's pattern in its first MiB; the rest of the base is a hole
+
+
+def layer_create(path, size=SIZE, grain="4K"):
+    run(sys.executable, "-m", "appliance", "layer", "create", str(path), "--size", str(size), "--grain", grain, cwd=REPO)
+    return str(path)
+
+
+def layer_info(path):
+    return json.loads(run(sys.executable, "-m", "appliance", "layer", "info", str(path), "--json", cwd=REPO).stdout)
+
+
+def make_base(tmp_path):
+    base = tmp_path / "base.img"
+    with open(base, "wb") as f:
+        f.truncate(SIZE)
+        f.write(bytes([BASE]) * MiB)
+    return str(base)
+
+
+def qemu_io(uri, *cmds, check=True):
+    need("qemu-io")
+    args = ["qemu-io", "-f", "raw"]
+    for c in cmds:
+        args += ["-c", c]
+    return run(*args, uri, check=check)
+
+
+def digest(path):
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def cow_device(base, layers, name="d"):
+    return device(name, f"0 {SECTORS} cow {base} 0 {' '.join(map(str, layers))}")
+
+
+def message(d, *words):
+    return d.cli("message", "d", "0", *words).stdout
+
+
+def build_stack(make_daemon, tmp_path, depth, name="build"):
+    """A stack `depth` layers deep made as a user would: write, push, write... Layer i (1 = the
+    bottom) holds pattern i in its own 64 KiB at i * 64 KiB, and grain 0; returns the daemon
+    (stopped), the base and the layer paths, bottom first."""
+    base = make_base(tmp_path)
+    layers = [layer_create(tmp_path / "l1.layer")]
+    d = make_daemon(cow_device(base, layers), name=name)
+    for i in range(1, depth + 1):
+        if i > 1:
+            layers.append(str(tmp_path / f"l{i}.layer"))
+            assert "pushed" in message(d, "push", layers[-1])  # created by the push
+        qemu_io(d.uri("d"), f"write -P {i} {i * 64 * KiB} 64k", f"write -P {i} 0 4k")
+    assert d.cli("table", "d").stdout.split() == f"0 {SECTORS} cow {base} 0 {' '.join(layers)}".split()
+    d.stop()
+    return base, layers
+
+
+def expect_stack(uri, depth):
+    cmds = [f"read -P {depth} 0 4k", f"read -P {BASE} 4k 60k"]
+    for i in range(1, depth + 1):
+        cmds.append(f"read -P {i} {i * 64 * KiB} 64k")
+    end = (depth + 1) * 64 * KiB
+    cmds += [f"read -P {BASE} {end} {MiB - end}", f"read -P 0 {MiB} {SIZE - MiB}"]
+    qemu_io(uri, *cmds)
+
+
+def test_reads_come_from_the_topmost_layer_through_1_3_and_8_layers(make_daemon, tmp_path):
+    for depth in (1, 3, 8):
+        sub = tmp_path / f"depth{depth}"
+        sub.mkdir()
+        base, layers = build_stack(make_daemon, sub, depth, name=f"build{depth}")
+        # a fresh daemon on the full table: the owner index is built from the bitmaps on disk
+        d = make_daemon(cow_device(base, layers), name=f"depth{depth}")
+        expect_stack(d.uri("d"), depth)
+        st = d.status("d")["devices"][0]["segments"][0]["status"]
+        assert st["layers"] == depth and st["writable"] == layers[-1]
+        d.stop()
+
+
+def test_writes_land_only_in_the_writable_layer(make_daemon, tmp_path):
+    base, layers = build_stack(make_daemon, tmp_path, 2)
+    before = {p: digest(p) for p in [base, layers[0]]}
+    top_before = layer_info(layers[1])["allocated_grains"]
+    d = make_daemon(cow_device(base, layers), name="again")
+    qemu_io(d.uri("d"), "write -P 0x77 0 256k", "write -P 0x78 7m 4k", "write -z 1m 64k", "flush")
+    qemu_io(d.uri("d"), "read -P 0x77 0 256k", "read -P 0x78 7m 4k", "read -P 0 1m 64k")
+    d.stop()
+    assert {p: digest(p) for p in [base, layers[0]]} == before  # base and lower layer: byte for byte
+    # 0..256k covers what the top held (grain 0 and its own 64 KiB): 64 + 1 + 16 grains now
+    assert top_before == 17 and layer_info(layers[1])["allocated_grains"] == 64 + 1 + 16
+
+
+def test_a_partial_grain_write_copies_the_grain_up_first(make_daemon, tmp_path):
+    base = make_base(tmp_path)
+    l1, l2 = layer_create(tmp_path / "l1.layer"), str(tmp_path / "l2.layer")
+    d = make_daemon(cow_device(base, [l1]))
+    qemu_io(d.uri("d"), "write -P 0x11 4096 4096")
+    message(d, "push", l2)
+    lower = digest(l1)
+    # 100 bytes into a grain of l1, 1 byte into a grain of the base, and one across both
+    qemu_io(d.uri("d"), "write -P 0x22 4146 100", "write -P 0x33 20000 1", "write -P 0x44 8000 400")
+    qemu_io(d.uri("d"), "read -P 0x11 4096 50", "read -P 0x22 4146 100", "read -P 0x11 4246 3754",
+            "read -P 0x44 8000 400", f"read -P {BASE} 8400 11600", "read -P 0x33 20000 1",
+            f"read -P {BASE} 20001 100000")
+    st = d.status("d")["devices"][0]["segments"][0]["status"]
+    assert st["copy_ups"] == 3  # grain 1 (from l1), grain 4 (the base), grain 2 (the base; grain 1 is l2's by then)
+    d.stop()
+    assert digest(l1) == lower
+    i = layer_info(l2)
+    assert i["allocated_grains"] == 3  # grains 1, 2 and 4
+
+
+def test_concurrent_partial_writes_to_one_grain_keep_each_others_bytes(make_daemon, tmp_path):
+    need("nbdsh")
+    base = make_base(tmp_path)
+    l1 = layer_create(tmp_path / "l1.layer")
+    d = make_daemon(cow_device(base, [l1]))
+    # 64 one-sector writes to the same 8 grains, all in flight at once: each copies up or
+    # waits for the grain's copy-up; none may lose another's bytes
+    out = subprocess.run(["nbdsh", "-u", d.uri("d"), "-c", """
+bufs = []
+for g in range(8):
+    for s in range(8):
+        bufs.append(nbd.Buffer.from_bytearray(bytearray([g * 8 + s + 1]) * 512))
+        h.aio_pwrite(bufs[-1], g * 4096 + s * 512)
+while h.aio_in_flight() > 0:
+    h.poll(-1)
+data = h.pread(8 * 4096, 0)
+bad = [(g, s) for g in range(8) for s in range(8)
+       if data[g * 4096 + s * 512:(g * 4096) + (s + 1) * 512] != bytes([g * 8 + s + 1]) * 512]
+print("bad", bad)
+"""], capture_output=True, text=True, env=nbdsh_env(), timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "bad []"
+
+
+def test_push_while_a_client_writes_loses_nothing(make_daemon, tmp_path):
+    need("fio")
+    base = make_base(tmp_path)
+    l1 = layer_create(tmp_path / "l1.layer")
+    d = make_daemon(cow_device(base, [l1]))
+    fio = subprocess.Popen(["fio", "--name=w", "--ioengine=nbd", f"--uri={d.uri('d')}", "--rw=randwrite", "--bs=4k",
+                            "--size=4m", "--iodepth=8", "--verify=crc32c", "--do_verify=1", "--loops=3",
+                            f"--verify_state_save=0", f"--directory={tmp_path}"],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+    pushed = []
+    for i in range(2, 5):
+        p = str(tmp_path / f"l{i}.layer")
+        out = message(d, "push", p)
+        assert "pushed" in out
+        pushed.append(p)
+    out, _ = fio.communicate(timeout=120)
+    assert fio.returncode == 0, out
+    assert "verify" not in out.lower() or "err=" not in out
+    table = d.cli("table", "d").stdout.split()
+    assert table[-4:] == [l1] + pushed
+    assert d.status("d")["devices"][0]["errors"] == 0
+
+
+def test_a_restart_with_a_stale_config_refuses_the_sealed_layer(make_daemon, tmp_path):
+    base = make_base(tmp_path)
+    l1, l2 = layer_create(tmp_path / "l1.layer"), str(tmp_path / "l2.layer")
+    d = make_daemon(cow_device(base, [l1]))
+    message(d, "push", l2)
+    child = layer_info(l2)["uuid"]
+    status = d.cli("status").stdout
+    assert "live table differs from the config" in status
+    d.stop()
+    r = d.cli("check-config", check=False)
+    assert r.returncode != 0 and f"{l1}: sealed (layer {child} was pushed on it)" in r.stderr
+    before = digest(l1)
+    d.start(expect_ready=False)
+    d.proc.wait(30)
+    assert f"layer {child} was pushed on it" in d.log.read_text()
+    assert digest(l1) == before
+
+
+def test_a_table_that_does_not_chain_is_refused_naming_the_layer(make_daemon, tmp_path):
+    base, layers = build_stack(make_daemon, tmp_path, 3)
+    digests = {p: digest(p) for p in layers}
+    other = layer_create(tmp_path / "other.layer", size=SIZE * 2)
+    for table, words in (
+        ([layers[1], layers[0], layers[2]], "wrong order"),
+        ([layers[0], layers[2]], "missing"),
+        ([layers[0], layers[1], other], "bytes"),
+    ):
+        d = make_daemon(cow_device(base, table), name="bad", start=False)
+        r = d.cli("check-config", check=False)
+        assert r.returncode != 0, r.stdout
+        assert "layer " in r.stderr and words in r.stderr, r.stderr
+    assert {p: digest(p) for p in layers} == digests
+
+
+def test_allocation_depth_says_which_layer_holds_each_range(make_daemon, tmp_path):
+    need("nbdinfo")
+    base, layers = build_stack(make_daemon, tmp_path, 3)
+    d = make_daemon(cow_device(base, layers), name="again")
+    out = run("nbdinfo", "--map=qemu:allocation-depth", "--json", d.uri("d")).stdout
+    got = [(e["offset"], e["length"], e["type"]) for e in json.loads(out)]
+    assert got == [
+        (0, 4 * KiB, 1),  # grain 0: the top
+        (4 * KiB, 60 * KiB, 4),  # the base (depth 3 layers + 1)
+        (64 * KiB, 64 * KiB, 3), (128 * KiB, 64 * KiB, 2), (192 * KiB, 64 * KiB, 1),
+        (256 * KiB, MiB - 256 * KiB, 4),
+        (MiB, SIZE - MiB, 0),  # a hole in the base: nothing anywhere
+    ]
+    alloc = json.loads(run("nbdinfo", "--map", "--json", d.uri("d")).stdout)
+    assert [(e["offset"], e["length"], e["type"]) for e in alloc] == [(0, MiB, 0), (MiB, SIZE - MiB, 3)]
+
+
+def test_writes_acknowledged_before_a_flush_survive_kill_9(make_daemon, tmp_path):
+    need("nbdsh")
+    base = make_base(tmp_path)
+    l1, l2 = layer_create(tmp_path / "l1.layer"), str(tmp_path / "l2.layer")
+    d = make_daemon(cow_device(base, [l1]))
+    qemu_io(d.uri("d"), "write -P 0x11 0 1m")
+    message(d, "push", l2)
+    d.stop()
+    d = make_daemon(cow_device(base, [l1, l2]), name="live")
+    p = subprocess.Popen(["nbdsh", "-u", d.uri("d"), "-c", """
+import random
+rnd = random.Random(7)
+for i in range(200):
+    g = rnd.randrange(256)
+    h.pwrite(bytes([i % 250 + 1]) * 512, g * 4096 + rnd.randrange(8) * 512)  # partial: copy-up
+h.pwrite(b"\\x99" * 8192, 3 * 1024 * 1024)
+h.flush()
+print("flushed", flush=True)
+import time
+time.sleep(60)
+"""], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=nbdsh_env())
+    assert p.stdout.readline().strip() == "flushed", p.stderr.read()
+    assert unwritten_pages(l2) in (0, None)  # the FLUSH left nothing of the layer in the page cache
+    d.kill()
+    p.kill()
+    p.wait()
+    # the layer file, read with the daemon dead: the bits and the data
+    info = layer_info(l2)
+    with open(l2, "rb") as f:
+        f.seek(info["data_offset"] + 3 * MiB)
+        assert f.read(8192) == b"\x99" * 8192
+    grains = 3 * MiB // 4096
+    with open(l2, "rb") as f:
+        f.seek(info["bitmap_offset"] + grains // 8 * 2)
+        assert f.read(1)[0] & 0b11 == 0b11  # grains 768, 769 allocated
+    d = make_daemon(cow_device(base, [l1, l2]), name="after")
+    expect = subprocess.run(["nbdsh", "-u", d.uri("d"), "-c", """
+import random
+rnd = random.Random(7)
+img = bytearray(b"\\x11" * (1 << 20))
+for i in range(200):
+    g = rnd.randrange(256)
+    off = g * 4096 + rnd.randrange(8) * 512
+    img[off:off + 512] = bytes([i % 250 + 1]) * 512
+print(h.pread(1 << 20, 0) == bytes(img), h.pread(8192, 3 * 1024 * 1024) == b"\\x99" * 8192)
+"""], capture_output=True, text=True, env=nbdsh_env(), timeout=60)
+    assert expect.stdout.split() == ["True", "True"], expect.stderr
