@@ -274,3 +274,57 @@ for i in range(200):
 print(h.pread(1 << 20, 0) == bytes(img), h.pread(8192, 3 * 1024 * 1024) == b"\\x99" * 8192)
 """], capture_output=True, text=True, env=nbdsh_env(), timeout=60)
     assert expect.stdout.split() == ["True", "True"], expect.stderr
+
+
+def merged(d, timeout=30):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        st = d.status("d")["devices"][0]["segments"][0]["status"]
+        if st.get("merge") != "running":
+            return st
+        time.sleep(0.05)
+    raise AssertionError(f"merge still running after {timeout}s: {st}")
+
+
+def test_merge_folds_layers_into_the_one_under_them_and_the_stack_reads_the_same(make_daemon, tmp_path):
+    base, layers = build_stack(make_daemon, tmp_path, 4)
+    l3_uuid = layer_info(layers[2])["uuid"]
+    d = make_daemon(cow_device(base, layers), name="live")
+    qemu_io(d.uri("d"), "write -z 320k 64k")  # the top holds zeros there: stays above the merge
+    message(d, "push", str(tmp_path / "l5.layer"))
+    qemu_io(d.uri("d"), "write -P 0x55 8k 4k")
+    assert "merging" in message(d, "merge", layers[1], layers[2])
+    st = merged(d)
+    assert st["merge"] == "done" and st["merge_progress"] == "100.0%" and st["layers"] == 3
+    live = [layers[0], layers[3], str(tmp_path / "l5.layer")]
+    assert d.cli("table", "d").stdout.split()[5:] == live
+    checks = [f"read -P 4 0 4k", "read -P 0x55 8k 4k", "read -P 1 64k 64k", "read -P 2 128k 64k",
+              "read -P 3 192k 64k", "read -P 4 256k 64k", "read -P 0 320k 64k", f"read -P {BASE} 384k 640k",
+              f"read -P 0 {MiB} {SIZE - MiB}"]
+    qemu_io(d.uri("d"), *checks)
+    d.stop()
+    i = layer_info(layers[0])
+    assert i["uuid"] == l3_uuid and i["pushed_on_it"] == layer_info(layers[3])["uuid"]
+    assert run(sys.executable, "-m", "appliance", "layer", "check", layers[0], cwd=REPO).returncode == 0
+    d = make_daemon(cow_device(base, live), name="after")  # the live table, from the layers on disk
+    qemu_io(d.uri("d"), *checks)
+
+
+def test_merge_and_push_while_fio_verifies(make_daemon, tmp_path):
+    need("fio")
+    base, layers = build_stack(make_daemon, tmp_path, 3)
+    d = make_daemon(cow_device(base, layers), name="live")
+    fio = subprocess.Popen(["fio", "--name=w", "--ioengine=nbd", f"--uri={d.uri('d')}", "--rw=randwrite", "--bs=4k",
+                            "--offset=4m", "--size=4m", "--iodepth=8", "--verify=crc32c", "--do_verify=1",
+                            "--loops=3", "--verify_state_save=0"],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+    message(d, "push", str(tmp_path / "l4.layer"))
+    message(d, "merge", layers[1], layers[2])
+    merged(d)
+    message(d, "push", str(tmp_path / "l5.layer"))
+    out, _ = fio.communicate(timeout=120)
+    assert fio.returncode == 0, out
+    assert d.status("d")["devices"][0]["errors"] == 0
+    qemu_io(d.uri("d"), "read -P 1 64k 64k", "read -P 2 128k 64k", "read -P 3 192k 64k", "read -P 3 0 4k")

@@ -226,6 +226,7 @@ class Layer:
         self._lock = threading.Lock()  # the bits and _dirty
         self._sync_lock = threading.Lock()  # one sync_bitmap at a time: an older page image never lands last
         self.failed = None  # the error of a failed sync: the layer takes no more bits
+        self.folding = False  # a merge folds the layers above into this read-only layer
         self._load_bitmap()
         if fresh and (any(self._alloc) or any(self._zero)):
             raise LayerError(f"{name}: unused bitmap device (no header) whose bitmap is not all zeros; zero it first")
@@ -297,7 +298,7 @@ class Layer:
         self._mark(g0, g1, zero=True)
 
     def _mark(self, g0, g1, zero):
-        if not self.writable or self.header.sealed:
+        if not self.folding and (not self.writable or self.header.sealed):
             raise LayerError(f"{self.name}: not the writable layer")
         if self.failed:
             raise LayerError(f"{self.name}: failed earlier ({self.failed}); its bitmap takes no more bits")
@@ -362,8 +363,21 @@ class Layer:
         self._write_header(replace(self.header, flags=self.header.flags | SEALED, child=child))
         self.writable = False
 
+    def begin_fold(self):
+        """A merge copies the grains of the read-only layers above this one into it (sealed or
+        not): its bits may change again. What the stack reads does not: the layers above still
+        hold the same grains until the merge ends."""
+        self.folding = True
+
+    def end_fold(self, uuid, child):
+        """The merge copied everything: this layer now reads as the topmost layer it folded in,
+        so it takes that layer's UUID (the layer above it names it as parent) and its child."""
+        self.sync_bitmap()
+        self._write_header(replace(self.header, uuid=uuid, child=child))
+        self.folding = False
+
     def _write_header(self, header):
-        if not self.writable:
+        if not (self.writable or self.folding):
             raise LayerError(f"{self.name}: opened read-only")
         pwrite_full(self.bitmap_fd, header.pack(), 0)
         os.fdatasync(self.bitmap_fd)

@@ -77,6 +77,7 @@ class Cow(Requests, Target):
         self._lock = threading.Lock()  # the index and the per-grain locks
         self._busy = {}  # grain -> retries waiting for it (the per-grain lock)
         self.copy_ups = 0
+        self.ios = 0  # requests mapped: a merge backs off while this moves
         self.merge = None
         self._started = False
         grain = None
@@ -163,6 +164,7 @@ class Cow(Requests, Target):
 
     def map(self, clone):
         op = clone.op
+        self.ios += 1
         if op == bio.READ:
             self.read(clone.offset, clone.length, clone.buf, clone.complete)
         elif not self.layers:
