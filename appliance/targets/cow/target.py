@@ -167,9 +167,11 @@ class Cow(Requests, Target):
         self.ios += 1
         if op == bio.READ:
             self.read(clone.offset, clone.length, clone.buf, clone.complete)
-        elif not self.layers:
-            clone.error = bio.error(errno.EROFS)  # no layer to write to
-            return bio.KILL
+        elif not self.layers:  # the base alone, read-only: nothing to write, nothing to flush
+            if op in bio.WRITE_OPS:
+                clone.error = bio.error(errno.EROFS)
+                return bio.KILL
+            clone.complete(0)
         elif op == bio.WRITE:
             self.write(clone.offset, clone.buf, clone.flags, clone.complete)
         elif op in (bio.WRITE_ZEROES, bio.TRIM):
