@@ -184,6 +184,8 @@ def test_a_restart_with_a_stale_config_refuses_the_sealed_layer(make_daemon, tmp
     child = layer_info(l2)["uuid"]
     status = d.cli("status").stdout
     assert "live table differs from the config" in status
+    r = d.cli("message", "d", "0", "push", l1, check=False)  # a used layer is no new top
+    assert r.returncode != 0 and f"{l1}: sealed" in r.stderr
     d.stop()
     r = d.cli("check-config", check=False)
     assert r.returncode != 0 and f"{l1}: sealed (layer {child} was pushed on it)" in r.stderr
@@ -354,3 +356,28 @@ def test_a_reload_to_the_live_table_keeps_the_writes_not_yet_flushed(make_daemon
     assert d.status()["daemon"]["last_reload"]["error"] is None
     qemu_io(d.uri("d"), "read -P 0x66 0 4k", f"read -P {BASE} 4k 4k")
     assert "live table differs" not in d.cli("status").stdout
+
+
+def test_three_word_layers_mix_with_layer_files(make_daemon, tmp_path):
+    base = make_base(tmp_path)
+    l1 = layer_create(tmp_path / "l1.layer")
+    bitmap, data = tmp_path / "w.bitmap", tmp_path / "w.data"
+    bitmap.write_bytes(bytes(8 * KiB))  # all zeros: it gets its header when first attached
+    with open(data, "wb") as f:
+        f.truncate(SIZE + MiB)
+    d = make_daemon(cow_device(base, [l1]), name="one")
+    qemu_io(d.uri("d"), "write -P 0x11 0 64k")
+    d.stop()
+    seed = [l1, str(bitmap), str(data), "2048"]  # the data from sector 2048 (1 MiB) of w.data
+    d = make_daemon(cow_device(base, seed), name="two")
+    qemu_io(d.uri("d"), "write -P 0x22 32k 64k", "flush")
+    qemu_io(d.uri("d"), "read -P 0x11 0 32k", "read -P 0x22 32k 64k", f"read -P {BASE} 96k 32k")
+    assert d.cli("table", "d").stdout.split()[5:] == seed
+    d.stop()
+    info = layer_info(bitmap)
+    assert info["parent"] == layer_info(l1)["uuid"] and info["allocated_grains"] == 16
+    with open(data, "rb") as f:
+        f.seek(MiB + 32 * KiB)
+        assert f.read(64 * KiB) == b"\x22" * 64 * KiB
+    d = make_daemon(cow_device(base, seed), name="three")
+    qemu_io(d.uri("d"), "read -P 0x11 0 32k", "read -P 0x22 32k 64k")
