@@ -278,6 +278,10 @@ class Layer:
         """[(start, end)] of the grains in [g0, g1) this layer holds (data or zero), in order."""
         return runs(self._alloc, g0, self.grains if g1 is None else g1)
 
+    def may_have_zero(self, g0, g1):
+        """False if no grain in [g0, g1) reads as zeros (a cheap test before zero_runs)."""
+        return any(self._zero[g0 >> 3:(g1 + 7) >> 3])
+
     def zero_runs(self, g0=0, g1=None):
         """[(start, end)] of the grains in [g0, g1) that read as zeros from this layer."""
         return runs(self._zero, g0, self.grains if g1 is None else g1)

@@ -70,6 +70,9 @@ class Requests:
                 self._submit(self.base, bio.READ, self.base_start + lo, part, join)
                 continue
             slot = self.layers[owner - 1]
+            if not slot.layer.may_have_zero(a, b):
+                self._submit(slot.data, bio.READ, slot.layer.data_offset + lo, part, join)
+                continue
             pos = lo
             for za, zb in slot.layer.zero_runs(a, b):
                 zlo, zhi = max(za << s, lo), min(zb << s, hi)

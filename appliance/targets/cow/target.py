@@ -138,11 +138,15 @@ class Cow(Requests, Target):
             self.ctx.put_device(dev)
 
     def build_index(self):
-        """The owner map from the bitmaps: bottom layer first, so the topmost holder wins."""
-        index = OwnerIndex(-(-self.length // self.grain))
+        """The owner map from the bitmaps: bottom layer first, so the topmost holder wins. Rebuilt
+        in place (suspended: after a merge), so the array a fast path holds stays where it is."""
+        grains = -(-self.length // self.grain)
+        index = getattr(self, "index", None)
+        if index is None:
+            index = self.index = OwnerIndex(grains)
+        index.set(0, grains, 0)
         for n, slot in enumerate(self.layers, 1):
             index.set_runs(n, slot.layer.allocated_runs())
-        self.index = index
 
     def dtr(self):
         if getattr(self, "merge", None) is not None:
