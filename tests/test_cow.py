@@ -381,3 +381,26 @@ def test_three_word_layers_mix_with_layer_files(make_daemon, tmp_path):
         assert f.read(64 * KiB) == b"\x22" * 64 * KiB
     d = make_daemon(cow_device(base, seed), name="three")
     qemu_io(d.uri("d"), "read -P 0x11 0 32k", "read -P 0x22 32k 64k")
+
+
+def test_the_stack_equals_a_flattened_qcow2_chain_made_with_the_same_writes(make_daemon, tmp_path):
+    need("qemu-img", "qemu-io")
+    base = make_base(tmp_path)
+    l1 = layer_create(tmp_path / "l1.layer")
+    d = make_daemon(cow_device(base, [l1]))
+    rounds = [["write -P 0x11 0 96k", "write -P 0x12 3000 5000"],
+              ["write -P 0x21 64k 64k", "write -z 900k 100k", "write -z 2m 64k", "write -P 0x22 2m 100"],
+              ["write -P 0x31 4094 4", "write -P 0x32 7m 1m"]]
+    chain = [base]
+    for i, cmds in enumerate(rounds, 1):
+        if i > 1:
+            message(d, "push", str(tmp_path / f"l{i}.layer"))
+        qemu_io(d.uri("d"), *cmds)
+        q = str(tmp_path / f"q{i}.qcow2")
+        run("qemu-img", "create", "-q", "-f", "qcow2", "-b", chain[-1], "-F", "raw" if i == 1 else "qcow2", q)
+        run("qemu-io", "-f", "qcow2", *sum((["-c", c] for c in cmds), []), q)
+        chain.append(q)
+    flat = str(tmp_path / "flat.raw")
+    run("qemu-img", "convert", "-O", "raw", chain[-1], flat)
+    r = run("qemu-img", "compare", "-f", "raw", "-F", "raw", flat, d.uri("d"), check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
