@@ -279,6 +279,17 @@ print(h.pread(1 << 20, 0) == bytes(img), h.pread(8192, 3 * 1024 * 1024) == b"\\x
     assert expect.stdout.split() == ["True", "True"], expect.stderr
 
 
+def hup(d):
+    """SIGHUP, and wait until the daemon reloaded; its error (None when it worked)."""
+    t = time.time()
+    d.signal(signal.SIGHUP)
+    deadline = time.monotonic() + 20
+    while not ((d.status()["daemon"]["last_reload"] or {}).get("time", 0) > t):
+        assert time.monotonic() < deadline, "no reload"
+        time.sleep(0.05)
+    return d.status()["daemon"]["last_reload"]["error"]
+
+
 def merged(d, timeout=30):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -344,13 +355,7 @@ def test_a_reload_to_the_live_table_keeps_the_writes_not_yet_flushed(make_daemon
     assert out.returncode == 0, out.stderr
     assert "live table differs" in d.cli("status").stdout
     d.config.write_text(d.config.read_text().replace(f"0 {l1}", f"0 {l1} {l2}"))
-    t = time.time()
-    d.signal(signal.SIGHUP)
-    deadline = time.monotonic() + 20
-    while not ((d.status()["daemon"]["last_reload"] or {}).get("time", 0) > t):
-        assert time.monotonic() < deadline, "no reload"
-        time.sleep(0.05)
-    assert d.status()["daemon"]["last_reload"]["error"] is None
+    assert hup(d) is None
     qemu_io(d.uri("d"), "read -P 0x66 0 4k", f"read -P {BASE} 4k 4k")
     assert "live table differs" not in d.cli("status").stdout
 
@@ -401,3 +406,19 @@ def test_the_stack_equals_a_flattened_qcow2_chain_made_with_the_same_writes(make
     run("qemu-img", "convert", "-O", "raw", chain[-1], flat)
     r = run("qemu-img", "compare", "-f", "raw", "-F", "raw", flat, d.uri("d"), check=False)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_a_layer_put_under_a_new_one_by_config_is_sealed_like_a_push(make_daemon, tmp_path):
+    base = make_base(tmp_path)
+    l1, l2 = layer_create(tmp_path / "l1.layer"), layer_create(tmp_path / "l2.layer")
+    d = make_daemon(cow_device(base, [l1]))
+    qemu_io(d.uri("d"), "write -P 0x11 0 4k")
+    d.config.write_text(d.config.read_text().replace(f"0 {l1}", f"0 {l1} {l2}"))
+    assert hup(d) is None
+    qemu_io(d.uri("d"), "read -P 0x11 0 4k", "write -P 0x22 4k 4k")
+    d.stop()
+    i = layer_info(l1)
+    assert i["sealed"] and i["pushed_on_it"] == layer_info(l2)["uuid"]
+    d.config.write_text(d.config.read_text().replace(f"0 {l1} {l2}", f"0 {l1}"))
+    r = d.cli("check-config", check=False)  # back to the old table: l1 may not take writes again
+    assert r.returncode != 0 and f"{l1}: sealed" in r.stderr

@@ -200,6 +200,23 @@ class Cow(Requests, Target):
             for slot in self.layers:
                 slot.layer.reload_bitmap()
             self.build_index()
+            self._seal_lower()
+
+    def _seal_lower(self):
+        """A layer the table put another one on (a config edited by hand, not a push) is sealed
+        now, as a push would have: a table that later made it the writable layer again would
+        change what the layers above it read. Done once the table is live, not at load: until
+        the swap the old table may still write to it."""
+        if not self.ctx.writable:
+            return
+        for below, above in zip(self.layers, self.layers[1:]):
+            if not below.layer.header.sealed:
+                below.layer.writable = True  # for the header write; seal() makes it read-only again
+                try:
+                    below.layer.seal(child=above.layer.uuid)
+                except (LayerError, OSError) as e:
+                    below.layer.writable = False
+                    log.error("cow: cannot seal %s under %s: %s", below.layer.name, above.layer.name, e)
 
     # block status
 
