@@ -117,6 +117,8 @@ class Merge:
             self.error = str(e)
             self.state = "failed"
             log.error("cow merge into %s failed: %s", self.into.layer.name, e)
+        finally:
+            self.into.layer.folding = False  # cancelled or failed: it takes no more bits
 
     def _copy(self):
         """Copy every grain FROM..TO hold into the layer under them. False if cancelled."""
