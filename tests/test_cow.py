@@ -307,6 +307,11 @@ def test_merge_folds_layers_into_the_one_under_them_and_the_stack_reads_the_same
     qemu_io(d.uri("d"), "write -z 320k 64k")  # the top holds zeros there: stays above the merge
     message(d, "push", str(tmp_path / "l5.layer"))
     qemu_io(d.uri("d"), "write -P 0x55 8k 4k")
+    for words, why in ((["merge", layers[0], layers[1]], "bottom layer"), (["merge", "2", "5"], "writable layer"),
+                       (["merge", "3", "2"], "is above"), (["merge", "x", "2"], "no layer 'x'"),
+                       (["cancel"], "no merge is running")):
+        r = d.cli("message", "d", "0", *words, check=False)
+        assert r.returncode != 0 and why in r.stderr, (words, r.stderr)
     assert "merging" in message(d, "merge", layers[1], layers[2])
     st = merged(d)
     assert st["merge"] == "done" and st["merge_progress"] == "100.0%" and st["layers"] == 3
