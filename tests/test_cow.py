@@ -205,6 +205,7 @@ def test_a_table_that_does_not_chain_is_refused_naming_the_layer(make_daemon, tm
         ([layers[1], layers[0], layers[2]], "wrong order"),
         ([layers[0], layers[2]], "missing"),
         ([layers[0], layers[1], other], "bytes"),
+        ([layers[0], layers[1], layers[2], layers[2]], "a layer is in a stack once"),
     ):
         d = make_daemon(cow_device(base, table), name="bad", start=False)
         r = d.cli("check-config", check=False)

@@ -91,6 +91,12 @@ def base_uuid(size, path=None):
 def check_chain(layers, size, parent_of_bottom, base_name):
     """Raise TargetError naming the first layer that does not chain; return the stack's grain.
     `layers` are attached Layers, bottom first."""
+    seen = {}
+    for layer in layers:
+        if layer.uuid in seen:
+            raise TargetError(f"layer {layer.name}: the same layer ({layer.uuid}) as {seen[layer.uuid]}; "
+                              "a layer is in a stack once")
+        seen[layer.uuid] = layer.name
     grain = layers[0].grain if layers else None
     for layer in layers:  # geometry first: a layer of another size says so, whatever its place
         h = layer.header
