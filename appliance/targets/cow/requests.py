@@ -59,11 +59,22 @@ class Requests:
 
     def read(self, offset, length, buf, done):
         """Fill buf with [offset, offset+length) of the stack; done(error)."""
-        join = Join(done)
-        view = memoryview(buf)
         end = offset + length
         s = self.shift
-        for owner, a, b in self.index.owner_runs(offset >> s, ((end - 1) >> s) + 1):
+        runs = self.index.owner_runs(offset >> s, ((end - 1) >> s) + 1)
+        if len(runs) == 1:  # the usual case: one layer (or the base) holds it all, as data
+            owner, a, b = runs[0]
+            if owner == 0:
+                self.base.submit(bio.IO(bio.READ, self.base_start + offset, length, buf, 0, lambda io: done(io.error)))
+                return
+            layer = self.layers[owner - 1]
+            if not layer.layer.may_have_zero(a, b):
+                layer.data.submit(bio.IO(bio.READ, layer.layer.data_offset + offset, length, buf, 0,
+                                         lambda io: done(io.error)))
+                return
+        join = Join(done)
+        view = memoryview(buf)
+        for owner, a, b in runs:
             lo, hi = max(a << s, offset), min(b << s, end)
             part = view[lo - offset:hi - offset]
             if owner == 0:
