@@ -169,7 +169,9 @@ class Cow(Requests, Target):
     def map(self, clone):
         op = clone.op
         self.ios += 1
-        if op == bio.READ:
+        if clone.length == 0 and op != bio.FLUSH:
+            clone.complete(0)  # no grain to look up
+        elif op == bio.READ:
             self.read(clone.offset, clone.length, clone.buf, clone.complete)
         elif not self.layers:  # the base alone, read-only: nothing to write, nothing to flush
             if op in bio.WRITE_OPS:
