@@ -3,10 +3,15 @@
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
-MODULES = ["sync", "chunkstate", "gate", "transmit", "cowindex"]
+MODULES = ["sync", "fastops", "uring", "chunkstate", "gate", "transmit", "cowindex"]
 
 extensions = [
-    Extension(f"appliance._fast.{name}", [f"appliance/_fast/{name}.pyx"], extra_compile_args=["-O2"])
+    Extension(
+        f"appliance._fast.{name}",
+        [f"appliance/_fast/{name}.pyx"],
+        extra_compile_args=["-O2"],
+        libraries=["uring"] if name == "uring" else [],
+    )
     for name in MODULES
     if name != "sync"  # declarations only
 ]

@@ -81,12 +81,21 @@ class PowerConfig:
 
 
 @dataclass(frozen=True)
+class MultipathConfig:
+    polling_interval: float = 5
+    queue_max_bytes: int = 64 << 20
+    marginal_window: float = 5
+    failback: str = "manual"
+
+
+@dataclass(frozen=True)
 class Config:
     source: str                    # the file path, or "embedded default"
     daemon: DaemonConfig
     export: ExportConfig
     devices: tuple[DeviceConfig, ...]
     power: PowerConfig | None
+    multipath: MultipathConfig = MultipathConfig()
     # (path, size in bytes) of a sparse image the daemon must create before
     # building devices; only set by embedded_default().
     needs_default_image: tuple[str, int] | None = None
@@ -114,7 +123,8 @@ class Config:
 
 
 _CLASSES: dict[str, type] = {"daemon": DaemonConfig, "export": ExportConfig,
-                             "device": DeviceConfig, "power": PowerConfig}
+                             "device": DeviceConfig, "power": PowerConfig,
+                             "multipath": MultipathConfig}
 
 
 def table_refs(lines) -> tuple[str, ...]:
@@ -267,7 +277,7 @@ def from_dict(raw: dict, path: str = "<dict>") -> Config:
     devices = built["device"]
     _check_devices(path, devices)
     return Config(source=path, daemon=built["daemon"], export=built["export"],
-                  devices=devices, power=built["power"])
+                  devices=devices, power=built["power"], multipath=built["multipath"])
 
 
 def _check_devices(path: str, devices: tuple[DeviceConfig, ...]) -> None:

@@ -22,7 +22,7 @@ import threading
 import time
 
 from . import config as cfg
-from . import drain, sdnotify, size_text, udev
+from . import drain, engine, sdnotify, size_text, udev
 from .blockdev import DevicePool
 from .control import ControlError, ControlServer
 from .device import MappedDevice, Registry
@@ -64,6 +64,7 @@ class Daemon:
         self.lock = threading.RLock()  # changes to devices (see the module's docstring)
         self.power = self.registry.power = PowerMonitor(config.power, self.registry)
         self.registry.daemon_config = config.daemon  # state_dir, shm_dir: ramback's store and marker
+        self.registry.config = config  # the sections targets read ([multipath])
         self.catalog = Catalog()
         self.server = Server(self.catalog)
         self.control = None
@@ -303,6 +304,7 @@ class Daemon:
         self.power.stop()
         if self.monitor:
             self.monitor.stop()
+        drain.announce_stop(self.registry.devices.values())  # before clients drain: nothing may wait for a path
         self.server.stop("daemon stopping")
         deadline = time.monotonic() + CLIENT_DRAIN
         while self.server.clients() and time.monotonic() < deadline:
@@ -343,8 +345,10 @@ class Daemon:
             return str(e)
         with self.lock:
             try:
+                self.registry.config = new  # tables loaded by this reload see its settings
                 self._apply(new)
             except Exception as e:  # whatever it is, the running set stays and the daemon lives
+                self.registry.config = self.config
                 log.error("reload refused: %s", e)
                 self.last_reload = (time.time(), str(e))
                 return str(e)
@@ -540,6 +544,7 @@ class Daemon:
                 "waiting": dict(self.waiting),
                 "lost_disks": self.disks.status(),
                 "watchdog_pings": self.watchdog.pings if self.watchdog else None,
+                "io_engine": engine.get().kind,
             },
             "devices": devices,
             "power": self.power.snapshot(),

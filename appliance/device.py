@@ -50,14 +50,14 @@ class Table:
         return lo
 
     def fastmap(self):
+        """[(start, end, FastOps or None)] for the gate: each target's fast-path descriptor,
+        none for a segment whose device failed (its requests then fail in map())."""
         out = []
         for seg, t in zip(self.segments, self.targets):
-            fm = t.fast_map()
-            if fm is None or any(getattr(d, "failed", None) for d in t.iterate_devices()):
-                out.append((seg.offset, seg.offset + seg.size, 0, -1, 0, 1))
-            else:
-                kind, fd, fd_offset, align, *extra = fm  # extra: a ramback's ChunkState
-                out.append((seg.offset, seg.offset + seg.size, kind, fd, fd_offset, align, *extra))
+            ops = t.fast_map()
+            if ops is not None and any(getattr(d, "failed", None) for d in t.iterate_devices()):
+                ops = None
+            out.append((seg.offset, seg.offset + seg.size, ops))
         return out
 
     def text(self):
@@ -95,6 +95,12 @@ class TableContext:
             raise TargetError(e.strerror) from None
         except OSError as e:
             raise TargetError(str(e)) from None
+
+    def settings(self, section):
+        """The daemon's [section] settings (a config dataclass; `multipath`...), or None outside a
+        daemon: the target then uses its defaults."""
+        config = getattr(self.registry, "config", None)
+        return getattr(config, section, None) if config is not None else None
 
     @property
     def daemon_config(self):
@@ -306,6 +312,7 @@ class Registry:
         self._lock = threading.Lock()
         self.power = None  # the daemon's power monitor, for TableContext.ramback_mode
         self.daemon_config = None  # the daemon's [daemon] section, for TableContext.daemon_config
+        self.config = None  # the daemon's whole config, for TableContext.settings
 
     def add(self, dev):
         with self._lock:

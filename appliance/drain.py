@@ -42,6 +42,19 @@ def drain_eta(devices):
     return eta
 
 
+def announce_stop(devices):
+    """Tell the targets that define `daemon_stopping()` that the daemon stops: one that holds I/O
+    for a better moment (multipath with no path) must end it now, or stop would wait forever."""
+    for dev in list(devices):
+        for t in dev.table.targets if dev.table else ():
+            hook = getattr(t, "daemon_stopping", None)
+            if hook is not None:
+                try:
+                    hook()
+                except Exception:
+                    log.exception("%s: %s.daemon_stopping failed", dev.name, t.name)
+
+
 def flush(dev):
     """A FLUSH through the device's whole stack; waits for it. Errors are logged, not raised."""
     done = threading.Event()

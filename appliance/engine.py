@@ -6,7 +6,10 @@ Completions run `done(result)` on an engine thread, with the GIL: `result` is
 the byte count (a short count only at end of file) or a negative errno.
 
 This module is the interface. The engine behind it is io_uring where the
-kernel has it, and a pool of worker threads otherwise; `kind` says which.
+kernel has it (`_fast.uring.Ring`: one ring, and one completion thread that
+calls the callbacks), and a pool of worker threads otherwise; `kind` says
+which. APPLIANCE_ENGINE=threads in the environment forces the pool (tests run
+both). The NBD loop uses the same choice for its own per-connection queues.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from __future__ import annotations
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
+
+from ._fast import uring
 
 WORKERS = 16
 
@@ -50,6 +55,22 @@ class ThreadEngine:
         return {"kind": self.kind, "workers": WORKERS}
 
 
+class UringEngine:
+    """io_uring: submission from the caller's thread, completions on one thread of ours."""
+
+    kind = "io_uring"
+
+    def __init__(self):
+        self._ring = uring.Ring(256)
+        self.read = self._ring.read
+        self.write = self._ring.write
+        self.fsync = self._ring.fsync
+        threading.Thread(target=self._ring.run, name="engine-uring", daemon=True).start()
+
+    def status(self):
+        return {"kind": self.kind, "in_flight": self._ring.in_flight, "submitted": self._ring.submitted}
+
+
 def _pread(fd, buf, offset):
     view = memoryview(buf).cast("B")
     done = 0
@@ -79,5 +100,5 @@ def get():
     global _engine
     with _lock:
         if _engine is None:
-            _engine = ThreadEngine()
+            _engine = UringEngine() if uring.kind() == "io_uring" else ThreadEngine()
         return _engine

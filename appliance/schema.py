@@ -85,8 +85,10 @@ TYPES: dict[str, Callable[[Any], bool]] = {
     "integer": _is_int,
     "number": lambda v: _is_int(v) or isinstance(v, float),
     "lines": lambda v: isinstance(v, (str, list)),   # string or array of strings
+    "word_or_integer": lambda v: isinstance(v, str) or _is_int(v),
 }
-TYPE_DOCS = {"lines": "string or array of strings", "number": "integer or float"}
+TYPE_DOCS = {"lines": "string or array of strings", "number": "integer or float",
+             "word_or_integer": "string or integer"}
 
 
 def toml_type_name(v: Any) -> str:
@@ -193,6 +195,17 @@ def ups_name(v: str) -> str:
     return v
 
 
+def failback(v: str | int) -> str:
+    """multipath.conf's failback: immediate, manual, followover, or seconds to wait."""
+    if isinstance(v, int):
+        if v < 0:
+            raise Invalid(f"{v} must be >= 0")
+        return str(v)
+    if v.lower() in ("immediate", "manual", "followover") or v.isdigit():
+        return v.lower()
+    raise Invalid(f"{v!r} is not immediate, manual, followover or a number of seconds")
+
+
 def _need_listener(values: dict) -> None:
     if values.get("unix") is None and values.get("tcp") is None:
         raise Invalid("no listener: set unix and/or tcp")
@@ -253,7 +266,20 @@ POWER = Section("power", doc="UPS monitoring (optional)", keys=(
         number_range(0, 1, lo_open=True)),
 ))
 
-SECTIONS: tuple[Section, ...] = (DAEMON, EXPORT, DEVICE, POWER)
+MULTIPATH = Section("multipath", doc="multipath maps (multipath.conf's defaults)", when_absent={}, keys=(
+    Key("polling_interval", "number", 5, "seconds between path checker probes (> 0)",
+        number_range(0, lo_open=True)),
+    Key("queue_max_bytes", "integer", 64 << 20,
+        "bytes of I/O a map may hold while it has no path; past it new I/O fails",
+        number_range(0)),
+    Key("marginal_window", "number", 5,
+        "a path failing again this many seconds after its reinstate is marginal (kept out longer)",
+        number_range(0)),
+    Key("failback", "word_or_integer", "manual",
+        "back to a better path group: immediate|manual|followover|seconds", failback),
+))
+
+SECTIONS: tuple[Section, ...] = (DAEMON, EXPORT, DEVICE, POWER, MULTIPATH)
 
 
 # ---- printing --------------------------------------------------------------

@@ -16,7 +16,8 @@ and write fails (so no thread, fast path included, can touch a descriptor
 number the kernel hands out again), the fast maps over it are rebuilt without
 it, and I/O to it ends with EIO. When a disk with the same name comes back
 with enough capacity it is reopened onto the same descriptor number and the
-devices over it serve again.
+devices over it serve again. A target that must know (a mirror leg, a
+multipath path) may define `disk_failed(dev)` / `disk_restored(dev)`.
 """
 
 from __future__ import annotations
@@ -310,6 +311,16 @@ class Disks:
                 out.append(md)
         return out
 
+    def _notify_targets(self, fdev, hook):
+        for md in self.users(fdev):
+            for t in md.table.targets:
+                fn = getattr(t, hook, None)
+                if fn is not None and fdev in t.iterate_devices():
+                    try:
+                        fn(fdev)
+                    except Exception:
+                        log.exception("%s: %s.%s failed", md.name, t.name, hook)
+
     def fail(self, fdev, why):
         if fdev.failed:
             return
@@ -322,6 +333,7 @@ class Disks:
                   ", ".join(md.name for md in users) or "no device")
         for md in users:
             md.refresh_fastmap()
+        self._notify_targets(fdev, "disk_failed")
 
     def reattach(self, fdev):
         node = find(fdev.word)
@@ -353,6 +365,7 @@ class Disks:
         log.warning("disk %s is back (%s): re-attached to %s", fdev.word, node, ", ".join(md.name for md in users) or "no device")
         for md in users:
             md.refresh_fastmap()
+        self._notify_targets(fdev, "disk_restored")
         return True
 
     def event(self, action, name, devnum, size):

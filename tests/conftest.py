@@ -57,6 +57,12 @@ class Daemon:
             time.sleep(0.05)
         raise RuntimeError(f"daemon not ready in {timeout}s:\n{self.log.read_text()}")
 
+    def restart(self):
+        """Start it again (after kill or stop); the log of the run before goes to .log.1
+        (start() waits for a line the old log already has)."""
+        os.replace(self.log, str(self.log) + ".1")
+        return self.start()
+
     def uri(self, export=""):
         return f"nbd+unix:///{export}?socket={self.socket}"
 
@@ -153,6 +159,18 @@ def device(name, *lines, **opts):
     return text + "\n"
 
 
+def wait_for(predicate, timeout=10.0, what=None, step=0.05):
+    """Poll `predicate` until it returns something true, and return that; bounded by `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not true within {timeout}s: {what or predicate.__doc__ or predicate}")
+        time.sleep(step)
+
+
 def nbd_python():
     """A python3 with libnbd's bindings (the `nbd` module). Debian's python3-libnbd is for
     /usr/bin/python3, not for a pyenv python3 that may come first on PATH."""
@@ -205,3 +223,49 @@ def unwritten_pages(path, offset=0, length=0):
         return st.dirty + st.writeback
     finally:
         os.close(fd)
+
+
+# ---- remote peers: nbdkit servers, and qemu-io against a URI
+
+@pytest.fixture
+def nbdkit(tmp_path):
+    """nbdkit(*args, sock=None, port=None) -> a running `nbdkit --unix SOCK ARGS...` (or on
+    127.0.0.1:PORT); `.sock` is its socket.
+    Ready once its pid file exists (nbdkit writes it when the socket accepts)."""
+    procs = []
+
+    def start(*args, sock=None, port=None):
+        need("nbdkit")
+        sock = sock or str(tmp_path / f"kit{len(procs)}.sock")
+        pidfile = tmp_path / f"kit{len(procs)}.pid"
+        for stale in (sock, pidfile):  # a SIGKILLed nbdkit leaves both
+            if os.path.exists(stale):
+                os.unlink(stale)
+        listen = ["-i", "127.0.0.1", "-p", str(port)] if port else ["--unix", sock]
+        p = subprocess.Popen(["nbdkit", *listen, "-P", str(pidfile), "--foreground",
+                              "--exit-with-parent", *args], stderr=subprocess.PIPE)
+        procs.append(p)
+        wait_for(lambda: pidfile.exists() or p.poll() is not None, 10, "nbdkit to listen")
+        if p.poll() is not None:
+            raise AssertionError(f"nbdkit {' '.join(args)} exited: {p.stderr.read().decode()}")
+        p.sock = sock
+        return p
+
+    yield start
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+        p.wait()
+
+
+def remote(sock, **params):
+    query = "".join(f"&{k}={v}" for k, v in params.items())
+    return f"nbd+unix:///?socket={sock}{query}"
+
+
+def qemu_io(uri, *commands, check=True, timeout=60):
+    need("qemu-io")
+    args = ["qemu-io", "-f", "raw"]
+    for c in commands:
+        args += ["-c", c]
+    return run(*args, uri, check=check, timeout=timeout)

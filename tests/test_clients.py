@@ -110,7 +110,7 @@ def test_nbdinfo_json_reports_names_sizes_read_only_description_and_block_sizes(
     for e in (alpha, beta):
         assert e["block_size_minimum"] == 1
         assert e["block_size_preferred"] == 4096
-        assert e["block_size_maximum"] == 32 * MiB
+        assert e["block_size_maximum"] == 64 * MiB
         assert "base:allocation" in e["contexts"]
         assert e["can_flush"] is True and e["can_multi_conn"] is True
     # write features are hidden on the read-only export

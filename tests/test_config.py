@@ -158,7 +158,7 @@ def test_unix_path_too_long():
 def test_unknown_top_level_key():
     e = err("[deamon]\n")
     assert e.key == "deamon"
-    assert "daemon, device, export, power" in e.message
+    assert "daemon, device, export, multipath, power" in e.message
     assert "did you mean 'daemon'" in e.message
 
 
@@ -428,7 +428,8 @@ def test_describe_lists_every_key():
 
 def test_schema_matches_dataclasses():
     classes = {"daemon": config.DaemonConfig, "export": config.ExportConfig,
-               "device": config.DeviceConfig, "power": config.PowerConfig}
+               "device": config.DeviceConfig, "power": config.PowerConfig,
+               "multipath": config.MultipathConfig}
     for section in schema.SECTIONS:
         assert [k.name for k in section.keys] == \
             [f.name for f in dataclasses.fields(classes[section.name])]

@@ -160,7 +160,7 @@ def test_push_while_a_client_writes_loses_nothing(make_daemon, tmp_path):
     l1 = layer_create(tmp_path / "l1.layer")
     d = make_daemon(cow_device(base, [l1]))
     fio = subprocess.Popen(["fio", "--name=w", "--ioengine=nbd", f"--uri={d.uri('d')}", "--rw=randwrite", "--bs=4k",
-                            "--size=4m", "--iodepth=8", "--verify=crc32c", "--do_verify=1", "--loops=10",
+                            "--size=4m", "--iodepth=8", "--verify=crc32c", "--do_verify=1", "--loops=40",
                             "--verify_state_save=0", f"--directory={tmp_path}"],
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
     pushed = []
@@ -336,7 +336,7 @@ def test_merge_and_push_while_fio_verifies(make_daemon, tmp_path):
     d = make_daemon(cow_device(base, layers), name="live")
     fio = subprocess.Popen(["fio", "--name=w", "--ioengine=nbd", f"--uri={d.uri('d')}", "--rw=randwrite", "--bs=4k",
                             "--offset=4m", "--size=4m", "--iodepth=8", "--verify=crc32c", "--do_verify=1",
-                            "--loops=10", "--verify_state_save=0"],
+                            "--loops=40", "--verify_state_save=0"],
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
     message(d, "push", str(tmp_path / "l4.layer"))
     message(d, "merge", layers[1], layers[2])

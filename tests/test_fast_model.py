@@ -20,6 +20,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from appliance._fast.fastops import fd_range, zeros
 from appliance._fast.gate import Gate
 from appliance._fast.transmit import Connection, nbd_errno
 from appliance.nbd import constants as C
@@ -40,7 +41,8 @@ class Seg:
     align: int
 
     def tuple(self):
-        return (self.start, self.end, self.kind, 0 if self.kind == FAST_FD else -1, self.fd_offset, self.align)
+        ops = {FAST_NONE: None, FAST_FD: lambda: fd_range(0, self.fd_offset, self.align), FAST_ZERO: zeros}[self.kind]
+        return (self.start, self.end, ops and ops())
 
 
 @st.composite
@@ -112,11 +114,13 @@ def test_an_empty_fast_map_admits_nothing():
 def test_the_fast_map_is_only_replaced_while_suspended_and_idle():
     g = Gate()
     with pytest.raises(RuntimeError):
-        g.set_fastmap([(0, 4096, FAST_ZERO, -1, 0, 1)])
+        g.set_fastmap([(0, 4096, zeros())])
     g.close()
     with pytest.raises(ValueError):
-        g.set_fastmap([(0, 4096, FAST_FD, 0, 0, 3)])  # not a power of two
-    g.set_fastmap([(0, 4096, FAST_ZERO, -1, 0, 1)])
+        fd_range(0, 0, 3)  # not a power of two
+    with pytest.raises(TypeError):
+        g.set_fastmap([(0, 4096, (1, 0, 0, 1))])  # the old tuple form: not a descriptor
+    g.set_fastmap([(0, 4096, zeros())])
     assert not g.probe(0, 4096)  # closed
     assert g.open() == []
     assert g.probe(0, 4096)
@@ -158,7 +162,7 @@ def test_nbd_errno_maps_host_errors_onto_the_specs_values(e):
 
 READ, WRITE, DISC, FLUSH, TRIM, CACHE, WRITE_ZEROES, BLOCK_STATUS = range(8)
 FUA, NO_HOLE, DF, REQ_ONE, FAST_ZERO_F = 1, 2, 4, 8, 16
-HARD_MAX = 64 << 20
+HARD_MAX = 128 << 20
 
 
 def spec_error(cmd, flags, offset, length, *, size, read_only, structured, max_block):
@@ -193,7 +197,9 @@ def spec_error(cmd, flags, offset, length, *, size, read_only, structured, max_b
     if read_only and cmd in (WRITE, TRIM, WRITE_ZEROES):
         return errno.EPERM  # "SHOULD return EPERM if it receives a write or trim request on a read-only export"
     if cmd in (READ, WRITE) and length > max_block:
-        return errno.EOVERFLOW  # over the advertised maximum block size
+        # over the advertised maximum block size: "the server SHOULD NOT use EOVERFLOW" there
+        # (it is for DF reads and payload-less commands); EINVAL is what clients expect
+        return errno.EINVAL
     if length == 0:
         return errno.EINVAL
     if offset + length > size:
@@ -291,9 +297,9 @@ def test_transmission_loop_answers_each_request_with_the_specs_error(tmp_path, s
     g = Gate()
     g.close()
     if fastmap == "zero":
-        g.set_fastmap([(0, size, FAST_ZERO, -1, 0, 1)])
+        g.set_fastmap([(0, size, zeros())])
     elif fastmap == "file":
-        g.set_fastmap([(0, size, FAST_FD, fd, 0, 1)])
+        g.set_fastmap([(0, size, fd_range(fd, 0, 1))])
     g.open()
     server, client = socket.socketpair()
     client.settimeout(10)
@@ -382,7 +388,7 @@ def test_initial_bytes_from_the_handshake_are_served_first():
     """Requests the client pipelined behind the handshake reach the loop as `initial`."""
     g = Gate()
     g.close()
-    g.set_fastmap([(0, 65536, FAST_ZERO, -1, 0, 1)])
+    g.set_fastmap([(0, 65536, zeros())])
     g.open()
     server, client = socket.socketpair()
     client.settimeout(10)
@@ -398,4 +404,37 @@ def test_initial_bytes_from_the_handshake_are_served_first():
     finally:
         client.close()
         t.join(10)
+        server.close()
+
+
+def test_slow_requests_held_until_unplug_are_answered_before_the_loop_waits():
+    """A device queue may hold what dispatch gave it until unplug(): the loop calls it once it
+    has dispatched what the client sent and before it waits for more."""
+    held, unplugs = [], []
+
+    def dispatch(conn, cmd, flags, cookie, offset, length, payload):
+        held.append(cookie)
+
+    def unplug():
+        unplugs.append(len(held))
+        while held:
+            conn.reply(held.pop(0), 0)
+
+    g = Gate()  # no fast map: every request is slow
+    server, client = socket.socketpair()
+    client.settimeout(10)
+    conn = Connection(server.fileno(), g, dispatch, 65536, False, False, 4096, 64, b"", unplug=unplug)
+    sender = threading.Thread(target=conn.sender, daemon=True)
+    t = threading.Thread(target=conn.run, daemon=True)
+    sender.start()
+    t.start()
+    try:
+        client.sendall(b"".join(struct.pack(">IHHQQI", C.NBD_REQUEST_MAGIC, 0, FLUSH, i, 0, 0) for i in range(3)))
+        got = sorted(struct.unpack(">IIQ", recv_exact(client, 16))[2] for _ in range(3))
+        assert got == [0, 1, 2]
+        assert unplugs and unplugs[0] >= 1
+    finally:
+        client.close()
+        t.join(10)
+        sender.join(10)
         server.close()

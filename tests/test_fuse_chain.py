@@ -3,23 +3,14 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import subprocess
-import time
 
 import pytest
 
-from conftest import need, run
+from conftest import device, need, run, wait_for
 
 MiB = 1 << 20
-
-
-def device(name, *lines, **opts):
-    text = f'[[device]]\nname = "{name}"\ntable = {json.dumps(list(lines))}\n'
-    for key, value in opts.items():
-        text += f"{key} = {json.dumps(value)}\n"
-    return text + "\n"
 
 
 def _usable_loop():
@@ -33,15 +24,6 @@ def _usable_loop():
 def _mounted(path):
     with open("/proc/self/mounts") as f:
         return any(line.split()[1] == str(path) for line in f)
-
-
-def _wait(predicate, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _sha(path):
@@ -64,7 +46,7 @@ def test_ext4_on_a_loop_device_over_nbdfuse_keeps_files_across_remounts(make_dae
     fuse = loop = None
     try:
         fuse = subprocess.Popen(["nbdfuse", str(fuse_dir), d.uri("data0")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        _wait(lambda: _mounted(fuse_dir) and nbd_file.exists() or fuse.poll() is not None, 20, "nbdfuse to mount")
+        wait_for(lambda: _mounted(fuse_dir) and nbd_file.exists() or fuse.poll() is not None, 20, "nbdfuse to mount")
         assert fuse.poll() is None, fuse.communicate()[0]
         assert nbd_file.stat().st_size == 64 * MiB
         loop = run("losetup", "--find", "--show", str(nbd_file)).stdout.strip()

@@ -256,18 +256,28 @@ def test_write_whose_payload_never_comes_is_dropped_when_the_socket_closes(daemo
 
 def test_write_over_the_hard_limit_closes_without_reading_the_payload(daemon):
     s, _ = handshake(daemon)
-    s.sendall(request(C.NBD_CMD_WRITE, 0, 64 * MiB + 1, cookie=4) + b"x" * 4096)
+    s.sendall(request(C.NBD_CMD_WRITE, 0, 128 * MiB + 1, cookie=4) + b"x" * 4096)
     assert closed_by_server(s, timeout=3)
     assert log_has(daemon, "over the hard limit")
     still_serves(daemon)
 
 
-def test_write_over_the_max_block_size_gets_eoverflow_and_the_stream_stays_in_step(daemon):
+def test_nbdinfo_says_the_maximum_block_is_64_mib(daemon):
+    need("nbdinfo")
+    info = json.loads(run("nbdinfo", "--json", daemon.uri("data0")).stdout)
+    assert info["exports"][0]["block_size_maximum"] == 64 * MiB
+
+
+def test_requests_over_the_max_block_size_get_einval_and_the_stream_stays_in_step(daemon):
+    # the spec: EOVERFLOW is for DF reads and payload-less commands; an oversized READ or
+    # WRITE gets EINVAL. A write's payload up to the hard limit is read and discarded.
     s, _ = handshake(daemon)
-    n = 32 * MiB + 512
+    n = 64 * MiB + 512
     s.sendall(request(C.NBD_CMD_WRITE, 0, n, cookie=5))
-    s.sendall(b"\x01" * n)  # the payload is read and discarded
-    assert simple_reply(s) == (errno.EOVERFLOW, 5, b"")
+    s.sendall(b"\x01" * n)
+    assert simple_reply(s) == (errno.EINVAL, 5, b"")
+    s.sendall(request(C.NBD_CMD_READ, 0, n, cookie=7))
+    assert simple_reply(s) == (errno.EINVAL, 7, b"")
     s.sendall(request(C.NBD_CMD_READ, 0, 4096, cookie=6))
     assert simple_reply(s, 4096) == (0, 6, bytes(4096))
     s.close()

@@ -22,7 +22,7 @@ from appliance.nbd import constants as C
 from appliance.nbd.protocol import NEED_DATA, RemoteProtocolError
 from appliance.nbd.transmission import BlockStatus, ClientTransmission, ReadData, ReadHole, ReplyDone
 from appliance.nbd.uri import parse_uri
-from conftest import device, need, run
+from conftest import device, need, qemu_io, remote, run, wait_for
 
 MiB = 1 << 20
 S = 512
@@ -161,58 +161,6 @@ def test_bad_uris_say_what_is_wrong(uri, message):
 
 # -------------------------------------------------------------- real servers
 
-@pytest.fixture
-def nbdkit(tmp_path):
-    """nbdkit(*args, sock=None, port=None) -> a running `nbdkit --unix SOCK ARGS...` (or on
-    127.0.0.1:PORT); `.sock` is its socket.
-    Ready once its pid file exists (nbdkit writes it when the socket accepts)."""
-    procs = []
-
-    def start(*args, sock=None, port=None):
-        need("nbdkit")
-        sock = sock or str(tmp_path / f"kit{len(procs)}.sock")
-        pidfile = tmp_path / f"kit{len(procs)}.pid"
-        for stale in (sock, pidfile):  # a SIGKILLed nbdkit leaves both
-            if os.path.exists(stale):
-                os.unlink(stale)
-        listen = ["-i", "127.0.0.1", "-p", str(port)] if port else ["--unix", sock]
-        p = subprocess.Popen(["nbdkit", *listen, "-P", str(pidfile), "--foreground",
-                              "--exit-with-parent", *args], stderr=subprocess.PIPE)
-        procs.append(p)
-        until(lambda: pidfile.exists() or p.poll() is not None, 10, "nbdkit to listen")
-        if p.poll() is not None:
-            raise AssertionError(f"nbdkit {' '.join(args)} exited: {p.stderr.read().decode()}")
-        p.sock = sock
-        return p
-
-    yield start
-    for p in procs:
-        if p.poll() is None:
-            p.kill()
-        p.wait()
-
-
-def until(predicate, timeout, what):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
-
-
-def remote(sock, **params):
-    query = "".join(f"&{k}={v}" for k, v in params.items())
-    return f"nbd+unix:///?socket={sock}{query}"
-
-
-def qemu_io(uri, *commands, check=True, timeout=60):
-    need("qemu-io")
-    args = ["qemu-io", "-f", "raw"]
-    for c in commands:
-        args += ["-c", c]
-    return run(*args, uri, check=check, timeout=timeout)
-
-
 def file_bytes(path, offset, length):
     with open(path, "rb") as f:
         f.seek(offset)
@@ -249,7 +197,7 @@ def test_a_tcp_export_and_its_connections_close_with_the_last_table(make_daemon,
     assert log.read_text().count("Connect export=") == 3  # two for the table, one for the check
     d.cli("load", "t", "0 8192 zero")
     d.cli("resume", "t")
-    until(lambda: log.read_text().count("Disconnect") == 3, 10, "the table's connections to close")
+    wait_for(lambda: log.read_text().count("Disconnect") == 3, 10, "the table's connections to close")
     assert kit.poll() is None
 
 
@@ -295,7 +243,7 @@ def test_killed_server_fails_in_flight_io_with_eio_and_io_resumes_when_it_return
     nbdkit("file", disk, sock=sock)  # back on the same socket: no command needed
     with open(disk, "r+b") as f:
         f.write(b"\x42" * 4096)
-    until(lambda: "read 4096/4096" in qemu_io(d.uri("r"), "read -P 0x42 0 4k", check=False).stdout,
+    wait_for(lambda: "read 4096/4096" in qemu_io(d.uri("r"), "read -P 0x42 0 4k", check=False).stdout,
           15, "I/O through the restarted nbdkit")
     assert "lost: server closed the connection" in d.log.read_text()
     assert "reconnected" in d.log.read_text()
@@ -309,7 +257,7 @@ def test_a_hung_server_times_out_and_the_connection_comes_back(make_daemon, imag
     out = qemu_io(d.uri("r"), "read 0 4k", check=False).stdout
     assert "Input/output error" in out and time.monotonic() - t < 10
     assert "no reply in 1 s" in d.log.read_text()
-    until(lambda: "wrote 4096/4096" in qemu_io(d.uri("r"), "write -P 0x11 0 4k", check=False).stdout,
+    wait_for(lambda: "wrote 4096/4096" in qemu_io(d.uri("r"), "write -P 0x11 0 4k", check=False).stdout,
           15, "a write after the reconnect")
     assert file_bytes(disk, 0, 4096) == b"\x11" * 4096
 
@@ -353,7 +301,7 @@ def test_qemu_nbd_export_with_its_holes_in_block_status(make_daemon, image, tmp_
     qemu = subprocess.Popen(["qemu-nbd", "-k", sock, "-f", "raw", "--shared=4", "--persistent", "--cache=none", disk],
                             stderr=subprocess.PIPE)
     try:
-        until(lambda: os.path.exists(sock), 10, "qemu-nbd to listen")
+        wait_for(lambda: os.path.exists(sock), 10, "qemu-nbd to listen")
         d = make_daemon(device("q", f"0 {8 * MiB // S} linear {remote(sock)} 0"))
         extents = json.loads(run("nbdinfo", "--map", "--json", d.uri("q")).stdout)
         data = [(e["offset"], e["length"]) for e in extents if not e["type"] & 1]
@@ -411,11 +359,11 @@ def test_the_device_tells_callers_path_errors_by_errno(image, nbdkit):
     dev = nbd_client.pool.get(remote(kit.sock))
     try:
         assert read(dev, 8, meanwhile=lambda: (time.sleep(0.5), kit.kill())) == [errno.ECONNRESET] * 8
-        until(lambda: dev.failed, 5, "the device to notice")
+        wait_for(lambda: dev.failed, 5, "the device to notice")
         t = time.monotonic()
         assert read(dev) == [errno.ENOTCONN] and time.monotonic() - t < 0.5
         nbdkit("file", disk, sock=kit.sock)
-        until(lambda: dev.failed is None, 10, "the reconnect")
+        wait_for(lambda: dev.failed is None, 10, "the reconnect")
         assert read(dev) == [0]
     finally:
         nbd_client.pool.put(dev)

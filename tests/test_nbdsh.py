@@ -180,7 +180,7 @@ def test_opt_mode_lists_exports_and_contexts_then_goes(make_daemon, disk, image)
     assert r["negotiating"] and r["still_negotiating"] and r["ready"]
     assert r["list"] == [["data0", "eight MiB"], ["ro", ""]]
     assert r["contexts"] == ["base:allocation"]
-    assert r["ro_info"] == [2 * MiB, True, False, 32 * MiB]
+    assert r["ro_info"] == [2 * MiB, True, False, 64 * MiB]
     assert r["unknown_info"] == "ENOENT"  # libnbd's errno for NBD_REP_ERR_UNKNOWN
     assert r["go"] == [8 * MiB, False, True, True]
     assert r["read"]
@@ -358,7 +358,9 @@ def test_df_read_is_served_in_one_chunk(daemon):
 # errors the spec names
 
 
-def test_requests_out_of_bounds_or_too_big_get_the_spec_errors(daemon, disk):
+def test_requests_out_of_bounds_or_with_bad_flags_get_the_spec_errors(daemon, disk):
+    # requests over the maximum block (64 MiB) are libnbd's own limit too, so it refuses
+    # them itself (ERANGE); test_hostile.py sends them on a raw socket
     size = 8 * MiB
     r = script(
         f"""
@@ -370,8 +372,6 @@ def test_requests_out_of_bounds_or_too_big_get_the_spec_errors(daemon, disk):
         R["zero_past_end"] = err(lambda: h.zero(8192, {size - 4096}))
         R["trim_past_end"] = err(lambda: h.trim(8192, {size}))
         R["cache_past_end"] = err(lambda: h.cache(8192, {size}))
-        R["read_over_max_block"] = err(lambda: h.pread({32 * MiB + 4096}, 0))
-        R["write_over_max_block"] = err(lambda: h.pwrite(bytes({32 * MiB + 512}), 0))
         R["read_unknown_flag"] = err(lambda: h.pread(512, 0, 0x40))
         R["write_unknown_flag"] = err(lambda: h.pwrite(b"u" * 512, 0, 0x100))
         R["write_no_hole_flag"] = err(lambda: h.pwrite(b"u" * 512, 0, nbd.CMD_FLAG_NO_HOLE))
@@ -390,8 +390,6 @@ def test_requests_out_of_bounds_or_too_big_get_the_spec_errors(daemon, disk):
         "zero_past_end": "ENOSPC",
         "trim_past_end": "EINVAL",
         "cache_past_end": "EINVAL",
-        "read_over_max_block": "EOVERFLOW",
-        "write_over_max_block": "EOVERFLOW",
         "read_unknown_flag": "EINVAL",
         "write_unknown_flag": "EINVAL",
         "write_no_hole_flag": "EINVAL",

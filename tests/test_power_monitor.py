@@ -11,6 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 from nut import MON, MON_PW, nut, nut_server  # noqa: F401  (fixtures)
+from conftest import wait_for
 
 from appliance.config import PowerConfig
 from appliance.power.monitor import Monitor
@@ -106,16 +107,6 @@ def monitor():
     yield make
     for m in started:
         m.stop()
-
-
-def wait_for(what, timeout=10.0, step=0.02):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = what()
-        if value:
-            return value
-        time.sleep(step)
-    raise AssertionError(f"not true within {timeout}s: {what.__doc__ or what}")
 
 
 def test_a_poll_that_says_on_battery_switches_within_one_poll_interval(nut, monitor):

@@ -30,6 +30,7 @@ from test_ramback import (
 WRITERS = 4
 SIZE = 32 << 20
 HOT = 1 << 20  # most writes land in the first MiB: they overlap a lot
+SWITCHES = 10  # mode switches while the writers write
 
 WORKER = """
 h = nbd.NBD(); h.connect_uri(sys.argv[1])
@@ -38,6 +39,7 @@ log = open(sys.argv[5], "w", buffering=1)
 rnd = random.Random(wid * 7919)
 orig = open(sys.argv[6], "rb")
 deadline = time.monotonic() + float(sys.argv[7])
+stop = sys.argv[8]  # the controller's: it has switched modes often enough
 
 def stamp(seq, off, n):
     out = bytearray()
@@ -46,7 +48,7 @@ def stamp(seq, off, n):
     return bytes(out)
 
 seq = 0
-while seq < 400 and time.monotonic() < deadline:
+while seq < 4000 and time.monotonic() < deadline and not (seq >= 60 and os.path.exists(stop)):
     n = rnd.choice([512, 1024, 3584, 4096, 8192, 12800, 65536])
     top = hot if rnd.random() < 0.7 else size
     off = rnd.randrange(0, top - n) // 512 * 512
@@ -97,13 +99,17 @@ def test_concurrent_overlapping_writes_across_populate_and_mode_switches(make_da
         + device("rb", f"0 {sectors} ramback - @slow chunk=4096")
     )
     logs = [tmp_path / f"worker{w}.log" for w in range(WRITERS)]
+    stop = tmp_path / "stop"
     workers = [
-        nbd_script(WORKER, d.uri("rb"), w, SIZE, 1 << 20, logs[w], orig_copy, 8.0, background=True) for w in range(WRITERS)
+        nbd_script(WORKER, d.uri("rb"), w, SIZE, 1 << 20, logs[w], orig_copy, 60.0, stop, background=True)
+        for w in range(WRITERS)
     ]
     seen = []
     modes = ["writeback", "writethrough"]
     i = 0
     deadline = time.monotonic() + 60
+    # the writers write until the switching is done and each has written enough, however slow
+    # the CLI or the loads are on a loaded machine; the switching goes on while they write
     while any(p.poll() is None for p in workers) and time.monotonic() < deadline:
         seen.append(rb_status(d))
         message(d, modes[i % 2])
@@ -112,12 +118,14 @@ def test_concurrent_overlapping_writes_across_populate_and_mode_switches(make_da
         elif i % 5 == 4:
             message(d, "max_dirty", "30s")
         i += 1
+        if i == SWITCHES:
+            stop.touch()
         time.sleep(0.25)
     for p in workers:
         out, _ = p.communicate(timeout=60)
         assert p.returncode == 0, out
     assert any(not s["populated"] for s in seen), "populate was over before the writers began"
-    assert i >= 8, "too few mode switches"
+    assert i >= SWITCHES, "the writers stopped before the mode switches were done"
 
     message(d, "writethrough")
     assert message(d, "flush") == "clean"

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import need, run
+from conftest import need, run, wait_for
 
 from appliance import udev
 
@@ -67,16 +67,6 @@ def loop():
     yield lo
     if os.path.exists(lo.path):
         lo.remove()
-
-
-def wait(pred, timeout=15, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def pattern(path: Path, byte: int, size=16 << 20):
@@ -174,7 +164,7 @@ def test_a_device_waits_for_a_missing_disk_and_is_served_when_it_appears(make_da
     run("qemu-io", "-f", "raw", "-c", "read 0 4096", d.uri("now"))
 
     loop.add(backing)
-    wait(lambda: not d.status()["daemon"]["waiting"], what="the waiting devices to be assembled")
+    wait_for(lambda: not d.status()["daemon"]["waiting"], 15, what="the waiting devices to be assembled")
     run("qemu-io", "-f", "raw", "-c", "read -P 0x42 0 65536", d.uri("upper"))
     assert "disks attached; device assembled" in d.log.read_text()
 
@@ -192,7 +182,7 @@ def test_a_disk_that_goes_away_fails_io_cleanly_and_is_reattached_when_it_return
     shutil.copyfile(backing, saved)
     os.truncate(backing, 0)
     run("losetup", "-c", loop.path)
-    lost = wait(lambda: d.status()["daemon"]["lost_disks"], what="the daemon to notice the disk is gone")
+    lost = wait_for(lambda: d.status()["daemon"]["lost_disks"], 15, what="the daemon to notice the disk is gone")
     assert lost[0]["disk"] == loop.path and "shrank" in lost[0]["state"]
     assert loop.path in d.status()["daemon"]["summary"]
     assert lost[0]["devices"] == ["d"]
@@ -211,7 +201,7 @@ def test_a_disk_that_goes_away_fails_io_cleanly_and_is_reattached_when_it_return
     assert d.status("d")["devices"][0]["errors"] >= 2
 
     loop.remove()  # possible only because the daemon let go of it
-    wait(lambda: not os.path.exists(loop.path), what="the loop device to be removed")
+    wait_for(lambda: not os.path.exists(loop.path), 15, what="the loop device to be removed")
     time.sleep(0.3)
     # already failed: its removal changes nothing and is not reported as a second loss
     assert "was removed" not in d.log.read_text()
@@ -220,7 +210,7 @@ def test_a_disk_that_goes_away_fails_io_cleanly_and_is_reattached_when_it_return
 
     # it comes back, with its data
     loop.add(saved)
-    wait(lambda: not d.status()["daemon"]["lost_disks"], what="the disk to be re-attached")
+    wait_for(lambda: not d.status()["daemon"]["lost_disks"], 15, what="the disk to be re-attached")
     assert "is back" in d.log.read_text()
     before = d.status("d")["devices"][0]["fast_ios"]
     run("qemu-io", "-f", "raw", "-c", "read -P 0x6b 1048576 65536", "-c", "write -P 0x6c 0 4096", d.uri("d"))

@@ -43,5 +43,4 @@ cdef class Mapping:
 cdef class ChunkState:
     cdef RbFast f
     cdef object mapping
-    cdef RbFast *fast(self) noexcept
     cdef _check(self, int64_t c0, int64_t c1)

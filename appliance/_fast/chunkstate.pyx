@@ -27,6 +27,7 @@ from libc.string cimport memcpy, memset
 from libc.stdlib cimport calloc, free
 from posix.unistd cimport write, usleep
 from libc.errno cimport errno
+from appliance._fast.fastops cimport FastOps, FastDesc, FdPiece, FAST_DECLINE
 
 cdef extern from "<sys/mman.h>" nogil:
     void *mmap(void *, size_t, int, int, int, long)
@@ -205,6 +206,14 @@ cdef int rb_write(RbFast *f, uint64_t off, const char *src, uint64_t n, int fua)
     return 1
 
 
+cdef int rb_fast_read(FastDesc *d, uint64_t off, char *buf, uint64_t n, int fua, FdPiece *out, int room) noexcept nogil:
+    return 0 if rb_read(<RbFast *>d.state, off, buf, n) else FAST_DECLINE
+
+
+cdef int rb_fast_write(FastDesc *d, uint64_t off, char *buf, uint64_t n, int fua, FdPiece *out, int room) noexcept nogil:
+    return 0 if rb_write(<RbFast *>d.state, off, buf, n, fua) else FAST_DECLINE
+
+
 # ---- the store's memory -------------------------------------------------------
 
 cdef class Mapping:
@@ -286,8 +295,19 @@ cdef class ChunkState:
     def __dealloc__(self):
         free(self.f.groups)
 
-    cdef RbFast *fast(self) noexcept:
-        return &self.f
+    def fast_ops(self):
+        """The fast-path descriptor (fastops.pxd) serving loaded chunks from RAM. It serves a
+        request whole or declines it before touching anything, and only alone: a request
+        that also reaches another segment goes to the slow path, so none is left half done."""
+        cdef FastOps ops = FastOps.__new__(FastOps)
+        ops.desc.read = rb_fast_read
+        ops.desc.write = rb_fast_write
+        ops.desc.state = &self.f
+        ops.desc.fd = -1
+        ops.desc.align = 1
+        ops.desc.alone = 1
+        ops.owner = self
+        return ops
 
     # attaching
 

@@ -5,17 +5,18 @@ Suspend closes the gate: new requests are deferred (kept, not failed) and the
 suspender waits for the in-flight count to reach zero. Resume opens it and
 hands the deferred requests back to be mapped against the new table.
 
-The fast map is a flat copy of the live table for the targets that are plain
-offsets onto an open file (linear over a file or disk, zero). The NBD
-transmission loop serves requests that fall entirely inside it without the
-GIL. The map is only replaced while the gate is closed and idle, so a request
-that got in keeps a valid map until it leaves.
+The fast map is a flat copy of the live table: for each segment whose target
+offers a fast-path descriptor (fastops.pxd), the descriptor. The NBD
+transmission loop looks a request up here once (fast_enter) and serves it
+through the descriptors without the GIL. The map is only replaced while the
+gate is closed and idle, so a request that got in keeps a valid map until it
+leaves.
 """
 
-from libc.stdlib cimport malloc, free
+from libc.stdlib cimport calloc, free
 from appliance._fast.sync cimport (pthread_mutex_init, pthread_mutex_lock, pthread_mutex_unlock,
     pthread_cond_init, pthread_cond_wait, pthread_cond_broadcast)
-from appliance._fast.chunkstate cimport ChunkState
+from appliance._fast.fastops cimport FastOps
 
 
 cdef class Gate:
@@ -32,14 +33,17 @@ cdef class Gate:
             free(self.segs)
 
     cdef int fast_enter(self, uint64_t offset, uint64_t length) noexcept nogil:
-        """Let a request in on the fast path: 1 if [offset, offset+length) lies in fast
-        segments and the gate is open, else 0 (the caller takes the slow path)."""
+        """Let a request in on the fast path: the index of the segment holding `offset` if
+        [offset, offset+length) lies in fast segments and the gate is open, else -1 (the
+        caller takes the slow path). From here to exit() the map cannot change. This is the
+        one place the map is searched."""
         cdef int lo = 0, hi = self.nsegs - 1, mid, i
         cdef uint64_t end = offset + length, pos, n
+        cdef FastSeg *seg
         pthread_mutex_lock(&self.lock)
         if self.suspended or self.nsegs == 0:
             pthread_mutex_unlock(&self.lock)
-            return 0
+            return -1
         while lo < hi:  # the last segment starting at or before offset
             mid = (lo + hi + 1) >> 1
             if self.segs[mid].start <= offset:
@@ -49,21 +53,26 @@ cdef class Gate:
         i = lo
         pos = offset
         while pos < end:
-            if i >= self.nsegs or self.segs[i].kind == FAST_NONE or self.segs[i].start > pos:
+            if i >= self.nsegs or not self.segs[i].fast or self.segs[i].start > pos:
                 pthread_mutex_unlock(&self.lock)
-                return 0
-            # the piece in this segment is one pread/pwrite: O_DIRECT wants its file offset,
-            # its length and its place in the (page-aligned) buffer aligned
-            n = (self.segs[i].end if self.segs[i].end < end else end) - pos
-            if ((self.segs[i].fd_offset + pos - self.segs[i].start) | n | (pos - offset)) & (self.segs[i].align - 1):
+                return -1
+            seg = &self.segs[i]
+            # a descriptor that may decline after acting serves requests inside it only
+            if seg.desc.alone and (pos != offset or seg.end < end):
                 pthread_mutex_unlock(&self.lock)
-                return 0
-            pos = self.segs[i].end
+                return -1
+            # O_DIRECT wants each piece's file offset, length and place in the
+            # (page-aligned) buffer aligned
+            n = (seg.end if seg.end < end else end) - pos
+            if ((seg.desc.fd_offset + pos - seg.start) | n | (pos - offset)) & (seg.desc.align - 1):
+                pthread_mutex_unlock(&self.lock)
+                return -1
+            pos = seg.end
             i += 1
         self.inflight += 1
         self.fast_ios += 1
         pthread_mutex_unlock(&self.lock)
-        return 1
+        return lo
 
     cdef void exit(self) noexcept nogil:
         pthread_mutex_lock(&self.lock)
@@ -95,9 +104,9 @@ cdef class Gate:
         cdef int r
         with nogil:
             r = self.fast_enter(offset, length)
-            if r:
+            if r >= 0:
                 self.exit()
-        return bool(r)
+        return r >= 0
 
     def defer(self, io):
         """Keep a request that went through the gate and must wait for resume (a requeue)."""
@@ -129,33 +138,22 @@ cdef class Gate:
         return deferred
 
     def set_fastmap(self, segments):
-        """segments: [(start, end, kind, fd, fd_offset, align[, ChunkState])] sorted, in bytes.
-        FAST_RAMBACK segments carry the ChunkState they serve from. Only while closed and idle."""
+        """segments: [(start, end, FastOps or None)] sorted, in bytes (None: the slow path
+        serves it). Only while closed and idle."""
         cdef FastSeg *segs = NULL
         cdef int i, n = len(segments)
         cdef list keep = []
         if n:
-            segs = <FastSeg *>malloc(n * sizeof(FastSeg))
+            segs = <FastSeg *>calloc(n, sizeof(FastSeg))
             if segs == NULL:
                 raise MemoryError()
-            for i, seg in enumerate(segments):
-                start, end, kind, fd, fd_offset, align = seg[:6]
-                segs[i].ram = NULL
-                if kind == FAST_RAMBACK:
-                    if len(seg) < 7 or not isinstance(seg[6], ChunkState):
-                        free(segs)
-                        raise ValueError("a FAST_RAMBACK segment needs its ChunkState")
-                    segs[i].ram = (<ChunkState>seg[6]).fast()
-                    keep.append(seg[6])
-                if align < 1 or (align & (align - 1)):
-                    free(segs)
-                    raise ValueError(f"alignment {align} is not a power of two")
+            for i, (start, end, ops) in enumerate(segments):
                 segs[i].start = start
                 segs[i].end = end
-                segs[i].kind = kind
-                segs[i].fd = fd
-                segs[i].fd_offset = fd_offset
-                segs[i].align = align
+                if ops is not None:
+                    segs[i].fast = 1
+                    segs[i].desc = (<FastOps?>ops).desc
+                    keep.append(ops)
         pthread_mutex_lock(&self.lock)
         if not self.suspended or self.inflight:
             pthread_mutex_unlock(&self.lock)

@@ -1,8 +1,10 @@
 """The NBD socket server: listeners, one thread per connection.
 
 A thin adapter. The handshake is protocol.ServerHandshake fed from the
-socket; the transmission phase is _fast.transmit.Connection, which serves
-the fast map itself and hands everything else to `Session.dispatch` here.
+socket; the transmission phase is _fast.transmit.Connection (a loop thread
+and a sender thread per connection), which serves the fast map itself with
+up to DEPTH requests in flight and hands everything else to
+`Session.dispatch` here.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ from .protocol import (
 log = logging.getLogger("appliance.nbd")
 
 HANDSHAKE_TIMEOUT = 30.0
-MAX_BLOCK = 32 * 1024 * 1024
+MAX_BLOCK = 64 * 1024 * 1024  # as nbdkit; larger READ/WRITE get EINVAL
+DEPTH = 128  # requests in flight per connection
 MAX_EXTENTS = 2048
 MAX_PLUG = 16  # requests a connection's batch holds back at most (well under its in-flight depth)
 
@@ -99,9 +102,10 @@ class Session:
             info.size,
             info.read_only,
             selected.structured_replies,
-            MAX_BLOCK,
-            64,
-            trailing,
+            max_block=MAX_BLOCK,
+            depth=DEPTH,
+            initial=trailing,
+            unplug=self.unplug,
         )
 
     def dispatch(self, conn, cmd, flags, cookie, offset, length, payload):
@@ -182,6 +186,9 @@ class Session:
             reason = self.conn.run()
         finally:
             sender.join()
+            # the connection's buffers go now, and with them its reference to this session
+            # (dispatch is a bound method): nothing waits for the garbage collector
+            self.conn.release()
         log.info("%s: %s: %s", self.device.name, self.peer, reason)
 
 
@@ -287,6 +294,7 @@ class Server:
             session = Session(self, sock, device, selected, trailing)
             with self._lock:
                 if self._stopping:
+                    session.conn.release()
                     return
                 self.sessions.add(session)
             log.info("%s: %s: connected%s", device.name, peer, " (structured replies)" if selected.structured_replies else "")

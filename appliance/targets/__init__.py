@@ -23,11 +23,6 @@ class TargetError(ValueError):
     """A constructor or message that fails says why in one sentence (dm's ti->error)."""
 
 
-# fast-path descriptors a target may offer (see appliance/_fast/gate.pyx)
-FAST_FD = 1  # (FAST_FD, fd, byte offset on fd, alignment): plain pread/pwrite
-FAST_ZERO = 2  # reads return zeros, writes are discarded
-
-
 class DeviceArg(NamedTuple):
     """An underlying device a table line names: the word as written (a path, a `wwn:`/`serial:`
     disk name or `@NAME`) and the byte offset on it where the segment's range starts."""
@@ -111,6 +106,10 @@ class Target:
         return bio.DONE
 
     def fast_map(self):
+        """A fast-path descriptor (appliance/_fast/fastops.pxd) the NBD loop serves this
+        segment's reads and writes through without the GIL, or None: every request goes
+        to map(). A target whose state the loop must not bypass implements the descriptor's
+        functions next to that state (ramback) or offers none (delay, flakey)."""
         return None
 
     def block_status(self, offset, length):

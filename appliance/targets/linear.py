@@ -4,7 +4,8 @@ from types import SimpleNamespace
 
 from .. import SECTOR_SIZE
 from .. import io as bio
-from . import FAST_FD, DeviceArg, Target, TargetError, parse_int
+from .._fast.fastops import fd_range
+from . import DeviceArg, Target, TargetError, parse_int
 
 
 class Linear(Target):
@@ -31,7 +32,7 @@ class Linear(Target):
         fd = getattr(self.dev, "fd", None)
         if fd is None:
             return None
-        return (FAST_FD, fd, self.start, self.dev.align)
+        return fd_range(fd, self.start, self.dev.align)
 
     def block_status(self, offset, length):
         return self.dev.block_status(self.start + offset, length)

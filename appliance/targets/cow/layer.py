@@ -278,6 +278,12 @@ class Layer:
         """[(start, end)] of the grains in [g0, g1) this layer holds (data or zero), in order."""
         return runs(self._alloc, g0, self.grains if g1 is None else g1)
 
+    @property
+    def zero_bits(self):
+        """The "zero" bitmap itself (a bytearray that never moves: changes are made in place),
+        for the fast path's reads."""
+        return self._zero
+
     def may_have_zero(self, g0, g1):
         """False if no grain in [g0, g1) reads as zeros (a cheap test before zero_runs)."""
         return any(self._zero[g0 >> 3:(g1 + 7) >> 3])

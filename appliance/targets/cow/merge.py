@@ -171,6 +171,7 @@ class Merge:
             self.into.layer.end_fold(last.uuid, child)
             target.layers = [s for s in target.layers if s not in self.sources]
             target.build_index()
+            target.refresh_fast_map()  # the owner numbers changed: before any read is let through
         finally:
             if not was_suspended:
                 device.resume()

@@ -54,6 +54,7 @@ def push(target, path):
         top.layer.seal(child=layer.uuid)
         layer.set_parent(top.layer.uuid)
         target.layers.append(slot)  # owns nothing yet: the index keeps its numbers
+        target.refresh_fast_map()
     except (LayerError, OSError) as e:
         target.close_slot(slot)
         raise TargetError(f"push: {e}") from None

@@ -17,7 +17,7 @@ from types import SimpleNamespace
 
 from ... import SECTOR_SIZE
 from ... import io as bio
-from ..._fast.cowindex import MAX_LAYERS, OwnerIndex
+from ..._fast.cowindex import MAX_LAYERS, OwnerIndex, read_descriptor
 from .. import DeviceArg, Target, TargetError, _word, parse_int
 from . import merge, push
 from .layer import DEFAULT_GRAIN, LayerError, attach
@@ -187,6 +187,22 @@ class Cow(Requests, Target):
         else:
             clone.complete(0)  # CACHE: advisory
         return bio.SUBMITTED
+
+    def fast_map(self):
+        """Reads without the GIL: the owner index and each layer's data fd and zero bitmap
+        (appliance/_fast/cowindex.pyx). Writes and FLUSH stay here (copy-up, the bitmap)."""
+        devs = [s.data for s in self.layers]
+        if any(getattr(d, "fd", None) is None for d in devs):
+            return None
+        base_fd = getattr(self.base, "fd", None)
+        base = (base_fd, self.base_start, not self.base.direct) if base_fd is not None else (-1, 0, 0)
+        layers = [(s.data.fd, s.layer.data_offset, s.layer.zero_bits, not s.data.direct) for s in self.layers]
+        align = max([getattr(d, "align", 1) for d in devs + [self.base]])
+        return read_descriptor(self.index, self.shift, layers, base, align)
+
+    def refresh_fast_map(self):
+        """The layers changed (push, merge) with the device suspended: a new descriptor now."""
+        self.ctx.device.refresh_fastmap()
 
     # suspend and resume
 

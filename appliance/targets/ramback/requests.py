@@ -24,7 +24,6 @@ from ...power.state import WRITEBACK, WRITETHROUGH
 
 log = logging.getLogger("appliance.ramback")
 
-FAST_RAMBACK = 3  # appliance/_fast/gate.pxd
 STALL = 30.0  # seconds a writer at the dirty limit waits for a flush to make progress
 THROUGH = -1  # _admit: write this one through to backing
 
@@ -33,7 +32,7 @@ class RequestPath:
     """Mixed into Ramback: needs cs, locks, populate, flusher, mode, sync, shift, length."""
 
     def fast_map(self):
-        return (FAST_RAMBACK, -1, 0, 1, self.cs)
+        return self.cs.fast_ops()
 
     def _chunks(self, io):
         return io.offset >> self.shift, ((io.offset + max(io.length, 1) - 1) >> self.shift) + 1

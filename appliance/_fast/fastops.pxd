@@ -1,0 +1,40 @@
+from libc.stdint cimport uint32_t, uint64_t
+
+# The fast path's descriptor: what a target offers the NBD loop so that requests inside its
+# segment are served without the GIL. The gate keeps one per fast segment (gate.pxd); a
+# target's fast_map() returns a FastOps that carries it (fastops.pyx has the plain ones).
+
+# One piece of a request the loop sends to the I/O engine: `len` bytes at `off` on `fd`,
+# to or from `buf` (inside the request's page-aligned buffer).
+cdef struct FdPiece:
+    int fd
+    uint64_t off
+    uint64_t len
+    char *buf
+    int buffered        # fd is not O_DIRECT: a write only copies into the page cache
+
+cdef enum:
+    FAST_DECLINE = -1   # not here: the slow path (map()) serves the request
+
+# read/write of [off, off+n) of the segment (off relative to the segment's start) with the
+# data at buf. Return FAST_DECLINE, 0 (served here and now), or the number of pieces
+# (at most `room`) written to `out` for the engine. FUA applies to the pieces too (the loop
+# follows each written piece with fdatasync). A cow-like target returns several pieces.
+# flush is called with off 0, buf NULL, n 0; its pieces name the fds to fdatasync.
+ctypedef int (*fast_fn)(FastDesc *d, uint64_t off, char *buf, uint64_t n, int fua,
+                        FdPiece *out, int room) noexcept nogil
+
+cdef struct FastDesc:
+    fast_fn read
+    fast_fn write
+    fast_fn flush       # NULL: FLUSH takes the slow path; else 0 or fd pieces to fdatasync
+    void *state         # the target's own (kept alive by the FastOps' owner)
+    int fd              # for descriptors that map onto one fd
+    uint64_t fd_offset
+    uint32_t align      # every piece's offset, length and place in the buffer (O_DIRECT)
+    int alone           # may act and then decline: a request must not span another segment
+    int buffered        # fd is not O_DIRECT
+
+cdef class FastOps:
+    cdef FastDesc desc
+    cdef object owner   # what `state` points into

@@ -1,0 +1,50 @@
+from libc.stdint cimport int64_t, uint64_t
+from appliance._fast.sync cimport pthread_mutex_t
+
+cdef extern from "<liburing.h>" nogil:
+    struct io_uring:
+        pass
+
+# what an IoOp does
+cdef enum:
+    OP_READ = 0
+    OP_WRITE = 1
+    OP_FSYNC = 2   # fdatasync
+    OP_POLL = 3    # the queue's own: readiness of its owner's socket, or of efd
+
+# One I/O on an fd. The submitter owns it until it comes back from reap().
+cdef struct IoOp:
+    int op
+    int fd
+    char *buf
+    uint64_t len
+    uint64_t off
+    int64_t res        # bytes transferred or -errno, set by the engine
+    int tag            # the submitter's: which request this belongs to
+    int fua            # a write that must be followed by fdatasync (the loop does the second step)
+    IoOp *next         # engine-internal list link
+    void *owner        # engine-internal: the Queue it completes to
+
+# A submitter's end of the engine: one per NBD connection. queue_wait() sleeps until an
+# op completes, someone calls queue_wake(), or the owner's socket has bytes (sock_ready).
+cdef struct Queue:
+    int kind           # 1 io_uring, 2 threads
+    io_uring ring
+    int efd            # written by queue_wake (and by the worker pool)
+    int queued         # SQEs prepared, not yet submitted
+    int sock_ready     # the socket was readable when last looked at
+    IoOp sock_poll     # io_uring: the socket's poll, while armed
+    IoOp wake_poll     # io_uring: efd's poll, while armed
+    int sock_armed
+    int wake_armed
+    pthread_mutex_t lock
+    IoOp *done_head    # threads: completed, not reaped yet
+    IoOp *done_tail
+
+cdef int queue_init(Queue *q, unsigned entries) noexcept nogil
+cdef void queue_exit(Queue *q) noexcept nogil
+cdef int queue_submit(Queue *q, IoOp *op) noexcept nogil
+cdef void queue_flush(Queue *q) noexcept nogil
+cdef int queue_reap(Queue *q, IoOp **out, int max) noexcept nogil
+cdef void queue_wait(Queue *q, int sockfd) noexcept nogil
+cdef void queue_wake(Queue *q) noexcept nogil

@@ -1,0 +1,470 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""The I/O engine's C side: io_uring through liburing, or a pool of nogil worker threads.
+
+Two users:
+- the NBD loop (transmit.pyx) owns one `Queue` per connection. It submits `IoOp`s,
+  polls `efd` together with its socket, and reaps finished ops itself, so no thread is
+  held while the disk works and a buffered read that hits the page cache completes
+  inside the submit call (io_uring tries it without blocking first).
+- `Ring`, behind appliance/engine.py's Python API: one ring per process and a
+  completion thread that calls the `done` callbacks.
+
+`kind()` says which engine runs: "io_uring" where io_uring_queue_init works, "threads"
+where it does not (an old kernel, io_uring disabled by sysctl or seccomp) or where the
+environment says APPLIANCE_ENGINE=threads (tests cover both that way).
+"""
+
+from libc.stdint cimport int64_t, uint64_t
+from libc.stdlib cimport malloc, free
+from libc.string cimport memset, strcmp
+from libc.stdlib cimport getenv
+from libc.errno cimport errno, EINTR, EAGAIN
+
+cdef extern from "<poll.h>" nogil:
+    struct pollfd:
+        int fd
+        short events
+        short revents
+    int poll(pollfd *, unsigned long, int)
+    short POLLIN
+from posix.unistd cimport pread, pwrite, fdatasync, read, write, close
+from appliance._fast.sync cimport (pthread_mutex_t, pthread_cond_t, pthread_mutex_init,
+    pthread_mutex_destroy, pthread_mutex_lock, pthread_mutex_unlock, pthread_cond_init,
+    pthread_cond_wait, pthread_cond_signal)
+
+cdef extern from "<sys/eventfd.h>" nogil:
+    int eventfd(unsigned int, int)
+    int EFD_NONBLOCK
+    int EFD_CLOEXEC
+
+cdef extern from "<pthread.h>" nogil:
+    ctypedef unsigned long pthread_t
+    int pthread_create(pthread_t *, const void *, void *(*)(void *) noexcept nogil, void *)
+    int pthread_detach(pthread_t)
+
+cdef extern from "<liburing.h>" nogil:
+    struct io_uring_sqe:
+        pass
+    struct io_uring_cqe:
+        uint64_t user_data
+        int res
+    int io_uring_queue_init(unsigned, io_uring *, unsigned)
+    void io_uring_queue_exit(io_uring *)
+    io_uring_sqe *io_uring_get_sqe(io_uring *)
+    int io_uring_submit(io_uring *)
+    int io_uring_peek_cqe(io_uring *, io_uring_cqe **)
+    int io_uring_wait_cqe(io_uring *, io_uring_cqe **)
+    void io_uring_cqe_seen(io_uring *, io_uring_cqe *)
+    void io_uring_prep_read(io_uring_sqe *, int, void *, unsigned, uint64_t)
+    void io_uring_prep_write(io_uring_sqe *, int, const void *, unsigned, uint64_t)
+    void io_uring_prep_fsync(io_uring_sqe *, int, unsigned)
+    void io_uring_prep_nop(io_uring_sqe *)
+    void io_uring_prep_poll_add(io_uring_sqe *, int, unsigned)
+    int io_uring_submit_and_wait(io_uring *, unsigned)
+    void io_uring_sqe_set_data64(io_uring_sqe *, uint64_t)
+    unsigned IORING_FSYNC_DATASYNC
+    unsigned IORING_SETUP_SINGLE_ISSUER
+    unsigned IORING_SETUP_DEFER_TASKRUN
+
+DEF KIND_URING = 1
+DEF KIND_THREADS = 2
+DEF WORKERS = 16
+
+cdef int _kind = 0
+
+
+cdef int probe() noexcept nogil:
+    cdef io_uring r
+    if io_uring_queue_init(4, &r, 0) != 0:
+        return KIND_THREADS
+    io_uring_queue_exit(&r)
+    return KIND_URING
+
+
+cdef int decide() noexcept nogil:
+    global _kind
+    cdef const char *env
+    if _kind == 0:
+        env = getenv("APPLIANCE_ENGINE")
+        _kind = KIND_THREADS if env != NULL and strcmp(env, "threads") == 0 else probe()
+    return _kind
+
+
+def kind():
+    """"io_uring" or "threads": the engine this process uses."""
+    return "io_uring" if decide() == KIND_URING else "threads"
+
+
+# ---- the worker pool (the fallback) ------------------------------------------------
+
+cdef pthread_mutex_t pool_lock
+cdef pthread_cond_t pool_cond
+cdef IoOp *pool_head = NULL
+cdef IoOp *pool_tail = NULL
+cdef int pool_started = 0
+pthread_mutex_init(&pool_lock, NULL)
+pthread_cond_init(&pool_cond, NULL)
+
+
+cdef void run_op(IoOp *op) noexcept nogil:
+    """Do one op whole in the calling thread: short transfers continue, EOF ends a read."""
+    cdef int64_t r
+    cdef uint64_t done = 0
+    if op.op == OP_FSYNC:
+        op.res = 0 if fdatasync(op.fd) == 0 else -errno
+        return
+    while done < op.len:
+        if op.op == OP_READ:
+            r = pread(op.fd, op.buf + done, op.len - done, op.off + done)
+        else:
+            r = pwrite(op.fd, op.buf + done, op.len - done, op.off + done)
+        if r < 0:
+            if errno == EINTR:
+                continue
+            op.res = -errno
+            return
+        if r == 0:
+            break
+        done += r
+    op.res = done
+
+
+cdef void *worker(void *arg) noexcept nogil:
+    global pool_head, pool_tail
+    cdef IoOp *op
+    cdef Queue *q
+    cdef uint64_t one = 1
+    while True:
+        pthread_mutex_lock(&pool_lock)
+        while pool_head == NULL:
+            pthread_cond_wait(&pool_cond, &pool_lock)
+        op = pool_head
+        pool_head = op.next
+        if pool_head == NULL:
+            pool_tail = NULL
+        pthread_mutex_unlock(&pool_lock)
+        run_op(op)
+        q = <Queue *>op.owner
+        op.next = NULL
+        pthread_mutex_lock(&q.lock)
+        if q.done_tail == NULL:
+            q.done_head = op
+        else:
+            q.done_tail.next = op
+        q.done_tail = op
+        # under the lock: once the owner has reaped its last op it may close efd (queue_exit
+        # takes the lock), and a write after that could land on a reused descriptor
+        write(q.efd, &one, 8)
+        pthread_mutex_unlock(&q.lock)
+    return NULL
+
+
+cdef int start_pool() noexcept nogil:
+    global pool_started
+    cdef pthread_t t
+    cdef int i
+    pthread_mutex_lock(&pool_lock)
+    if not pool_started:
+        for i in range(WORKERS):
+            if pthread_create(&t, NULL, worker, NULL) != 0:
+                break
+            pthread_detach(t)
+            pool_started += 1
+    i = pool_started
+    pthread_mutex_unlock(&pool_lock)
+    return i > 0
+
+
+# ---- a submitter's queue ----------------------------------------------------------
+
+cdef int queue_init(Queue *q, unsigned entries) noexcept nogil:
+    """0 ok, else -errno. Uses io_uring if the process does, else the worker pool. Only the
+    thread that calls this may submit, reap and wait on the queue."""
+    memset(q, 0, sizeof(Queue))
+    pthread_mutex_init(&q.lock, NULL)
+    q.efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
+    if q.efd < 0:
+        return -errno
+    q.kind = KIND_THREADS
+    q.sock_ready = 1
+    # one thread submits and waits (the owner), so completions can wait for it to ask
+    # for them: no interrupt of whatever it is doing (Linux 6.1; without, where older)
+    if decide() == KIND_URING and (
+            io_uring_queue_init(entries, &q.ring, IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN) == 0
+            or io_uring_queue_init(entries, &q.ring, 0) == 0):
+        q.kind = KIND_URING
+    if q.kind == KIND_THREADS and not start_pool():
+        close(q.efd)
+        return -11
+    return 0
+
+
+cdef void queue_exit(Queue *q) noexcept nogil:
+    """Only once nothing is in flight."""
+    if q.kind == KIND_URING:
+        io_uring_queue_exit(&q.ring)
+    pthread_mutex_lock(&q.lock)
+    if q.efd >= 0:
+        close(q.efd)
+    q.efd = -1
+    pthread_mutex_unlock(&q.lock)
+    pthread_mutex_destroy(&q.lock)
+    q.kind = 0
+
+
+cdef io_uring_sqe *get_sqe(Queue *q) noexcept nogil:
+    cdef io_uring_sqe *sqe = io_uring_get_sqe(&q.ring)
+    if sqe == NULL:  # the submission ring is full: hand it what it has
+        io_uring_submit(&q.ring)
+        q.queued = 0
+        sqe = io_uring_get_sqe(&q.ring)
+    return sqe
+
+
+cdef int queue_submit(Queue *q, IoOp *op) noexcept nogil:
+    """Queue one op; io_uring ops go to the kernel at the next queue_flush() or queue_wait()."""
+    global pool_head, pool_tail
+    cdef io_uring_sqe *sqe
+    op.owner = q
+    op.next = NULL
+    op.res = 0
+    if q.kind == KIND_URING:
+        sqe = get_sqe(q)
+        if sqe == NULL:
+            return -11
+        if op.op == OP_READ:
+            io_uring_prep_read(sqe, op.fd, op.buf, <unsigned>op.len, op.off)
+        elif op.op == OP_WRITE:
+            io_uring_prep_write(sqe, op.fd, op.buf, <unsigned>op.len, op.off)
+        else:
+            io_uring_prep_fsync(sqe, op.fd, IORING_FSYNC_DATASYNC)
+        io_uring_sqe_set_data64(sqe, <uint64_t>op)
+        q.queued += 1
+        return 0
+    pthread_mutex_lock(&pool_lock)
+    if pool_tail == NULL:
+        pool_head = op
+    else:
+        pool_tail.next = op
+    pool_tail = op
+    pthread_cond_signal(&pool_cond)
+    pthread_mutex_unlock(&pool_lock)
+    return 0
+
+
+cdef void queue_flush(Queue *q) noexcept nogil:
+    if q.kind == KIND_URING and q.queued:
+        io_uring_submit(&q.ring)
+        q.queued = 0
+
+
+cdef int queue_reap(Queue *q, IoOp **out, int max) noexcept nogil:
+    """Up to `max` finished ops, without waiting. Each op's `res` is set."""
+    cdef io_uring_cqe *cqe
+    cdef IoOp *op
+    cdef int n = 0
+    if q.kind == KIND_URING:
+        while n < max and io_uring_peek_cqe(&q.ring, &cqe) == 0:
+            op = <IoOp *>cqe.user_data
+            op.res = cqe.res
+            io_uring_cqe_seen(&q.ring, cqe)
+            if op == &q.sock_poll:
+                q.sock_armed = 0
+                q.sock_ready = 1
+            elif op == &q.wake_poll:
+                q.wake_armed = 0
+                drain_efd(q)
+            else:
+                out[n] = op
+                n += 1
+        return n
+    pthread_mutex_lock(&q.lock)
+    while n < max and q.done_head != NULL:
+        op = q.done_head
+        q.done_head = op.next
+        if q.done_head == NULL:
+            q.done_tail = NULL
+        out[n] = op
+        n += 1
+    pthread_mutex_unlock(&q.lock)
+    return n
+
+
+cdef void drain_efd(Queue *q) noexcept nogil:
+    cdef uint64_t v
+    read(q.efd, &v, 8)
+
+
+cdef void arm(Queue *q, IoOp *op, int fd) noexcept nogil:
+    cdef io_uring_sqe *sqe = get_sqe(q)
+    if sqe != NULL:
+        op.op = OP_POLL
+        io_uring_prep_poll_add(sqe, fd, POLLIN)
+        io_uring_sqe_set_data64(sqe, <uint64_t>op)
+
+
+cdef void queue_wait(Queue *q, int sockfd) noexcept nogil:
+    """Submit what is queued and sleep until an op completes, queue_wake() is called, or
+    (sockfd >= 0) sockfd is readable, which sets sock_ready. io_uring waits for all three
+    in one io_uring_enter (the socket and efd are polled by the ring); the worker pool
+    by poll()."""
+    cdef pollfd fds[2]
+    if q.kind == KIND_URING:
+        if sockfd >= 0 and not q.sock_armed:
+            arm(q, &q.sock_poll, sockfd)
+            q.sock_armed = 1
+        if not q.wake_armed:
+            arm(q, &q.wake_poll, q.efd)
+            q.wake_armed = 1
+        io_uring_submit_and_wait(&q.ring, 1)
+        q.queued = 0
+        return
+    fds[0].fd = q.efd
+    fds[0].events = POLLIN
+    fds[0].revents = 0
+    fds[1].fd = sockfd
+    fds[1].events = POLLIN
+    fds[1].revents = 0
+    if poll(fds, 2 if sockfd >= 0 else 1, -1) > 0:
+        if fds[0].revents:
+            drain_efd(q)
+        if sockfd >= 0 and fds[1].revents:
+            q.sock_ready = 1
+
+
+cdef void queue_wake(Queue *q) noexcept nogil:
+    """Make queue_wait return (any thread)."""
+    cdef uint64_t one = 1
+    write(q.efd, &one, 8)
+
+
+# ---- the Python API's ring (appliance/engine.py) ------------------------------------
+
+cdef class Ring:
+    """io_uring for Python callers: read/write/fsync submit at once; `run()` (a thread of
+    its own) reaps and calls `done(result)` with the GIL. Submission holds the GIL, so
+    there is one submitter at a time and one reaper, as liburing asks."""
+
+    cdef io_uring ring
+    cdef dict pending
+    cdef uint64_t next_id
+    cdef bint open
+    cdef readonly unsigned long long submitted, completed
+
+    def __cinit__(self, unsigned entries=256):
+        cdef int r = io_uring_queue_init(entries, &self.ring, 0)
+        if r != 0:
+            raise OSError(-r, "io_uring_queue_init failed")
+        self.open = True
+        self.pending = {}
+        self.next_id = 1
+
+    def __dealloc__(self):
+        if self.open:
+            io_uring_queue_exit(&self.ring)
+
+    cdef int _prep(self, uint64_t key, int op, int fd, char *buf, uint64_t n, uint64_t offset) except -1:
+        cdef io_uring_sqe *sqe = io_uring_get_sqe(&self.ring)
+        if sqe == NULL:
+            io_uring_submit(&self.ring)
+            sqe = io_uring_get_sqe(&self.ring)
+            if sqe == NULL:
+                raise OSError(11, "io_uring submission queue full")
+        if op == OP_READ:
+            io_uring_prep_read(sqe, fd, buf, <unsigned>n, offset)
+        elif op == OP_WRITE:
+            io_uring_prep_write(sqe, fd, buf, <unsigned>n, offset)
+        elif op == OP_FSYNC:
+            io_uring_prep_fsync(sqe, fd, IORING_FSYNC_DATASYNC if n else 0)
+        else:
+            io_uring_prep_nop(sqe)
+        io_uring_sqe_set_data64(sqe, key)
+        io_uring_submit(&self.ring)
+        return 0
+
+    cdef _start(self, int op, int fd, view, uint64_t offset, uint64_t done, callback):
+        cdef unsigned char[::1] mv
+        cdef const unsigned char[::1] cmv
+        cdef char *p = NULL
+        cdef uint64_t n = 0
+        if view is not None:
+            if op == OP_READ:
+                mv = view
+                n = mv.shape[0]
+                p = <char *>&mv[0] if n else NULL
+            else:
+                cmv = view
+                n = cmv.shape[0]
+                p = <char *>&cmv[0] if n else NULL
+        key = self.next_id
+        self.next_id += 1
+        self.pending[key] = (op, fd, view, offset, done, callback)
+        self.submitted += 1
+        self._prep(key, op, fd, p + done if p != NULL else NULL, n - done, offset + done)
+
+    def read(self, int fd, buf, uint64_t offset, done):
+        self._start(OP_READ, fd, memoryview(buf).cast("B"), offset, 0, done)
+
+    def write(self, int fd, buf, uint64_t offset, done):
+        self._start(OP_WRITE, fd, memoryview(buf).cast("B"), offset, 0, done)
+
+    def fsync(self, int fd, done, datasync=True):
+        key = self.next_id
+        self.next_id += 1
+        self.pending[key] = (OP_FSYNC, fd, None, 0, 0, done)
+        self.submitted += 1
+        self._prep(key, OP_FSYNC, fd, NULL, 1 if datasync else 0, 0)
+
+    def stop(self):
+        """Wake run() and make it return."""
+        self._prep(0, 99, -1, NULL, 0, 0)
+
+    def run(self):
+        """The completion thread's body."""
+        import logging
+        cdef io_uring_cqe *cqe
+        cdef int r, res
+        cdef uint64_t key
+        while True:
+            with nogil:
+                r = io_uring_wait_cqe(&self.ring, &cqe)
+                if r == 0:
+                    key = cqe.user_data
+                    res = cqe.res
+                    io_uring_cqe_seen(&self.ring, cqe)
+            if r != 0:
+                if r == -EINTR:
+                    continue
+                raise OSError(-r, "io_uring_wait_cqe failed")
+            if key == 0:
+                return
+            op, fd, view, offset, done, callback = self.pending.pop(key)
+            if res > 0 and op != OP_FSYNC and done + res < len(view):
+                # a short transfer that is not at end of file: go on from where it stopped
+                self.pending[key] = (op, fd, view, offset, done + res, callback)
+                self._resume(key)
+                continue
+            self.completed += 1
+            result = res if res < 0 else (done + res if op != OP_FSYNC else 0)
+            view = None  # the buffer is the caller's again: it may close or reuse it in the callback
+            try:
+                callback(result)
+            except BaseException:
+                logging.getLogger("appliance.engine").exception("an I/O completion callback failed")
+
+    cdef _resume(self, uint64_t key):
+        cdef unsigned char[::1] mv
+        cdef const unsigned char[::1] cmv
+        cdef char *p
+        op, fd, view, offset, done, callback = self.pending[key]
+        if op == OP_READ:
+            mv = view
+            p = <char *>&mv[0]
+        else:
+            cmv = view
+            p = <char *>&cmv[0]
+        self._prep(key, op, fd, p + <uint64_t>done, len(view) - done, offset + done)
+
+    @property
+    def in_flight(self):
+        return len(self.pending)

@@ -1,0 +1,365 @@
+"""multipath <#features> <features>... <#hw_handler_args> ... <#groups> <first_group>
+[<selector> <#selector_args> <args>... <#paths> <#path_args> [<path> <path_args>...]...]...:
+dm-multipath, request based.
+
+One device over several paths to the same storage: local files or disks, `@NAME`
+devices, remote NBD exports. The table is dm's (args.py). The device queue merges
+requests before map (wants_merged), so the selector (selectors/) chooses a path per
+merged request and load balancing never splits a sequential stream. Paths sit in
+priority groups; I/O goes to the current group, and when it has no usable path to the
+first group that has one.
+
+Errors are judged by class (appliance.io): a path error fails the path and maps the
+request again on another, unseen by the client; a storage error (ENOSPC, a medium
+error, a remote server's error reply) goes to the client and the path stays up. With no
+usable path, requests are held (bounded by [multipath] queue_max_bytes) while
+queue_if_no_path, or for no_path_retry checker intervals; otherwise, or when the wait
+ends, they fail. The checker (checker.py) reinstates paths that answer again and keeps
+marginal ones out for a growing time.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import logging
+import os
+import threading
+import time
+
+from ... import io as bio
+from ...config import MultipathConfig
+from .. import Target, TargetError
+from . import args as table_args
+from . import messages, status
+from .checker import Checker
+from .paths import Group, Path
+from .selectors import selector_class
+
+log = logging.getLogger("appliance.multipath")
+
+# requests in flight per path before the rest wait in the device queue, where they merge (as at a
+# disk's queue): without it, a client that never pauses gets every request mapped alone
+QUEUE_DEPTH_PER_PATH = 8
+RESOURCE_RETRIES = 5  # a path out of memory for now: tried again, after a growing delay
+
+
+class _Attempt:
+    """clone.private: the path this attempt went to, and retry counts across attempts."""
+
+    __slots__ = ("path", "started", "path_retries", "resource_retries")
+
+    def __init__(self):
+        self.path = None
+        self.started = 0.0
+        self.path_retries = 0
+        self.resource_retries = 0
+
+
+class Multipath(Target):
+    name = "multipath"
+    wants_merged = True  # map after merging: a path gets whole runs, not their pieces
+
+    @classmethod
+    def parse(cls, args):
+        return table_args.parse(args)
+
+    def ctr(self, args):
+        p = self.parse(args)
+        settings = self.ctx.settings("multipath") if hasattr(self.ctx, "settings") else None
+        s = settings or MultipathConfig()  # outside a daemon: the defaults
+        self.polling_interval = float(s.polling_interval)
+        self.queue_max_bytes = int(s.queue_max_bytes)
+        self.marginal_window = float(s.marginal_window)
+        self.failback = str(s.failback)
+        self.queue_if_no_path = p.queue_if_no_path
+        self.no_path_retry = p.no_path_retry
+        self.kept_features = p.kept_features
+        self.hw_handler = p.hw_handler
+        self.groups = []
+        for n, g in enumerate(p.groups, 1):
+            group = Group(n, selector_class(g.selector)(g.selector_args),
+                          [g.selector, str(len(g.selector_args)), *g.selector_args])
+            for word, path_args in g.paths:
+                path = Path(word, group, path_args)
+                group.selector.add_path(path, path_args)
+                group.paths.append(path)
+            self.groups.append(group)
+        self.queue_depth = QUEUE_DEPTH_PER_PATH * max(len(g.paths) for g in self.groups)
+        self.current = None
+        self.next_group = self.groups[p.first_group - 1]
+        self._lock = threading.Lock()
+        self._held = collections.deque()  # clones waiting for a path
+        self._held_bytes = 0
+        self._retries_left = self.no_path_retry
+        self._no_queue = False  # a flushing suspend: nothing waits for a path meanwhile
+        self._stopping = False  # the daemon stops: nothing waits for a path any more
+        self._failback_at = None
+        self.target_errors = 0
+        self.queue_full = 0
+        reasons = []
+        for path in self.all_paths():
+            try:
+                self.open_path(path)
+            except _Unreachable as e:  # down now: the checker opens it when it answers
+                path.reason = str(e)
+                reasons.append(str(e))
+                continue
+            path.reinstate()
+            path.reinstated_at = None  # coming up with the table is no reinstate
+        if not any(p.dev for p in self.all_paths()):
+            raise TargetError(f"no path can be opened: {reasons[0]}")
+        self.checker = Checker(self, self.polling_interval)
+
+    def dtr(self):
+        checker = getattr(self, "checker", None)
+        if checker is not None:
+            checker.stop()
+            self._stopping = True
+            self._fail_held()
+        super().dtr()
+
+    def all_paths(self):
+        return [p for g in self.groups for p in g.paths]
+
+    def open_path(self, path):
+        """Open the path's device; a path smaller than the segment is a table error."""
+        try:
+            dev = self.get_device(path.word)
+        except TargetError as e:
+            raise _Unreachable(str(e)) from None
+        try:
+            self.check_fits(dev, 0, path.word)
+        except TargetError:
+            self.devices.remove(dev)
+            self.ctx.put_device(dev)
+            raise
+        path.dev = dev
+
+    # choosing a path (under the lock)
+
+    def _group(self):
+        nxt, self.next_group = self.next_group, None
+        if nxt is not None and nxt.usable():
+            self.current = nxt
+            return nxt
+        cur = self.current
+        if cur is not None and not cur.bypassed and cur.usable():
+            return cur
+        for bypassed in (False, True):  # a disabled group only when nothing else is left
+            for g in self.groups:
+                if g.bypassed == bypassed and g.usable():
+                    self.current = g
+                    return g
+        return None
+
+    def _select(self, nbytes):
+        g = self._group()
+        if g is None:
+            return None
+        path = g.selector.select(g.usable(), nbytes)
+        path.start(nbytes)
+        g.selector.start_io(path, nbytes)
+        return path
+
+    def _queueing(self):
+        if self._no_queue or self._stopping:
+            return False
+        if self.queue_if_no_path:
+            return True
+        return bool(self._retries_left)
+
+    # the request path
+
+    def prep_map(self, clone):
+        a = clone.private if isinstance(clone.private, _Attempt) else _Attempt()
+        clone.private = a
+        with self._lock:
+            a.path = self._select(clone.length)
+        a.started = time.monotonic()
+        return a.path.dev if a.path else None
+
+    def map(self, clone):
+        a = clone.private
+        if a.path is not None:
+            return bio.REMAPPED  # the offset stays: a path is the whole storage
+        with self._lock:
+            a.path = self._select(clone.length)  # one may have come back since prep_map
+            if a.path is not None:
+                clone.dev = a.path.dev
+                return bio.REMAPPED
+            if self._queueing():
+                if self._held_bytes + clone.length > self.queue_max_bytes:
+                    self.queue_full += 1
+                    clone.error = bio.Error(errno.EIO, bio.RESOURCE)  # NBD clients retry ENOMEM: EIO ends it
+                    return bio.KILL
+                self._held.append(clone)
+                self._held_bytes += clone.length
+                return bio.SUBMITTED
+        clone.error = bio.path_error(errno.EIO)
+        return bio.KILL
+
+    def end_io(self, clone, error):
+        a = clone.private
+        path = a.path if isinstance(a, _Attempt) else None
+        if path is None:
+            return bio.DONE  # never reached a path (no path left, the queue was full)
+        a.path = None
+        with self._lock:
+            path.end(clone.length, a.started)
+            path.group.selector.end_io(path, clone.length, a.started)
+        if not error:
+            return bio.DONE
+        kind = bio.error_class(error)
+        if kind == bio.PATH and a.path_retries < 4 * len(self.all_paths()):
+            a.path_retries += 1
+            self.fail_path(path, f"I/O error {_why(error)}")
+            self.ctx.device.remap(clone)  # another path, or held, or failed if none is left
+            return bio.INCOMPLETE
+        if kind == bio.RESOURCE and a.resource_retries < RESOURCE_RETRIES:
+            a.resource_retries += 1
+            self.ctx.device.requeue(clone, delay=0.05 * a.resource_retries)
+            return bio.INCOMPLETE
+        with self._lock:
+            self.target_errors += 1  # the storage said no: every path would say the same
+        return bio.DONE
+
+    # paths failing and coming back
+
+    def fail_path(self, path, reason, by_message=False):
+        with self._lock:
+            was = path.fail(reason, self.marginal_window)
+            path.by_message = path.by_message or by_message
+            if was:
+                path.group.selector.fail_path(path)
+        if was:
+            log.warning("%s: path %s failed: %s", self.ctx.device.name, path.word, reason)
+
+    def reinstate(self, path):
+        with self._lock:
+            if path.active or path.dev is None:
+                return
+            alone = not path.group.usable()
+            path.reinstate()
+            path.group.selector.reinstate_path(path)
+            self._retries_left = self.no_path_retry
+            cur = self.current
+            if cur is not None and path.group.number < cur.number and not path.group.bypassed:
+                if self.failback == "immediate" or (self.failback == "followover" and alone):
+                    self.next_group = path.group
+                elif self.failback.isdigit():
+                    self._failback_at = time.monotonic() + int(self.failback)
+        log.warning("%s: path %s reinstated", self.ctx.device.name, path.word)
+        self._release_held()
+
+    def checked(self, path, error):
+        """The checker's verdict on one path: 0 (it read) or why not."""
+        if error:
+            if path.active:
+                self.fail_path(path, f"checker: {_why(error)}")
+            else:
+                with self._lock:
+                    path.reason = f"checker: {_why(error)}"
+                    if path.chk_st != "shaky":
+                        path.chk_st = "faulty"
+            return
+        now = time.monotonic()
+        if path.active:
+            with self._lock:
+                if path.marginal and now - (path.reinstated_at or 0) > self.marginal_window:
+                    path.marginal = 0  # it stayed up: no longer marginal
+            return
+        if now < path.held_until:
+            with self._lock:
+                path.reason = f"marginal: kept out {path.held_until - now:.0f} s more"
+            return
+        self.reinstate(path)
+
+    def interval_passed(self):
+        """A checker interval went by: count it against no_path_retry; a failback timer."""
+        expired = False
+        with self._lock:
+            if any(g.usable() for g in self.groups):
+                self._retries_left = self.no_path_retry
+            elif not self.queue_if_no_path and self._retries_left:
+                self._retries_left -= 1
+                expired = self._retries_left == 0
+            if self._failback_at is not None and time.monotonic() >= self._failback_at:
+                self._failback_at = None
+                self.next_group = next((g for g in self.groups if not g.bypassed and g.usable()), None)
+        if expired:
+            log.warning("%s: no path for %d checker intervals: failing queued I/O",
+                        self.ctx.device.name, self.no_path_retry)
+            self._fail_held()
+        self._release_held()
+
+    def daemon_stopping(self):
+        """As multipath.conf's `queue_without_daemon no`: with nobody left to bring a path back,
+        what waits for one fails now, and so does what comes later with no path."""
+        self._stopping = True
+        self._fail_held()
+
+    def disk_failed(self, dev):
+        """udev: a local path's disk is gone; fail it now, not at the next probe."""
+        for path in self.all_paths():
+            if path.dev is dev:
+                self.fail_path(path, f"disk {getattr(dev, 'failed', None) or 'removed'}")
+
+    def disk_restored(self, dev):
+        self.checker.poke()  # probed now, and reinstated if it reads
+
+    def _release_held(self):
+        with self._lock:
+            if not self._held or not any(g.usable() for g in self.groups):
+                return
+            held, self._held = self._held, collections.deque()
+            self._held_bytes = 0
+        for clone in held:
+            self.ctx.device.remap(clone)
+
+    def _fail_held(self):
+        with self._lock:
+            held, self._held = self._held, collections.deque()
+            self._held_bytes = 0
+        for clone in held:
+            clone.complete(bio.path_error(errno.EIO))
+
+    # suspend and resume
+
+    def presuspend(self, noflush=False):
+        if not noflush:  # as dm: a flushing suspend does not wait for a path to return
+            self._no_queue = True
+            self._fail_held()
+
+    def resume(self):
+        self._no_queue = False
+
+    def block_status(self, offset, length):
+        with self._lock:
+            path = next((p for p in self.all_paths() if p.active), None)
+        if path is None:
+            return [(length, 0)]
+        return path.dev.block_status(offset, length)
+
+    # messages and status (messages.py, status.py)
+
+    def message(self, argv):
+        return messages.message(self, argv)
+
+    def status_line(self):
+        return status.status_line(self)
+
+    def status_table(self):
+        return status.status_table(self)
+
+    def status_info(self):
+        return status.status_info(self)
+
+class _Unreachable(TargetError):
+    """A path that cannot be opened now (a remote server down): not a table error."""
+
+
+def _why(error):
+    if isinstance(error, int) and error > 0:
+        return f"{bio.error_name(error)} ({os.strerror(error)})"
+    return str(error)
