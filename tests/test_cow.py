@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 
-from conftest import REPO, device, need, nbdsh_env, run, unwritten_pages
+from conftest import REPO, device, need, nbdsh_env, run, unwritten_pages, wait_for
 
 KiB, MiB = 1 << 10, 1 << 20
 SIZE = 8 * MiB
@@ -284,21 +284,17 @@ def hup(d):
     """SIGHUP, and wait until the daemon reloaded; its error (None when it worked)."""
     t = time.time()
     d.signal(signal.SIGHUP)
-    deadline = time.monotonic() + 20
-    while not ((d.status()["daemon"]["last_reload"] or {}).get("time", 0) > t):
-        assert time.monotonic() < deadline, "no reload"
-        time.sleep(0.05)
-    return d.status()["daemon"]["last_reload"]["error"]
+    last = wait_for(lambda: (d.status()["daemon"]["last_reload"] or {}).get("time", 0) > t and
+                    d.status()["daemon"]["last_reload"], 20, "the reload")
+    return last["error"]
 
 
 def merged(d, timeout=30):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    """Wait until the merge is no longer running; the cow segment's status."""
+    def status():
         st = d.status("d")["devices"][0]["segments"][0]["status"]
-        if st.get("merge") != "running":
-            return st
-        time.sleep(0.05)
-    raise AssertionError(f"merge still running after {timeout}s: {st}")
+        return st if st.get("merge") != "running" else None
+    return wait_for(status, timeout, "the merge's end")
 
 
 def test_merge_folds_layers_into_the_one_under_them_and_the_stack_reads_the_same(make_daemon, tmp_path):
