@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import shlex
 import signal
 import threading
 import time
@@ -543,6 +544,7 @@ class Daemon:
             st["exported"] = n in self.catalog.names()
             st["clients"] = len(self.server.clients(n))
             st["lines"] = dev.status_lines()
+            st["table_differs_from_config"] = self._table_differs(n, dev)
             devices.append(st)
         return {
             "daemon": {
@@ -560,6 +562,14 @@ class Daemon:
             "devices": devices,
             "power": self.power.snapshot(),
         }
+
+    def _table_differs(self, name, dev):
+        """A target's message changed the live table (a layer pushed): a restart loads the config's."""
+        dc = next((d for d in self.config.devices if d.name == name), None)
+        if dc is None:
+            return False
+        words = lambda lines: [w for w in (shlex.split(line, comments=True) for line in lines) if w]  # noqa: E731
+        return words(dev.table_lines()) != words(dc.table)
 
     def cmd_table(self, req):
         return {"table": self._device(req).table_lines()}
