@@ -15,8 +15,10 @@ import os
 import socket
 import struct
 import threading
+import time
 
 from .. import io as bio
+from ..config import ExportConfig
 from .._fast.transmit import Connection
 from . import constants as C
 from .protocol import (
@@ -31,7 +33,6 @@ from .protocol import (
 
 log = logging.getLogger("appliance.nbd")
 
-HANDSHAKE_TIMEOUT = 30.0
 MAX_BLOCK = 64 * 1024 * 1024  # as nbdkit; larger READ/WRITE get EINVAL
 DEPTH = 128  # requests in flight per connection
 MAX_EXTENTS = 2048
@@ -195,6 +196,32 @@ def _close(s, name):
             pass
 
 
+# accept() failing for want of descriptors or memory: the client waits in the backlog while
+# the listener backs off (retrying at once would spin on the same error)
+_SCARCE = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+PAUSE_MIN, PAUSE_MAX = 0.05, 1.0
+_LIMIT, _NO_THREAD = "limit", "no thread"  # why _admit refused a connection
+
+
+def _client(sock, addr):
+    """Who counts as one client for max_connections_per_client: a TCP peer's address, a unix
+    peer's user id (unix peers have no address)."""
+    if sock.family == socket.AF_UNIX:
+        try:
+            _pid, uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+        except OSError:
+            return "uid ?"
+        return f"uid {uid}"
+    return addr[0]
+
+
+def _drop(sock):
+    try:
+        sock.close()
+    except OSError:
+        pass
+
+
 def _peer(sock):
     try:
         name = sock.getpeername()
@@ -206,27 +233,37 @@ def _peer(sock):
 
 
 class Server:
-    """Listeners and connections. `catalog` says which devices are exported."""
+    """Listeners and connections. `catalog` says which devices are exported; `export` (the
+    [export] section, replaced on reload) sets the limits new connections meet."""
 
-    def __init__(self, catalog):
+    def __init__(self, catalog, export=None):
         self.catalog = catalog
+        self.export = export or ExportConfig(unix=None, tcp=None)
         self.listeners = []
         self.sessions = set()
         self._lock = threading.Lock()
         self._stopping = False
+        self._count = {}  # listener name, ("client", key) -> connections open (handshaking or connected)
 
     # listening
 
-    def listen_unix(self, path, mode=0o660):
+    def listen_unix(self, path, mode=0o660, group=None):
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         try:
             os.unlink(path)
         except FileNotFoundError:
             pass
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.bind(path)
-        os.chmod(path, mode)
-        s.listen(128)
+        try:
+            s.bind(path)
+            # who may connect is who may open the socket: its mode and group are the access control
+            if group is not None:
+                os.chown(path, -1, group)
+            os.chmod(path, mode)
+            s.listen(128)
+        except OSError:
+            s.close()
+            raise
         self._start_listener(s, f"unix:{path}")
         return path
 
@@ -248,20 +285,81 @@ class Server:
         threading.Thread(target=self._accept_loop, args=(s, name), name=f"nbd-accept {name}", daemon=True).start()
 
     def _accept_loop(self, s, name):
+        pause = 0  # > 0 while the process is short of descriptors, memory or threads
         while not self._stopping:
             try:
-                sock, _ = s.accept()
-            except OSError:
+                sock, addr = s.accept()
+            except OSError as e:
                 if self._stopping or (s, name) not in self.listeners:  # closed: by stop or close_listener
                     return
+                if e.errno in _SCARCE:
+                    pause = self._short_of(name, f"cannot accept: {e.strerror}", pause)
+                else:  # one client's trouble (ECONNABORTED, EPROTO...): the next may be fine
+                    log.info("%s: accept: %s", name, e)
                 continue
             if sock.family != socket.AF_UNIX:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            threading.Thread(target=self._serve, args=(sock,), name="nbd-conn", daemon=True).start()
+                try:
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                except OSError:  # reset already
+                    _drop(sock)
+                    continue
+            if self._admit(sock, addr, name) is _NO_THREAD:
+                pause = self._short_of(name, "cannot start a connection thread", pause)
+            else:
+                if pause:
+                    log.warning("%s: accepting connections again", name)
+                pause = 0
+
+    def _short_of(self, name, what, pause):
+        """Back off before the next accept; say so once per shortage. -> the next pause."""
+        if not pause:
+            log.error("%s: %s; waiting connections stay queued until it passes", name, what)
+        time.sleep(pause or PAUSE_MIN)
+        return min(max(pause * 2, PAUSE_MIN), PAUSE_MAX)
+
+    def _admit(self, sock, addr, listener):
+        """Count the connection against the limits and start its thread, or refuse it: closed
+        before the greeting, with a log line. -> None if admitted, else why not (_LIMIT, _NO_THREAD)."""
+        ex = self.export
+        client = ("client", _client(sock, addr))
+        with self._lock:
+            on_listener = self._count.get(listener, 0)
+            from_client = self._count.get(client, 0)
+            if on_listener >= ex.max_connections:
+                refused = _LIMIT
+                why = f"the listener has {on_listener} connections (max_connections = {ex.max_connections})"
+            elif ex.max_connections_per_client and from_client >= ex.max_connections_per_client:
+                refused = _LIMIT
+                why = (f"{client[1]} has {from_client} connections "
+                       f"(max_connections_per_client = {ex.max_connections_per_client})")
+            else:
+                why = refused = None
+                self._count[listener] = on_listener + 1
+                self._count[client] = from_client + 1
+        if why is None:
+            try:
+                threading.Thread(target=self._serve, args=(sock, (listener, client)), name="nbd-conn", daemon=True).start()
+                return None
+            except RuntimeError as e:  # no thread to be had: the listener lives on
+                self._release((listener, client))
+                refused = _NO_THREAD
+                why = f"cannot start a thread ({e})"
+        log.warning("%s: refused on %s: %s", _peer(sock), listener, why)
+        _drop(sock)
+        return refused
+
+    def _release(self, keys):
+        with self._lock:
+            for key in keys:
+                n = self._count[key] - 1
+                if n:
+                    self._count[key] = n
+                else:
+                    del self._count[key]
 
     # one connection
 
-    def _serve(self, sock):
+    def _serve(self, sock, counted):
         peer = _peer(sock)
         try:
             result = self._handshake(sock, peer)
@@ -291,18 +389,31 @@ class Server:
                 sock.close()
             except OSError:
                 pass
+            self._release(counted)
 
     def _handshake(self, sock, peer):
         hs = ServerHandshake(self.catalog)
-        sock.settimeout(HANDSHAKE_TIMEOUT)
+        limit = self.export.handshake_timeout
+        deadline = time.monotonic() + limit
+
+        def in_time():
+            # one deadline for the whole handshake: a client dripping a byte at a time gains nothing
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise socket.timeout
+            sock.settimeout(left)
+
         try:
+            in_time()
             sock.sendall(hs.data_to_send())
             while True:
                 event = hs.next_event()
                 out = hs.data_to_send()
                 if out:
+                    in_time()
                     sock.sendall(out)
                 if event is NEED_DATA:
+                    in_time()
                     hs.receive_data(sock.recv(65536))
                     continue
                 if isinstance(event, ExportSelected):
@@ -316,7 +427,7 @@ class Server:
         except RemoteProtocolError as e:
             log.warning("%s: closing: %s", peer, e.reason if hasattr(e, "reason") else e)
         except socket.timeout:
-            log.warning("%s: closing: handshake not finished in %ds", peer, HANDSHAKE_TIMEOUT)
+            log.warning("%s: closing: handshake not finished in %gs (handshake_timeout)", peer, limit)
         except OSError as e:
             log.info("%s: handshake ended: %s", peer, e)
         return None
