@@ -52,6 +52,9 @@ class ExportConfig:
     tcp: tuple[str, int] | None
     unix_mode: int = 0o660
     unix_group: int | None = None
+    tls: str = "off"
+    tls_certificates: str | None = None
+    tls_verify_peer: bool = False
     insecure: bool = False
     max_connections: int = 512
     max_connections_per_client: int = 0

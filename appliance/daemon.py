@@ -17,6 +17,7 @@ import logging
 import os
 import queue
 import signal
+import ssl
 import threading
 import time
 
@@ -35,9 +36,9 @@ log = logging.getLogger("appliance")
 
 
 def _warn_insecure(export, port):
-    """check-config refuses such a listener unless insecure = true: say at every start what that means."""
+    """check-config refuses such a listener unless tls = "require" or insecure = true: say at every start what that means."""
     host = export.tcp[0]
-    if not is_loopback(host):
+    if not is_loopback(host) and export.tls != "require":
         log.warning("export tcp:%s:%d is INSECURE (insecure = true): plaintext NBD without authentication; "
                     "anyone who reaches it can read and write every export", host, port)
 
@@ -185,8 +186,15 @@ class Daemon:
         exported = [self.registry.get(d.name) for d in self.config.devices if d.export]
         self.catalog.set([d for d in exported if d is not None])
 
+    def _tls(self, export):
+        try:
+            return Server.tls_for(export)
+        except (OSError, ssl.SSLError) as e:
+            raise AssemblyError(f"export.tls_certificates: cannot use {export.tls_certificates}: {e}") from None
+
     def open_listeners(self):
         ex = self.config.export
+        self.server.set_export(ex, self._tls(ex))
         self.endpoints = []
         if ex.unix:
             self.server.listen_unix(ex.unix, ex.unix_mode, ex.unix_group)
@@ -390,6 +398,7 @@ class Daemon:
                                     f"restart the daemon to apply it, or put back {getattr(self.config.daemon, key)!r}")
         # bind the new listeners and load every changed table first: any error leaves the
         # running set, its listeners and its config untouched
+        tls = self._tls(new.export)  # renewed certificates; unusable ones refuse the reload
         bound, dropped, endpoints = self._bind(new.export)
         loaded = []
         created = []
@@ -462,7 +471,7 @@ class Daemon:
             self.power.start()
         for name in dropped:
             self.server.close_listener(name)
-        self.server.export = new.export  # the limits new connections meet
+        self.server.set_export(new.export, tls)  # limits and certificates for new connections
         self.endpoints = endpoints
         self.config = new
         self._publish()
@@ -609,7 +618,9 @@ class Daemon:
         return self.power.wait_clean(seconds)
 
     def status_insecure(self):
-        """The TCP listeners other machines can reach in plaintext (allowed by insecure = true)."""
+        """The TCP listeners other machines can reach that serve plaintext (allowed by insecure = true)."""
+        if self.config.export.tls == "require":
+            return []
         return [f"tcp:{w}" for k, w in self.endpoints if k == "tcp" and not is_loopback(w.rpartition(":")[0])]
 
     def summary(self):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
 import re
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -236,12 +237,21 @@ def is_loopback(host: str) -> bool:
 def _check_export(values: dict) -> None:
     if values.get("unix") is None and values.get("tcp") is None:
         raise Invalid("no listener: set unix and/or tcp")
+    tls = values.get("tls", "off")
+    if tls != "off":
+        where = values.get("tls_certificates")
+        if where is None:
+            raise Invalid(f'tls = "{tls}" needs tls_certificates = DIR (with server-cert.pem, server-key.pem, ca-cert.pem)')
+        needed = ["server-cert.pem", "server-key.pem"] + (["ca-cert.pem"] if values.get("tls_verify_peer") else [])
+        missing = [n for n in needed if not os.path.isfile(os.path.join(where, n))]
+        if missing:
+            raise Invalid(f"tls_certificates: {where} has no {', '.join(missing)}")
     tcp = values.get("tcp")
-    if tcp and not is_loopback(tcp[0]) and not values.get("insecure"):
+    if tcp and not is_loopback(tcp[0]) and tls != "require" and not values.get("insecure"):
         # plaintext NBD has no authentication: anyone who reaches the port reads and writes
-        raise Invalid(f"tcp = \"{tcp[0]}:{tcp[1]}\" is reachable from other machines and NBD has "
-                      f"no TLS here yet: anyone who reaches it can read and write every export; "
-                      f"listen on 127.0.0.1, or set insecure = true to accept that")
+        raise Invalid(f"tcp = \"{tcp[0]}:{tcp[1]}\" is reachable from other machines without "
+                      f'tls = "require": anyone who reaches it can read and write every export; '
+                      f'set tls = "require", listen on 127.0.0.1, or set insecure = true to accept that')
 
 
 # ---- the schema ------------------------------------------------------------
@@ -272,8 +282,15 @@ EXPORT = Section(
         Key("unix_mode", "string", "0660", "permissions of the unix socket, in octal", file_mode),
         Key("unix_group", "word_or_integer", None,
             "group (name or gid) owning the unix socket (default: the daemon's)", group_id),
+        Key("tls", "string", "off",
+            "TLS on TCP listeners (NBD_OPT_STARTTLS): off|on (plaintext still served)|require",
+            choice("off", "on", "require")),
+        Key("tls_certificates", "string", None,
+            "directory with server-cert.pem, server-key.pem, ca-cert.pem, optional ca-crl.pem (nbdkit's)",
+            abs_path),
+        Key("tls_verify_peer", "boolean", False, "require a client certificate signed by the CA"),
         Key("insecure", "boolean", False,
-            "allow a TCP listener other machines can reach (plaintext, no authentication)"),
+            'allow a TCP listener other machines can reach without tls = "require"'),
         Key("max_connections", "integer", 512,
             "connections a listener holds at most (handshaking or connected); more are refused",
             number_range(1)),

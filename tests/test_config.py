@@ -200,7 +200,7 @@ def test_unknown_top_level_key():
 
 def test_unknown_key_in_export():
     e = err('[export]\nunix = "/a"\nudp = ":1"\n')
-    assert e.key == "export.udp" and "tcp, unix" in e.message
+    assert e.key == "export.udp" and "tcp, tls, tls_certificates, tls_verify_peer, unix" in e.message
 
 
 def test_unknown_key_in_device():

@@ -21,6 +21,7 @@ from .. import io as bio
 from ..config import ExportConfig
 from .._fast.transmit import Connection
 from . import constants as C
+from . import tls as nbd_tls
 from .protocol import (
     NEED_DATA,
     Aborted,
@@ -239,11 +240,22 @@ class Server:
     def __init__(self, catalog, export=None):
         self.catalog = catalog
         self.export = export or ExportConfig(unix=None, tcp=None)
+        self.tls_context = None  # set_export makes it
         self.listeners = []
         self.sessions = set()
         self._lock = threading.Lock()
         self._stopping = False
         self._count = {}  # listener name, ("client", key) -> connections open (handshaking or connected)
+
+    @staticmethod
+    def tls_for(export):
+        """The SSLContext `export` asks for (None: no TLS), certificates read now (start,
+        reload: renewed ones are picked up). Raises OSError or ssl.SSLError."""
+        return None if export.tls == "off" else nbd_tls.context(export.tls_certificates, export.tls_verify_peer)
+
+    def set_export(self, export, tls_context):
+        """Limits and certificates for the connections to come; connected clients keep theirs."""
+        self.export, self.tls_context = export, tls_context
 
     # listening
 
@@ -361,16 +373,21 @@ class Server:
 
     def _serve(self, sock, counted):
         peer = _peer(sock)
+        relay = None
         try:
             result = self._handshake(sock, peer)
             if result is None:
                 return
-            selected, trailing = result
+            selected, trailing, hs = result
+            if hs.tls is not None:
+                relay = nbd_tls.Relay(sock, hs.tls, hs._tls_in, hs._tls_out, trailing)
+                trailing = b""
             device = self.catalog.device(selected.export.name)
             if device is None:
                 log.warning("%s: export %s went away during the handshake", peer, selected.export.name)
                 return
-            session = Session(self, sock, device, selected, trailing)
+            session = Session(self, relay.inner if relay else sock, device, selected, trailing)
+            session.peer = peer
             with self._lock:
                 if self._stopping:
                     session.conn.release()
@@ -385,6 +402,9 @@ class Server:
         except Exception:
             log.exception("%s: connection failed", peer)
         finally:
+            if relay is not None:
+                relay.inner.close()
+                relay.join()
             try:
                 sock.close()
             except OSError:
@@ -392,7 +412,8 @@ class Server:
             self._release(counted)
 
     def _handshake(self, sock, peer):
-        hs = ServerHandshake(self.catalog)
+        ctx = self.tls_context if sock.family != socket.AF_UNIX else None  # TLS is for TCP listeners
+        hs = ServerHandshake(self.catalog, tls=ctx, tls_required=self.export.tls == "require")
         limit = self.export.handshake_timeout
         deadline = time.monotonic() + limit
 
@@ -418,7 +439,7 @@ class Server:
                     continue
                 if isinstance(event, ExportSelected):
                     sock.settimeout(None)
-                    return event, hs.trailing_data
+                    return event, hs.trailing_data, hs
                 if isinstance(event, ConnectionClosed):
                     log.info("%s: closed the connection during the handshake", peer)
                     return None
