@@ -13,7 +13,7 @@ import pytest
 
 from conftest import device, need, run, wait_for
 from nut import free_port
-from test_hostile import closed_by_server, connect, handshake, log_has
+from test_hostile import connect, handshake, log_has
 
 MiB = 1 << 20
 SIZE = 8 * MiB

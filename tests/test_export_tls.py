@@ -4,14 +4,17 @@ certificate or with one from another CA under tls_verify_peer. Traffic to 127.0.
 
 from __future__ import annotations
 
+import shutil
+import signal
 import socket
 import struct
+import subprocess
 
 import pytest
 
 import certs
 from appliance.nbd import constants as C
-from conftest import device, need, qemu_io, run
+from conftest import device, need, nbdsh_env, run, wait_for
 from nut import free_port
 from test_hostile import greeting, option, recv_exact
 
@@ -29,6 +32,7 @@ def pki(tmp_path_factory):
         "client": certs.client_dir(ca, base / "client"),
         "anonymous": _trust_only(ca, base / "anonymous"),
         "stranger": certs.client_dir(other, base / "stranger", cn="stranger", trust=ca),
+        "expired": certs.client_dir(ca, base / "expired", cn="expired", days=-1),
     }
 
 
@@ -90,7 +94,7 @@ def test_on_serves_plaintext_and_tls(make_daemon, image, pki):
     assert run("nbdinfo", "--size", nbds(port, pki["client"])).stdout.strip() == str(SIZE)
 
 
-@pytest.mark.parametrize("who", ["anonymous", "stranger"])
+@pytest.mark.parametrize("who", ["anonymous", "stranger", "expired"])
 def test_verify_peer_refuses_clients_without_a_certificate_from_the_ca(make_daemon, image, pki, who):
     need("nbdinfo")
     d, port = tls_daemon(make_daemon, image, pki, verify=True)
@@ -98,3 +102,53 @@ def test_verify_peer_refuses_clients_without_a_certificate_from_the_ca(make_daem
     assert r.returncode != 0, r.stdout
     assert "TLS handshake failed" in d.log.read_text()
     assert run("nbdinfo", "--size", nbds(port, pki["client"])).stdout.strip() == str(SIZE)
+
+
+def test_nbdcopy_over_tls(make_daemon, image, pki, tmp_path):
+    need("nbdcopy")
+    d, port = tls_daemon(make_daemon, image, pki)
+    src = tmp_path / "src.bin"
+    src.write_bytes(bytes(range(256)) * (SIZE // 256))
+    run("nbdcopy", str(src), nbds(port, pki["client"]))
+    run("nbdcopy", nbds(port, pki["client"]), str(tmp_path / "back.bin"))
+    assert (tmp_path / "back.bin").read_bytes() == src.read_bytes()
+
+
+CLIENT = """
+import os, sys
+h.set_uri_allow_local_file(True)  # tls-certificates=DIR
+h.connect_uri(os.environ["URI"])
+assert h.pread(512, 0) == bytes(512)
+print("connected", flush=True)
+sys.stdin.readline()
+h.pwrite(b"r" * 512, 0)
+assert h.pread(512, 0) == b"r" * 512
+print("still served", flush=True)
+"""
+
+
+def test_reload_swaps_the_certificate_while_a_client_stays_connected(make_daemon, image, pki, tmp_path):
+    need("nbdsh", "nbdinfo")
+    served = tmp_path / "served"
+    shutil.copytree(pki["server"], served)
+    port = free_port()
+    extra = f'tls = "require"\ntls_certificates = "{served}"\n'
+    d = make_daemon(device("data0", f"0 {SIZE // 512} linear {image()} 0"), extra=extra, tcp=port)
+    stay = subprocess.Popen(["nbdsh", "-c", CLIENT], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                            env=dict(nbdsh_env(), URI=nbds(port, pki["client"])))
+    try:
+        assert stay.stdout.readline().strip() == "connected"
+        renewed = certs.server_dir(certs.make_ca(tmp_path / "new-ca", cn="renewed CA"), tmp_path / "renewed")
+        for name in ("server-cert.pem", "server-key.pem", "ca-cert.pem"):
+            shutil.copy(renewed / name, served / name)
+        d.signal(signal.SIGHUP)
+        wait_for(lambda: "reloaded" in d.log.read_text(), what="the reload")
+        trusts_new = certs.client_dir(tmp_path / "new-ca", tmp_path / "new-client")
+        assert run("nbdinfo", "--size", nbds(port, trusts_new)).stdout.strip() == str(SIZE)
+        assert run("nbdinfo", "--size", nbds(port, pki["client"]), check=False).returncode != 0  # the old CA's
+        stay.stdin.write("go\n")
+        stay.stdin.flush()
+        assert stay.stdout.readline().strip() == "still served"
+        assert stay.wait(30) == 0
+    finally:
+        stay.kill()
