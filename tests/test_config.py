@@ -155,6 +155,10 @@ def test_export_limits_and_socket():
     ("max_connections = 0", "export.max_connections", "must be >= 1"),
     ("max_connections_per_client = -1", "export.max_connections_per_client", "must be >= 0"),
     ("handshake_timeout = 0", "export.handshake_timeout", "must be > 0"),
+    ('tls = "yes"', "export.tls", "is not one of off, on, require"),
+    ('tls = "require"', "export", "needs tls_certificates = DIR"),
+    ('tls = "on"\ntls_certificates = "/nonexistent"', "export", "/nonexistent has no server-cert.pem, server-key.pem"),
+    ('tls = "on"\ntls_certificates = "relative"', "export.tls_certificates", "must be an absolute path"),
 ])
 def test_bad_export_settings(text, key, words):
     e = err(f'[export]\nunix = "/a"\n{text}\n')

@@ -12,6 +12,7 @@ import sys
 
 import pytest
 
+import certs
 from conftest import REPO, device, need, run, wait_for
 from nut import free_port
 
@@ -61,3 +62,18 @@ def test_loopback_tcp_is_not_reported_insecure(make_daemon, image):
     d = make_daemon(data0(image()), tcp=free_port())
     assert d.status()["daemon"]["insecure_exports"] == []
     assert "INSECURE" not in d.cli("status").stdout + d.log.read_text()
+
+
+def test_check_config_and_serve_refuse_a_key_that_is_not_the_certificates(make_daemon, image, tmp_path):
+    need("openssl")
+    ca = certs.make_ca(tmp_path / "ca")
+    server = certs.server_dir(ca, tmp_path / "server")
+    (server / "server-key.pem").write_bytes((ca / "ca-key.pem").read_bytes())  # another key
+    d = make_daemon(data0(image()), extra=f'tls = "require"\ntls_certificates = "{server}"\n',
+                    tcp=free_port(), start=False)
+    r = subprocess.run([sys.executable, "-m", "appliance", "check-config", str(d.config)], cwd=REPO,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and f"export.tls_certificates: cannot use {server}:" in r.stderr, r.stderr
+    d.start(expect_ready=False)
+    assert d.proc.wait(30) != 0
+    assert f"cannot use {server}" in d.log.read_text()

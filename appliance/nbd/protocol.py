@@ -524,6 +524,11 @@ class ServerHandshake(_Handshake):
         self._in.clear()
         self._state = "tls_handshake"
 
+    @property
+    def tls_bios(self) -> tuple[ssl.MemoryBIO, ssl.MemoryBIO]:
+        """(incoming, outgoing) records of `tls`, for the transmission phase to go on with."""
+        return self._tls_in, self._tls_out
+
     def _tls_handshake(self) -> object:
         try:
             self.tls.do_handshake()

@@ -380,7 +380,7 @@ class Server:
                 return
             selected, trailing, hs = result
             if hs.tls is not None:
-                relay = nbd_tls.Relay(sock, hs.tls, hs._tls_in, hs._tls_out, trailing)
+                relay = nbd_tls.Relay(sock, hs.tls, *hs.tls_bios, trailing)
                 trailing = b""
             device = self.catalog.device(selected.export.name)
             if device is None:
@@ -447,6 +447,11 @@ class Server:
                     return None
         except RemoteProtocolError as e:
             log.warning("%s: closing: %s", peer, e.reason if hasattr(e, "reason") else e)
+            if hs.tls is not None:  # a TLS alert says why, to a client that can read it
+                try:
+                    sock.sendall(hs.tls_bios[1].read())
+                except OSError:
+                    pass
         except socket.timeout:
             log.warning("%s: closing: handshake not finished in %gs (handshake_timeout)", peer, limit)
         except OSError as e:
