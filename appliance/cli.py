@@ -100,6 +100,9 @@ def cmd_status(args):
         from .power import describe
 
         print(describe(st["power"]))
+    if not args.name:
+        for where in st["daemon"].get("insecure_exports") or []:
+            print(f"export {where}: INSECURE (insecure = true): plaintext, no authentication, reachable from other machines")
     lost = {}  # device -> what its lost disks say; its table line alone would look healthy
     for disk in st["daemon"].get("lost_disks") or []:
         for name in disk.get("devices", []):

@@ -50,6 +50,15 @@ class DaemonConfig:
 class ExportConfig:
     unix: str | None
     tcp: tuple[str, int] | None
+    unix_mode: int = 0o660
+    unix_group: int | None = None
+    tls: str = "off"
+    tls_certificates: str | None = None
+    tls_verify_peer: bool = False
+    insecure: bool = False
+    max_connections: int = 512
+    max_connections_per_client: int = 0
+    handshake_timeout: float = 30
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ import os
 import queue
 import shlex
 import signal
+import ssl
 import threading
 import time
 
@@ -28,10 +29,19 @@ from .control import ControlError, ControlServer
 from .device import MappedDevice, Registry
 from .nbd.server import Catalog, Server
 from .power.monitor import Monitor as PowerMonitor
+from .schema import is_loopback
 from .table import TableError
 from .watchdog import Watchdog
 
 log = logging.getLogger("appliance")
+
+
+def _warn_insecure(export, port):
+    """check-config refuses such a listener unless tls = "require" or insecure = true: say at every start what that means."""
+    host = export.tcp[0]
+    if not is_loopback(host) and export.tls != "require":
+        log.warning("export tcp:%s:%d is INSECURE (insecure = true): plaintext NBD without authentication; "
+                    "anyone who reaches it can read and write every export", host, port)
 
 
 STATUS_PERIOD = 5.0  # seconds between STATUS= refreshes (sent only when the text changed)
@@ -66,7 +76,7 @@ class Daemon:
         self.registry.daemon_config = config.daemon  # state_dir, shm_dir: ramback's store and marker
         self.registry.config = config  # the sections targets read ([multipath])
         self.catalog = Catalog()
-        self.server = Server(self.catalog)
+        self.server = Server(self.catalog, config.export)
         self.control = None
         # SimpleQueue: its put() may be called from a signal handler (a Queue's may deadlock there)
         self.events = queue.SimpleQueue()
@@ -177,16 +187,24 @@ class Daemon:
         exported = [self.registry.get(d.name) for d in self.config.devices if d.export]
         self.catalog.set([d for d in exported if d is not None])
 
+    def _tls(self, export):
+        try:
+            return Server.tls_for(export)
+        except (OSError, ssl.SSLError) as e:
+            raise AssemblyError(f"export.tls_certificates: cannot use {export.tls_certificates}: {e}") from None
+
     def open_listeners(self):
         ex = self.config.export
+        self.server.set_export(ex, self._tls(ex))
         self.endpoints = []
         if ex.unix:
-            self.server.listen_unix(ex.unix)
+            self.server.listen_unix(ex.unix, ex.unix_mode, ex.unix_group)
             self.endpoints.append(("unix", ex.unix))
         if ex.tcp:
             host, port = ex.tcp
             port = self.server.listen_tcp(host, port)
             self.endpoints.append(("tcp", f"{host}:{port}"))
+            _warn_insecure(ex, port)
 
     def connect_hints(self):
         lines = []
@@ -394,6 +412,7 @@ class Daemon:
                                     f"restart the daemon to apply it, or put back {getattr(self.config.daemon, key)!r}")
         # bind the new listeners and load every changed table first: any error leaves the
         # running set, its listeners and its config untouched
+        tls = self._tls(new.export)  # renewed certificates; unusable ones refuse the reload
         bound, dropped, endpoints = self._bind(new.export)
         loaded = []
         created = []
@@ -466,6 +485,7 @@ class Daemon:
             self.power.start()
         for name in dropped:
             self.server.close_listener(name)
+        self.server.set_export(new.export, tls)  # limits and certificates for new connections
         self.endpoints = endpoints
         self.config = new
         self._publish()
@@ -478,16 +498,21 @@ class Daemon:
         bound, endpoints, where = [], [], None
         try:
             if export.unix:
+                where = export.unix
                 if export.unix != old.unix:
-                    where = export.unix
-                    self.server.listen_unix(export.unix)
+                    self.server.listen_unix(export.unix, export.unix_mode, export.unix_group)
                     bound.append(f"unix:{export.unix}")
+                elif (export.unix_mode, export.unix_group) != (old.unix_mode, old.unix_group):
+                    if export.unix_group is not None:
+                        os.chown(export.unix, -1, export.unix_group)
+                    os.chmod(export.unix, export.unix_mode)
                 endpoints.append(("unix", export.unix))
             if export.tcp:
                 host, port = export.tcp
                 if export.tcp != old.tcp:
                     where = f"{host}:{port}"
                     port = self.server.listen_tcp(host, port)
+                    _warn_insecure(export, port)
                     bound.append(f"tcp:{host}:{port}")
                     endpoints.append(("tcp", f"{host}:{port}"))
                 else:
@@ -552,6 +577,7 @@ class Daemon:
                 "config": self.config.source,
                 "uptime": round(time.time() - self.started, 1),
                 "exports": [f"{k}:{w}" for k, w in self.endpoints],
+                "insecure_exports": self.status_insecure(),
                 "last_reload": self.last_reload and {"time": self.last_reload[0], "error": self.last_reload[1]},
                 "summary": self.summary(),
                 "waiting": dict(self.waiting),
@@ -614,12 +640,19 @@ class Daemon:
             raise ControlError("power-wait-clean: seconds must be a number") from None
         return self.power.wait_clean(seconds)
 
+    def status_insecure(self):
+        """The TCP listeners other machines can reach that serve plaintext (allowed by insecure = true)."""
+        if self.config.export.tls == "require":
+            return []
+        return [f"tcp:{w}" for k, w in self.endpoints if k == "tcp" and not is_loopback(w.rpartition(":")[0])]
+
     def summary(self):
         """One line for STATUS=: devices, exports, clients, power, dirty data, what waits for a disk."""
         n = len(self.registry.devices)
         parts = [f"{n} device{'s' if n != 1 else ''}"]
         clients = len(self.server.clients())
-        parts.append(f"exports {', '.join(f'{k}:{w}' for k, w in self.endpoints) or 'none'}, {clients} client{'s' if clients != 1 else ''}")
+        insecure = " (INSECURE: plaintext TCP other machines can reach)" if self.status_insecure() else ""
+        parts.append(f"exports {', '.join(f'{k}:{w}' for k, w in self.endpoints) or 'none'}{insecure}, {clients} client{'s' if clients != 1 else ''}")
         if self.config.power is not None and getattr(self, "power", None) is not None:
             try:
                 p = self.power.snapshot()

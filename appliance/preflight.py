@@ -1,9 +1,9 @@
 """check-config's look at the machine: what `serve` would refuse, found without opening anything.
 
-`config.load` checks the file's own rules. This checks each table as the daemon would build it:
-every target parses its arguments with the parser its constructor uses (Target.validate); every
-file or disk it names exists, is a regular file or block device the daemon may open for reading
-and writing, and holds the table; an `@NAME` device is big enough. A disk (`/dev/...`, `wwn:`,
+`config.load` checks the file's own rules. This checks that the TLS certificates load, and each
+table as the daemon would build it: every target parses its arguments with the parser its
+constructor uses (Target.validate); every file or disk it names exists, is a regular file or
+block device the daemon may open for reading and writing, and holds the table; an `@NAME` device is big enough. A disk (`/dev/...`, `wwn:`,
 `serial:`) that is not attached is no error: serve waits `daemon.disk_timeout` for it, then
 serves the other devices while this one, and any stacked on it, waits for the disk. Left to
 serve: what only an exclusive open finds (a disk or file in use by another process) and whether
@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import errno
 import os
+import ssl
 
 from . import udev
 from .blockdev import DeviceError, examine
 from .config import ConfigError
 from .nbd import client as nbd_client
+from .nbd import tls as nbd_tls
 from .table import parse_table, table_size
 from .targets import TargetError, check_size, target_class
 
@@ -26,6 +28,12 @@ from .targets import TargetError, check_size, target_class
 def check(config) -> list[str]:
     """Raise ConfigError (FILE: device[i].table[k]: ...) for the first thing serve would refuse,
     in the order serve builds the devices; return a line for each device that would wait."""
+    ex = config.export
+    if ex.tls != "off":  # serve reads them the same way: a key that does not match its certificate...
+        try:
+            nbd_tls.context(ex.tls_certificates, ex.tls_verify_peer)
+        except (OSError, ssl.SSLError) as e:
+            raise ConfigError(config.source, "export.tls_certificates", f"cannot use {ex.tls_certificates}: {e}") from None
     index = {d.name: i for i, d in enumerate(config.devices)}
     sizes = {}  # device name -> bytes
     waiting = set()

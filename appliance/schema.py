@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
 import re
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -206,9 +207,51 @@ def failback(v: str | int) -> str:
     raise Invalid(f"{v!r} is not immediate, manual, followover or a number of seconds")
 
 
-def _need_listener(values: dict) -> None:
+def file_mode(v: str) -> int:
+    """Permission bits in octal, as chmod and systemd's SocketMode= write them: "0660"."""
+    if not re.fullmatch(r"[0-7]{3,4}", v) or int(v, 8) > 0o777:
+        raise Invalid(f"{v!r} is not a mode in octal, 0000-0777 (e.g. \"0660\")")
+    return int(v, 8)
+
+
+def group_id(v: str | int) -> int:
+    """A group name or number -> its gid (the group must exist here)."""
+    import grp
+    try:
+        return grp.getgrgid(v).gr_gid if isinstance(v, int) else grp.getgrnam(v).gr_gid
+    except (KeyError, OverflowError):
+        raise Invalid(f"no such group {v!r}") from None
+
+
+def is_loopback(host: str) -> bool:
+    """Only traffic from this machine reaches a listener on `host` (a name other than
+    localhost counts as reachable from outside: what it resolves to may change)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_export(values: dict) -> None:
     if values.get("unix") is None and values.get("tcp") is None:
         raise Invalid("no listener: set unix and/or tcp")
+    tls = values.get("tls", "off")
+    if tls != "off":
+        where = values.get("tls_certificates")
+        if where is None:
+            raise Invalid(f'tls = "{tls}" needs tls_certificates = DIR (with server-cert.pem, server-key.pem, ca-cert.pem)')
+        needed = ["server-cert.pem", "server-key.pem"] + (["ca-cert.pem"] if values.get("tls_verify_peer") else [])
+        missing = [n for n in needed if not os.path.isfile(os.path.join(where, n))]
+        if missing:
+            raise Invalid(f"tls_certificates: {where} has no {', '.join(missing)}")
+    tcp = values.get("tcp")
+    if tcp and not is_loopback(tcp[0]) and tls != "require" and not values.get("insecure"):
+        # plaintext NBD has no authentication: anyone who reaches the port reads and writes
+        raise Invalid(f"tcp = \"{tcp[0]}:{tcp[1]}\" is reachable from other machines without "
+                      f'tls = "require": anyone who reaches it can read and write every export; '
+                      f'set tls = "require", listen on 127.0.0.1, or set insecure = true to accept that')
 
 
 # ---- the schema ------------------------------------------------------------
@@ -230,12 +273,33 @@ DAEMON = Section("daemon", doc="the daemon process", when_absent={}, keys=(
 
 EXPORT = Section(
     "export", doc="NBD listeners; a listener not named here is not opened",
-    when_absent={"unix": DEFAULT_UNIX}, check=_need_listener, keys=(
+    when_absent={"unix": DEFAULT_UNIX}, check=_check_export, keys=(
         Key("unix", "string", None, "unix socket path for NBD clients",
             unix_socket_path),
         Key("tcp", "string", None,
             'TCP listen address: "HOST:PORT", "[::1]:PORT" or ":PORT" (=127.0.0.1)',
             tcp_address),
+        Key("unix_mode", "string", "0660", "permissions of the unix socket, in octal", file_mode),
+        Key("unix_group", "word_or_integer", None,
+            "group (name or gid) owning the unix socket (default: the daemon's)", group_id),
+        Key("tls", "string", "off",
+            "TLS on TCP listeners (NBD_OPT_STARTTLS): off|on (plaintext still served)|require",
+            choice("off", "on", "require")),
+        Key("tls_certificates", "string", None,
+            "directory with server-cert.pem, server-key.pem, ca-cert.pem, optional ca-crl.pem (nbdkit's)",
+            abs_path),
+        Key("tls_verify_peer", "boolean", False, "require a client certificate signed by the CA"),
+        Key("insecure", "boolean", False,
+            'allow a TCP listener other machines can reach without tls = "require"'),
+        Key("max_connections", "integer", 512,
+            "connections a listener holds at most (handshaking or connected); more are refused",
+            number_range(1)),
+        Key("max_connections_per_client", "integer", 0,
+            "connections one client (TCP: its address; unix: its user id) holds at most; 0 = no limit",
+            number_range(0)),
+        Key("handshake_timeout", "number", 30,
+            "seconds a client has for the whole handshake, from connect to export chosen (> 0)",
+            number_range(0, lo_open=True)),
     ))
 
 DEVICE = Section("device", doc="a virtual block device (repeatable)", array=True, keys=(

@@ -121,8 +121,48 @@ def test_no_export_table_uses_default_unix_only():
 
 
 def test_export_names_only_tcp():
-    assert loads('[export]\ntcp = "0.0.0.0:10809"\n').export == \
-        config.ExportConfig(None, ("0.0.0.0", 10809))
+    assert loads('[export]\ntcp = "127.0.0.1:10809"\n').export == \
+        config.ExportConfig(None, ("127.0.0.1", 10809))
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "192.0.2.1", "[::]", "nas.local"])
+def test_tcp_other_machines_reach_needs_insecure(host):
+    e = err(f'[export]\ntcp = "{host}:10809"\n')
+    assert e.key == "export" and "insecure = true" in e.message and "reachable from other machines" in e.message
+    assert loads(f'[export]\ntcp = "{host}:10809"\ninsecure = true\n').export.insecure
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.2", "[::1]", "localhost"])
+def test_tcp_loopback_needs_nothing(host):
+    assert not loads(f'[export]\ntcp = "{host}:10809"\n').export.insecure
+
+
+def test_export_limits_and_socket():
+    import grp
+    import os
+    group = grp.getgrgid(os.getgid()).gr_name
+    ex = loads(f'[export]\nunix = "/a"\nunix_mode = "0600"\nunix_group = "{group}"\nmax_connections = 4\n'
+               'max_connections_per_client = 2\nhandshake_timeout = 1.5\n').export
+    assert (ex.unix_mode, ex.unix_group, ex.max_connections, ex.max_connections_per_client, ex.handshake_timeout) == \
+        (0o600, os.getgid(), 4, 2, 1.5)
+    assert loads(MINIMAL).export.unix_mode == 0o660
+
+
+@pytest.mark.parametrize("text, key, words", [
+    ('unix_mode = "660x"', "export.unix_mode", "not a mode in octal"),
+    ('unix_mode = "1777"', "export.unix_mode", "not a mode in octal"),
+    ('unix_group = "no-such-group-here"', "export.unix_group", "no such group"),
+    ("max_connections = 0", "export.max_connections", "must be >= 1"),
+    ("max_connections_per_client = -1", "export.max_connections_per_client", "must be >= 0"),
+    ("handshake_timeout = 0", "export.handshake_timeout", "must be > 0"),
+    ('tls = "yes"', "export.tls", "is not one of off, on, require"),
+    ('tls = "require"', "export", "needs tls_certificates = DIR"),
+    ('tls = "on"\ntls_certificates = "/nonexistent"', "export", "/nonexistent has no server-cert.pem, server-key.pem"),
+    ('tls = "on"\ntls_certificates = "relative"', "export.tls_certificates", "must be an absolute path"),
+])
+def test_bad_export_settings(text, key, words):
+    e = err(f'[export]\nunix = "/a"\n{text}\n')
+    assert e.key == key and words in e.message
 
 
 def test_export_without_listener_is_error():
@@ -138,7 +178,7 @@ def test_export_without_listener_is_error():
     ("0.0.0.0:65535", ("0.0.0.0", 65535)),
 ])
 def test_tcp_forms(text, expected):
-    assert loads(f'[export]\ntcp = "{text}"\n').export.tcp == expected
+    assert loads(f'[export]\ntcp = "{text}"\ninsecure = true\n').export.tcp == expected
 
 
 @pytest.mark.parametrize("text", ["10809", "host:0", "host:65536", "host:abc",
@@ -164,7 +204,7 @@ def test_unknown_top_level_key():
 
 def test_unknown_key_in_export():
     e = err('[export]\nunix = "/a"\nudp = ":1"\n')
-    assert e.key == "export.udp" and "tcp, unix" in e.message
+    assert e.key == "export.udp" and "tcp, tls, tls_certificates, tls_verify_peer, unix" in e.message
 
 
 def test_unknown_key_in_device():

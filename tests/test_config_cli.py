@@ -51,6 +51,7 @@ BAD_CONFIGS = [
     ('[daemon]\nstate_dir = "relative/dir"\n', "daemon.state_dir", "must be an absolute path"),
     ('[export]\ntcp = "localhost"\n', "export.tcp", "is not HOST:PORT"),
     ("[export]\n", "export", "no listener"),
+    ('[export]\ntcp = "0.0.0.0:10809"\n', "export", "set insecure = true to accept that"),
     ('[[device]]\nname = "a b"\ntable = ["0 8 zero"]\n', "device[0].name", "invalid device name"),
     ('[[device]]\nname = "d"\ntable = ["0 8 zero"]\nread_only = "yes"\n', "device[0].read_only", "expected boolean, got string"),
     ('[[device]]\nname = "d"\n', "device[0].table", "required key is missing"),

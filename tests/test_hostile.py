@@ -81,9 +81,10 @@ def option(opt, data=b""):
     return struct.pack(">QII", C.IHAVEOPT, opt, len(data)) + data
 
 
-def handshake(d, export="data0", structured=False):
-    """A good handshake with the library's client state machine; returns (sock, Negotiated)."""
-    s = connect(d)
+def handshake(d, export="data0", structured=False, sock=None):
+    """A good handshake with the library's client state machine (on `sock`, connected and
+    nothing read yet, or a new connection to `d`); returns (sock, Negotiated)."""
+    s = sock or connect(d)
     hs = ClientHandshake(export, structured_replies=structured, meta_contexts=())
     while True:
         event = hs.next_event()

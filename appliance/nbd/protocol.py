@@ -17,11 +17,15 @@ Every event is terminal: the handshake is one negotiation, and the intermediate
 options are answered internally.  A RemoteProtocolError means the peer broke
 the protocol (or, for the server, asked for something that can only be refused
 by hanging up); its ``reason`` is meant for the log line written on close.
-Only fixed newstyle negotiation without TLS ("NOTLS" mode) is implemented.
+The server speaks fixed newstyle, with TLS when given an ssl.SSLContext: after
+NBD_OPT_STARTTLS the TLS records run through ssl.MemoryBIO, so receive_data() and
+data_to_send() carry ciphertext and the caller's loop stays the same; `tls` is then
+the SSLObject the transmission phase goes on with.
 """
 
 from __future__ import annotations
 
+import ssl
 import struct
 from dataclasses import dataclass
 from typing import Callable, NoReturn, Protocol
@@ -36,7 +40,7 @@ from .constants import (
     NBD_MAX_STRING, NBD_META_ALLOCATION_DEPTH, NBD_META_BASE_ALLOCATION, NBD_OPT_ABORT, NBD_OPT_EXPORT_NAME,
     NBD_OPT_GO, NBD_OPT_INFO, NBD_OPT_LIST, NBD_OPT_LIST_META_CONTEXT,
     NBD_OPT_SET_META_CONTEXT, NBD_OPT_STARTTLS, NBD_OPT_STRUCTURED_REPLY, NBD_REP_ACK,
-    NBD_REP_ERR_INVALID, NBD_REP_ERR_POLICY, NBD_REP_ERR_SHUTDOWN, NBD_REP_ERR_UNKNOWN,
+    NBD_REP_ERR_INVALID, NBD_REP_ERR_POLICY, NBD_REP_ERR_SHUTDOWN, NBD_REP_ERR_TLS_REQD, NBD_REP_ERR_UNKNOWN,
     NBD_REP_ERR_UNSUP, NBD_REP_FLAG_ERROR, NBD_REP_INFO, NBD_REP_MAGIC,
     NBD_REP_META_CONTEXT, NBD_REP_SERVER, NBDMAGIC, OPT_NAMES, REP_NAMES,
 )
@@ -332,9 +336,18 @@ def _match_meta_contexts(queries: list[str], listing: bool) -> list[str]:
 
 
 class ServerHandshake(_Handshake):
+    """`tls`: an SSLContext to offer NBD_OPT_STARTTLS with (None: NOTLS mode);
+    `tls_required`: every option but STARTTLS and ABORT before it gets TLS_REQD."""
+
     def __init__(self, catalog: Catalog, *, default_export: str = "",
-                 max_option_length: int = DEFAULT_MAX_OPTION_LENGTH) -> None:
+                 max_option_length: int = DEFAULT_MAX_OPTION_LENGTH,
+                 tls: ssl.SSLContext | None = None, tls_required: bool = False) -> None:
         super().__init__()
+        self._tls_context = tls
+        self._tls_required = tls is not None and tls_required
+        self.tls: ssl.SSLObject | None = None  # after STARTTLS
+        self._tls_in = self._tls_out = None
+        self._clear_out = b""  # the STARTTLS ACK: plaintext, ahead of the first TLS record
         self._catalog = catalog
         self._default_export = default_export
         self._max_option_length = max_option_length
@@ -374,6 +387,10 @@ class ServerHandshake(_Handshake):
         (_, opt, _), data = msg
         if self._shutting_down and opt != NBD_OPT_ABORT:
             return self._refuse(opt, NBD_REP_ERR_SHUTDOWN, "server is shutting down")
+        if self._tls_required and self.tls is None and opt not in (NBD_OPT_STARTTLS, NBD_OPT_ABORT):
+            if opt == NBD_OPT_EXPORT_NAME:  # it has no error reply: the spec says hang up
+                raise RemoteProtocolError("client sent NBD_OPT_EXPORT_NAME without TLS, which is required")
+            return self._refuse(opt, NBD_REP_ERR_TLS_REQD, "TLS is required: use NBD_OPT_STARTTLS first")
         handler = self._OPTIONS.get(opt, ServerHandshake._opt_unsupported)
         try:
             return handler(self, opt, data)
@@ -491,8 +508,81 @@ class ServerHandshake(_Handshake):
         self._send_option_reply(opt, NBD_REP_ACK)
 
     def _opt_starttls(self, opt: int, data: bytes) -> None:
-        # NOTLS mode: the spec requires ERR_POLICY (or ERR_UNSUP), never TLS_REQD.
-        self._refuse(opt, NBD_REP_ERR_POLICY, "TLS is not available on this server")
+        if self._tls_context is None:
+            # NOTLS mode: the spec requires ERR_POLICY (or ERR_UNSUP), never TLS_REQD.
+            return self._refuse(opt, NBD_REP_ERR_POLICY, "TLS is not available on this server")
+        if data:
+            raise _Invalid("option takes no data")
+        if self.tls is not None:
+            raise _Invalid("TLS is already negotiated")
+        self._send_option_reply(opt, NBD_REP_ACK)
+        self._clear_out, self._out = bytes(self._out), bytearray()
+        self._tls_in, self._tls_out = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.tls = self._tls_context.wrap_bio(self._tls_in, self._tls_out, server_side=True)
+        # whatever came after the option (the ClientHello, typically) is TLS already
+        self._tls_in.write(bytes(self._in))
+        self._in.clear()
+        self._state = "tls_handshake"
+
+    @property
+    def tls_bios(self) -> tuple[ssl.MemoryBIO, ssl.MemoryBIO]:
+        """(incoming, outgoing) records of `tls`, for the transmission phase to go on with."""
+        return self._tls_in, self._tls_out
+
+    def _tls_handshake(self) -> object:
+        try:
+            self.tls.do_handshake()
+        except ssl.SSLWantReadError:
+            return NEED_DATA  # the driver turns EOF here into ConnectionClosed
+        except ssl.SSLError as exc:
+            raise RemoteProtocolError(f"TLS handshake failed: {exc.reason or exc}") from None
+        # the spec: option haggling starts over, what was negotiated in clear is forgotten
+        self._structured = False
+        self._meta, self._meta_export = {}, None
+        self._state = "options"
+        self._decrypt()
+        return None
+
+    def _decrypt(self) -> None:
+        """Plaintext the records received so far hold -> the input buffer."""
+        while True:
+            try:
+                chunk = self.tls.read(65536)
+            except ssl.SSLWantReadError:
+                return
+            except ssl.SSLZeroReturnError:  # close_notify: a clean end
+                self._eof = True
+                return
+            except ssl.SSLError as exc:
+                self._error = RemoteProtocolError(f"TLS: {exc.reason or exc}")
+                return
+            if not chunk:
+                self._eof = True
+                return
+            self._in += chunk
+
+    def receive_data(self, data: bytes) -> None:
+        if self.tls is None:
+            return super().receive_data(data)
+        if self._finished:
+            raise LocalProtocolError("handshake finished; bytes belong to the transmission phase")
+        if self._eof:
+            raise LocalProtocolError("receive_data() after EOF")
+        if not data:
+            self._eof = True
+            return
+        self._tls_in.write(data)
+        if self._state != "tls_handshake":
+            self._decrypt()
+
+    def data_to_send(self) -> bytes:
+        if self.tls is None:
+            return super().data_to_send()
+        if self._out and self._state != "tls_handshake":
+            self.tls.write(bytes(self._out))
+            self._out.clear()
+        out, self._clear_out = self._clear_out + self._tls_out.read(), b""
+        return out
 
     def _opt_unsupported(self, opt: int, data: bytes) -> None:
         self._refuse(opt, NBD_REP_ERR_UNSUP, f"{_opt_name(opt)} is not supported")
@@ -508,7 +598,7 @@ class ServerHandshake(_Handshake):
         NBD_OPT_LIST_META_CONTEXT: _opt_meta_context,
         NBD_OPT_SET_META_CONTEXT: _opt_meta_context,
     }
-    _STATES = {"client_flags": _read_client_flags, "options": _read_option}
+    _STATES = {"client_flags": _read_client_flags, "options": _read_option, "tls_handshake": _tls_handshake}
 
 
 # ---------------------------------------------------------------------- client

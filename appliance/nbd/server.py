@@ -15,10 +15,13 @@ import os
 import socket
 import struct
 import threading
+import time
 
 from .. import io as bio
+from ..config import ExportConfig
 from .._fast.transmit import Connection
 from . import constants as C
+from . import tls as nbd_tls
 from .protocol import (
     NEED_DATA,
     Aborted,
@@ -31,7 +34,6 @@ from .protocol import (
 
 log = logging.getLogger("appliance.nbd")
 
-HANDSHAKE_TIMEOUT = 30.0
 MAX_BLOCK = 64 * 1024 * 1024  # as nbdkit; larger READ/WRITE get EINVAL
 DEPTH = 128  # requests in flight per connection
 MAX_EXTENTS = 2048
@@ -214,6 +216,32 @@ def _close(s, name):
             pass
 
 
+# accept() failing for want of descriptors or memory: the client waits in the backlog while
+# the listener backs off (retrying at once would spin on the same error)
+_SCARCE = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+PAUSE_MIN, PAUSE_MAX = 0.05, 1.0
+_LIMIT, _NO_THREAD = "limit", "no thread"  # why _admit refused a connection
+
+
+def _client(sock, addr):
+    """Who counts as one client for max_connections_per_client: a TCP peer's address, a unix
+    peer's user id (unix peers have no address)."""
+    if sock.family == socket.AF_UNIX:
+        try:
+            _pid, uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+        except OSError:
+            return "uid ?"
+        return f"uid {uid}"
+    return addr[0]
+
+
+def _drop(sock):
+    try:
+        sock.close()
+    except OSError:
+        pass
+
+
 def _peer(sock):
     try:
         name = sock.getpeername()
@@ -225,27 +253,48 @@ def _peer(sock):
 
 
 class Server:
-    """Listeners and connections. `catalog` says which devices are exported."""
+    """Listeners and connections. `catalog` says which devices are exported; `export` (the
+    [export] section, replaced on reload) sets the limits new connections meet."""
 
-    def __init__(self, catalog):
+    def __init__(self, catalog, export=None):
         self.catalog = catalog
+        self.export = export or ExportConfig(unix=None, tcp=None)
+        self.tls_context = None  # set_export makes it
         self.listeners = []
         self.sessions = set()
         self._lock = threading.Lock()
         self._stopping = False
+        self._count = {}  # listener name, ("client", key) -> connections open (handshaking or connected)
+
+    @staticmethod
+    def tls_for(export):
+        """The SSLContext `export` asks for (None: no TLS), certificates read now (start,
+        reload: renewed ones are picked up). Raises OSError or ssl.SSLError."""
+        return None if export.tls == "off" else nbd_tls.context(export.tls_certificates, export.tls_verify_peer)
+
+    def set_export(self, export, tls_context):
+        """Limits and certificates for the connections to come; connected clients keep theirs."""
+        self.export, self.tls_context = export, tls_context
 
     # listening
 
-    def listen_unix(self, path, mode=0o660):
+    def listen_unix(self, path, mode=0o660, group=None):
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         try:
             os.unlink(path)
         except FileNotFoundError:
             pass
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.bind(path)
-        os.chmod(path, mode)
-        s.listen(128)
+        try:
+            s.bind(path)
+            # who may connect is who may open the socket: its mode and group are the access control
+            if group is not None:
+                os.chown(path, -1, group)
+            os.chmod(path, mode)
+            s.listen(128)
+        except OSError:
+            s.close()
+            raise
         self._start_listener(s, f"unix:{path}")
         return path
 
@@ -267,31 +316,97 @@ class Server:
         threading.Thread(target=self._accept_loop, args=(s, name), name=f"nbd-accept {name}", daemon=True).start()
 
     def _accept_loop(self, s, name):
+        pause = 0  # > 0 while the process is short of descriptors, memory or threads
         while not self._stopping:
             try:
-                sock, _ = s.accept()
-            except OSError:
+                sock, addr = s.accept()
+            except OSError as e:
                 if self._stopping or (s, name) not in self.listeners:  # closed: by stop or close_listener
                     return
+                if e.errno in _SCARCE:
+                    pause = self._short_of(name, f"cannot accept: {e.strerror}", pause)
+                else:  # one client's trouble (ECONNABORTED, EPROTO...): the next may be fine
+                    log.info("%s: accept: %s", name, e)
                 continue
             if sock.family != socket.AF_UNIX:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            threading.Thread(target=self._serve, args=(sock,), name="nbd-conn", daemon=True).start()
+                try:
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                except OSError:  # reset already
+                    _drop(sock)
+                    continue
+            if self._admit(sock, addr, name) is _NO_THREAD:
+                pause = self._short_of(name, "cannot start a connection thread", pause)
+            else:
+                if pause:
+                    log.warning("%s: accepting connections again", name)
+                pause = 0
+
+    def _short_of(self, name, what, pause):
+        """Back off before the next accept; say so once per shortage. -> the next pause."""
+        if not pause:
+            log.error("%s: %s; waiting connections stay queued until it passes", name, what)
+        time.sleep(pause or PAUSE_MIN)
+        return min(max(pause * 2, PAUSE_MIN), PAUSE_MAX)
+
+    def _admit(self, sock, addr, listener):
+        """Count the connection against the limits and start its thread, or refuse it: closed
+        before the greeting, with a log line. -> None if admitted, else why not (_LIMIT, _NO_THREAD)."""
+        ex = self.export
+        client = ("client", _client(sock, addr))
+        with self._lock:
+            on_listener = self._count.get(listener, 0)
+            from_client = self._count.get(client, 0)
+            if on_listener >= ex.max_connections:
+                refused = _LIMIT
+                why = f"the listener has {on_listener} connections (max_connections = {ex.max_connections})"
+            elif ex.max_connections_per_client and from_client >= ex.max_connections_per_client:
+                refused = _LIMIT
+                why = (f"{client[1]} has {from_client} connections "
+                       f"(max_connections_per_client = {ex.max_connections_per_client})")
+            else:
+                why = refused = None
+                self._count[listener] = on_listener + 1
+                self._count[client] = from_client + 1
+        if why is None:
+            try:
+                threading.Thread(target=self._serve, args=(sock, (listener, client)), name="nbd-conn", daemon=True).start()
+                return None
+            except RuntimeError as e:  # no thread to be had: the listener lives on
+                self._release((listener, client))
+                refused = _NO_THREAD
+                why = f"cannot start a thread ({e})"
+        log.warning("%s: refused on %s: %s", _peer(sock), listener, why)
+        _drop(sock)
+        return refused
+
+    def _release(self, keys):
+        with self._lock:
+            for key in keys:
+                n = self._count[key] - 1
+                if n:
+                    self._count[key] = n
+                else:
+                    del self._count[key]
 
     # one connection
 
-    def _serve(self, sock):
+    def _serve(self, sock, counted):
         peer = _peer(sock)
+        relay = None
         try:
             result = self._handshake(sock, peer)
             if result is None:
                 return
-            selected, trailing = result
+            selected, trailing, hs = result
+            if hs.tls is not None:
+                relay = nbd_tls.Relay(sock, hs.tls, *hs.tls_bios, trailing)
+                trailing = b""
             device = self.catalog.device(selected.export.name)
             if device is None:
                 log.warning("%s: export %s went away during the handshake", peer, selected.export.name)
                 return
-            session = Session(self, sock, device, selected, trailing)
+            session = Session(self, relay.inner if relay else sock, device, selected, trailing)
+            session.peer = peer
             with self._lock:
                 if self._stopping:
                     session.conn.release()
@@ -306,27 +421,44 @@ class Server:
         except Exception:
             log.exception("%s: connection failed", peer)
         finally:
+            if relay is not None:
+                relay.inner.close()
+                relay.join()
             try:
                 sock.close()
             except OSError:
                 pass
+            self._release(counted)
 
     def _handshake(self, sock, peer):
-        hs = ServerHandshake(self.catalog)
-        sock.settimeout(HANDSHAKE_TIMEOUT)
+        ctx = self.tls_context if sock.family != socket.AF_UNIX else None  # TLS is for TCP listeners
+        hs = ServerHandshake(self.catalog, tls=ctx, tls_required=self.export.tls == "require")
+        limit = self.export.handshake_timeout
+        deadline = time.monotonic() + limit
+
+        def in_time():
+            # one deadline for the whole handshake: a client dripping a byte at a time gains nothing
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise socket.timeout
+            sock.settimeout(left)
+
         try:
+            in_time()
             sock.sendall(hs.data_to_send())
             while True:
                 event = hs.next_event()
                 out = hs.data_to_send()
                 if out:
+                    in_time()
                     sock.sendall(out)
                 if event is NEED_DATA:
+                    in_time()
                     hs.receive_data(sock.recv(65536))
                     continue
                 if isinstance(event, ExportSelected):
                     sock.settimeout(None)
-                    return event, hs.trailing_data
+                    return event, hs.trailing_data, hs
                 if isinstance(event, ConnectionClosed):
                     log.info("%s: closed the connection during the handshake", peer)
                     return None
@@ -334,8 +466,13 @@ class Server:
                     return None
         except RemoteProtocolError as e:
             log.warning("%s: closing: %s", peer, e.reason if hasattr(e, "reason") else e)
+            if hs.tls is not None:  # a TLS alert says why, to a client that can read it
+                try:
+                    sock.sendall(hs.tls_bios[1].read())
+                except OSError:
+                    pass
         except socket.timeout:
-            log.warning("%s: closing: handshake not finished in %ds", peer, HANDSHAKE_TIMEOUT)
+            log.warning("%s: closing: handshake not finished in %gs (handshake_timeout)", peer, limit)
         except OSError as e:
             log.info("%s: handshake ended: %s", peer, e)
         return None
