@@ -206,6 +206,17 @@ def test_ls_lists_devices_with_sizes_in_sectors(two):
     assert out == [f"data0\t{2 * MiB // S + 8} sectors", f"ro\t{MiB // S} sectors"]
 
 
+def test_status_piped_into_a_reader_that_stops_early_prints_no_traceback(two):
+    # `appliance status --json | head -3`: the reader closes the pipe before the output ends
+    p = subprocess.Popen([sys.executable, "-m", "appliance", "--config", str(two.config), "status", "--json"],
+                         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.close()  # before the daemon answered: every write to stdout fails with EPIPE
+    err = p.stderr.read().decode()
+    p.wait(30)
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
+    assert p.returncode == 1
+
+
 def test_message_to_a_target_without_messages_is_a_clear_error(two):
     r = two.cli("message", "data0", "0", "hello", check=False)
     assert r.returncode == 1
@@ -305,10 +316,13 @@ def refused(tmp_path, image):
         (device("d", f"0 8 log-writes {disk} {tmp_path}/nope.log"), "device[0].table[0]", f"{tmp_path}/nope.log: no such file or device"),
         (device("d", f"0 {MiB // S} log-writes {small} {disk}"), "device[0].table[0]", f"device {small} is too small: 128 sectors, the table needs 2048"),
         (device("low", "0 8 zero", export=False) + device("d", f"0 8 log-writes {disk} @low"), "device[1].table[0]", "the log device @low must be a file or disk"),
+        # relative to where? check-config's directory is not the daemon's (systemd runs it in /)
+        (device("d", f"0 8 linear {os.path.relpath(disk, REPO)} 0"), "device[0].table[0]", f"{os.path.relpath(disk, REPO)}: not an absolute path"),
+        (device("d", f"0 {MiB // S} ramback {os.path.relpath(tmp_path, REPO)}/fast.store {disk}"), "device[0].table[0]", f"{os.path.relpath(tmp_path, REPO)}/fast.store: not an absolute path"),
     ]
 
 
-REFUSED = 23
+REFUSED = 25
 
 
 @pytest.mark.parametrize("case", range(REFUSED))
