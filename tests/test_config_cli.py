@@ -316,13 +316,14 @@ def refused(tmp_path, image):
         (device("d", f"0 8 log-writes {disk} {tmp_path}/nope.log"), "device[0].table[0]", f"{tmp_path}/nope.log: no such file or device"),
         (device("d", f"0 {MiB // S} log-writes {small} {disk}"), "device[0].table[0]", f"device {small} is too small: 128 sectors, the table needs 2048"),
         (device("low", "0 8 zero", export=False) + device("d", f"0 8 log-writes {disk} @low"), "device[1].table[0]", "the log device @low must be a file or disk"),
+        (device("d", f"0 8 log-writes {disk} {tmp_path}/./disk.img"), "device[0].table[0]", f"the log device {tmp_path}/./disk.img is the device being logged"),
         # relative to where? check-config's directory is not the daemon's (systemd runs it in /)
         (device("d", f"0 8 linear {os.path.relpath(disk, REPO)} 0"), "device[0].table[0]", f"{os.path.relpath(disk, REPO)}: not an absolute path"),
         (device("d", f"0 {MiB // S} ramback {os.path.relpath(tmp_path, REPO)}/fast.store {disk}"), "device[0].table[0]", f"{os.path.relpath(tmp_path, REPO)}/fast.store: not an absolute path"),
     ]
 
 
-REFUSED = 25
+REFUSED = 26
 
 
 @pytest.mark.parametrize("case", range(REFUSED))

@@ -26,6 +26,7 @@ are logged, without a flush entry, when the table is destroyed.
 from __future__ import annotations
 
 import logging
+import os
 import shlex
 import threading
 from types import SimpleNamespace
@@ -63,6 +64,8 @@ class LogWrites(Target):
         dev, log_dev = cls.parse(list(segment.args)).devices
         check(dev.word, segment.size)
         check(log_dev.word, 2 * lw.SECTOR)
+        if os.path.realpath(dev.word) == os.path.realpath(log_dev.word):
+            raise TargetError(f"the log device {log_dev.word} is the device being logged")
 
     def ctr(self, args):
         self.parse(args)
