@@ -108,6 +108,8 @@ def cmd_status(args):
         prefix = "" if args.name else f"{dev['name']}: "
         for line in dev["lines"] + lost.get(dev["name"], []):
             print(prefix + line)
+        if dev.get("table_differs_from_config"):
+            print(f"{prefix}live table differs from the config: `appliance table {dev['name']}` prints it")
         if dev["suspended"] and not args.name:
             print(f"{prefix}(suspended)")
     for name, words in (st["daemon"].get("waiting") or {}).items():

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import shlex
 import signal
 import threading
 import time
@@ -359,10 +360,23 @@ class Daemon:
                 log.error("reload refused: %s", e)
                 self.last_reload = (time.time(), str(e))
                 return str(e)
+            self._reconfigure_targets()
             self._attach_waiting()
         self.last_reload = (time.time(), None)
         log.info("reloaded %s", new.source)
         return None
+
+    def _reconfigure_targets(self):
+        """Targets that read a section of the config (TableContext.settings) define
+        `reconfigure()`: the running ones take what a reload changed there."""
+        for dev in list(self.registry.devices.values()):
+            for t in dev.table.targets if dev.table else ():
+                hook = getattr(t, "reconfigure", None)
+                if hook is not None:
+                    try:
+                        hook()
+                    except Exception:
+                        log.exception("%s: %s.reconfigure failed", dev.name, t.name)
 
     def _apply(self, new):
         old = {d.name: d for d in self.config.devices}
@@ -538,6 +552,7 @@ class Daemon:
             st["exported"] = n in self.catalog.names()
             st["clients"] = len(self.server.clients(n))
             st["lines"] = dev.status_lines()
+            st["table_differs_from_config"] = self._table_differs(n, dev)
             devices.append(st)
         return {
             "daemon": {
@@ -555,6 +570,14 @@ class Daemon:
             "devices": devices,
             "power": self.power.snapshot(),
         }
+
+    def _table_differs(self, name, dev):
+        """A target's message changed the live table (a layer pushed): a restart loads the config's."""
+        dc = next((d for d in self.config.devices if d.name == name), None)
+        if dc is None:
+            return False
+        words = lambda lines: [w for w in (shlex.split(line, comments=True) for line in lines) if w]  # noqa: E731
+        return words(dev.table_lines()) != words(dc.table)
 
     def cmd_table(self, req):
         return {"table": self._device(req).table_lines()}

@@ -108,11 +108,11 @@ class TableContext:
         return getattr(self.registry, "daemon_config", None)
 
     @property
-    def ramback_mode(self):
-        """(mode, reason) a ramback starts in: the daemon's power monitor decides
-        (appliance.power); with none attached, as without a [power] section."""
+    def cache_mode(self):
+        """(writeback|writethrough, reason) a write-caching target starts in: the daemon's power
+        monitor decides (appliance.power); with none attached, as without a [power] section."""
         power = getattr(self.registry, "power", None)
-        return power.ramback_mode() if power is not None else NO_POWER_MODE
+        return power.cache_mode() if power is not None else NO_POWER_MODE
 
     def put_device(self, dev):
         if isinstance(dev, MappedDevice):
@@ -310,7 +310,7 @@ class Registry:
     def __init__(self):
         self.devices = {}
         self._lock = threading.Lock()
-        self.power = None  # the daemon's power monitor, for TableContext.ramback_mode
+        self.power = None  # the daemon's power monitor, for TableContext.cache_mode
         self.daemon_config = None  # the daemon's [daemon] section, for TableContext.daemon_config
         self.config = None  # the daemon's whole config, for TableContext.settings
 

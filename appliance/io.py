@@ -54,6 +54,7 @@ ERROR_CLASSES = {
     errno.ETIMEDOUT: PATH,
     errno.ENOTCONN: PATH,
     errno.ENXIO: PATH,
+    errno.ESHUTDOWN: PATH,  # NBD's "the server is shutting down": that server goes, the storage stays
     errno.ENOSPC: TARGET,
     errno.EDQUOT: TARGET,
     errno.EROFS: TARGET,

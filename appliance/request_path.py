@@ -282,7 +282,10 @@ class RequestPath:
                 self.submit(x)
 
     def _block_status(self, io, table):
-        """BLOCK_STATUS passes the gate like any request: a reload cannot close a file under it."""
+        """BLOCK_STATUS passes the gate like any request: a reload cannot close a file under it.
+        io.buf names the metadata context on the way in (None: base:allocation, the targets'
+        block_status; another: their context_status) and holds the extents on the way out."""
+        context = io.buf
         out = []
         try:
             end = io.offset + io.length
@@ -292,7 +295,9 @@ class RequestPath:
                 seg = table.segments[i]
                 n = min(seg.offset + seg.size, end) - pos
                 try:
-                    extents = table.targets[i].block_status(pos - seg.offset, n)
+                    t = table.targets[i]
+                    extents = (t.context_status(context, pos - seg.offset, n) if context
+                               else t.block_status(pos - seg.offset, n))
                 except Exception:
                     extents = [(n, 0)]
                 for length_, flags in extents:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -56,6 +58,12 @@ class Daemon:
                 return self
             time.sleep(0.05)
         raise RuntimeError(f"daemon not ready in {timeout}s:\n{self.log.read_text()}")
+
+    def restart(self):
+        """Start it again (after kill or stop); the log of the run before goes to .log.1
+        (start() waits for a line the old log already has)."""
+        os.replace(self.log, str(self.log) + ".1")
+        return self.start()
 
     def uri(self, export=""):
         return f"nbd+unix:///{export}?socket={self.socket}"
@@ -163,6 +171,60 @@ def wait_for(predicate, timeout=10.0, what=None, step=0.05):
         if time.monotonic() > deadline:
             raise AssertionError(f"not true within {timeout}s: {what or predicate.__doc__ or predicate}")
         time.sleep(step)
+
+
+LOOP_CTL_ADD, LOOP_CTL_REMOVE = 0x4C80, 0x4C81
+
+
+def need_loop():
+    if os.geteuid() != 0 or not os.path.exists("/dev/loop-control"):
+        pytest.skip("needs root and /dev/loop-control")
+    need("losetup", "qemu-io")
+
+
+class Loop:
+    """A loop device number of our own, made and unmade through /dev/loop-control."""
+
+    def __init__(self):
+        for _ in range(50):
+            n = random.randint(64, 250)
+            if not os.path.exists(f"/dev/loop{n}"):
+                break
+        self.n = n
+        self.path = f"/dev/loop{n}"
+
+    def add(self, backing):
+        fd = os.open("/dev/loop-control", os.O_RDWR)
+        try:
+            fcntl.ioctl(fd, LOOP_CTL_ADD, self.n)
+        finally:
+            os.close(fd)
+        deadline = time.monotonic() + 5
+        while not os.path.exists(self.path) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        run("losetup", self.path, str(backing))
+
+    def remove(self):
+        run("losetup", "-d", self.path, check=False)
+        fd = os.open("/dev/loop-control", os.O_RDWR)
+        try:
+            for _ in range(50):
+                try:
+                    fcntl.ioctl(fd, LOOP_CTL_REMOVE, self.n)
+                    return
+                except OSError:
+                    time.sleep(0.1)  # autoclear still running, or not yet released
+        finally:
+            os.close(fd)
+
+
+@pytest.fixture
+def loop():
+    need_loop()
+    lo = Loop()
+    yield lo
+    if os.path.exists(lo.path):
+        lo.remove()
 
 
 def nbd_python():

@@ -7,7 +7,8 @@ import os
 import shutil
 
 from conftest import device, qemu_io, run, wait_for
-from test_udev import loop, need_loop, pattern  # noqa: F401 (loop: the fixture)
+from conftest import need_loop
+from test_udev import pattern
 
 
 def _mp_status(d):

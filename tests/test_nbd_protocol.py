@@ -296,8 +296,10 @@ def _contexts(out):
 
 
 @pytest.mark.parametrize("queries, expected", [
-    ([], ["base:allocation"]),
+    ([], ["base:allocation", "qemu:allocation-depth"]),
     (["base:"], ["base:allocation"]),
+    (["qemu:"], ["qemu:allocation-depth"]),
+    (["qemu:allocation-depth", "base:allocation"], ["qemu:allocation-depth", "base:allocation"]),
     (["base:allocation"], ["base:allocation"]),
     (["qemu:dirty-bitmap:x", "x-foo:bar"], []),
     (["base:nonexistent"], []),

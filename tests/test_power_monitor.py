@@ -273,10 +273,10 @@ def test_a_ramback_built_later_gets_the_current_mode(nut, monitor):
     m = monitor(power(nut.ident, poll=30), a)
     wait_for(lambda: a.mode == "writeback")
     m.push("ONBATT")
-    late = StandInRamback(mode="writeback")  # built from a stale ramback_mode during a reload
+    late = StandInRamback(mode="writeback")  # built from a stale cache_mode during a reload
     m.registry.devices["late"] = SimpleNamespace(name="late", table=SimpleNamespace(targets=[late]))
     wait_for(lambda: late.mode == "writethrough", timeout=2.5)
-    assert m.ramback_mode()[0] == "writethrough"
+    assert m.cache_mode()[0] == "writethrough"
 
 
 def test_without_power_nothing_is_polled_and_the_mode_is_left_to_the_user(monitor):

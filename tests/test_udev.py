@@ -3,71 +3,15 @@ events from loop devices (LOOP_CTL_ADD/REMOVE, losetup) when a disk goes away an
 
 from __future__ import annotations
 
-import fcntl
 import os
-import random
 import shutil
 import time
 from pathlib import Path
 
 import pytest
-from conftest import need, run, wait_for
+from conftest import run, wait_for
 
 from appliance import udev
-
-LOOP_CTL_ADD, LOOP_CTL_REMOVE = 0x4C80, 0x4C81
-
-
-def need_loop():
-    if os.geteuid() != 0 or not os.path.exists("/dev/loop-control"):
-        pytest.skip("needs root and /dev/loop-control")
-    need("losetup", "qemu-io")
-
-
-class Loop:
-    """A loop device number of our own, made and unmade through /dev/loop-control."""
-
-    def __init__(self):
-        for _ in range(50):
-            n = random.randint(64, 250)
-            if not os.path.exists(f"/dev/loop{n}"):
-                break
-        self.n = n
-        self.path = f"/dev/loop{n}"
-
-    def add(self, backing):
-        fd = os.open("/dev/loop-control", os.O_RDWR)
-        try:
-            fcntl.ioctl(fd, LOOP_CTL_ADD, self.n)
-        finally:
-            os.close(fd)
-        deadline = time.monotonic() + 5
-        while not os.path.exists(self.path) and time.monotonic() < deadline:
-            time.sleep(0.02)
-        run("losetup", self.path, str(backing))
-
-    def remove(self):
-        run("losetup", "-d", self.path, check=False)
-        fd = os.open("/dev/loop-control", os.O_RDWR)
-        try:
-            for _ in range(50):
-                try:
-                    fcntl.ioctl(fd, LOOP_CTL_REMOVE, self.n)
-                    return
-                except OSError:
-                    time.sleep(0.1)  # autoclear still running, or not yet released
-        finally:
-            os.close(fd)
-
-
-@pytest.fixture
-def loop():
-    need_loop()
-    lo = Loop()
-    yield lo
-    if os.path.exists(lo.path):
-        lo.remove()
-
 
 def pattern(path: Path, byte: int, size=16 << 20):
     with open(path, "wb") as f:

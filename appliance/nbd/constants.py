@@ -132,6 +132,8 @@ NBD_ESHUTDOWN = 108
 NBD_META_BASE_ALLOCATION = "base:allocation"
 NBD_STATE_HOLE = 1 << 0
 NBD_STATE_ZERO = 1 << 1
+# qemu's: how deep in a stack of layers each range lives (0 unallocated, 1 the top layer, ...)
+NBD_META_ALLOCATION_DEPTH = "qemu:allocation-depth"
 
 # --- Limits from the spec ---------------------------------------------------
 

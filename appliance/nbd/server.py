@@ -93,8 +93,7 @@ class Session:
         self.sock = sock
         self.device = device
         self.peer = _peer(sock)
-        contexts = {name: cid for cid, name in selected.meta_contexts.items()}
-        self.allocation_id = contexts.get("base:allocation")
+        self.contexts = sorted(selected.meta_contexts.items())  # [(id, name)] the client selected
         info = selected.export
         self.conn = Connection(
             sock.fileno(),
@@ -121,11 +120,11 @@ class Session:
 
             io = bio.IO(bio.READ, offset, length, memoryview(buf), 0, done)
         elif cmd == C.NBD_CMD_BLOCK_STATUS:
-            if self.allocation_id is None:
+            if not self.contexts:
                 conn.reply(cookie, errno.EINVAL, True)
                 return
-            io = bio.IO(bio.BLOCK_STATUS, offset, length, None, 0,
-                        lambda io: self._block_status(conn, cookie, io, flags))
+            self._block_status_request(conn, cookie, offset, length, flags)
+            return
         else:
             io_flags = flags & (bio.FUA | bio.NO_HOLE | bio.FAST_ZERO)
             io = bio.IO(_OPS[cmd], offset, length, payload, io_flags, lambda io: conn.reply(cookie, io.error))
@@ -145,20 +144,40 @@ class Session:
         if plug:
             self.device.submit_batch(plug)
 
-    def _block_status(self, conn, cookie, io, flags):
+    def _block_status_request(self, conn, cookie, offset, length, flags):
+        """One BLOCK_STATUS request per selected context (io.buf names it; None is
+        base:allocation); one reply chunk each, the last one marked done."""
+        results = {}
+        lock = threading.Lock()
+
+        def done(io, cid):
+            with lock:
+                results[cid] = io
+                last = len(results) == len(self.contexts)
+            if last:
+                self._block_status(conn, cookie, [(cid, results[cid]) for cid, _ in self.contexts], flags)
+
+        for cid, name in self.contexts:
+            context = None if name == C.NBD_META_BASE_ALLOCATION else name
+            self.device.submit(bio.IO(bio.BLOCK_STATUS, offset, length, context, 0,
+                                      lambda io, cid=cid: done(io, cid)))
+
+    def _block_status(self, conn, cookie, replies, flags):
         """The extents the device reported (BLOCK_STATUS passed the gate like any request)."""
-        if io.error:
-            conn.reply(cookie, io.error, True)
-            return
-        extents = io.buf[:MAX_EXTENTS]
-        if flags & C.NBD_CMD_FLAG_REQ_ONE:
-            extents = extents[:1]
-        body = struct.pack(">I", self.allocation_id) + b"".join(struct.pack(">II", n, f) for n, f in extents)
-        head = struct.pack(
-            ">IHHQI", C.NBD_STRUCTURED_REPLY_MAGIC, C.NBD_REPLY_FLAG_DONE, C.NBD_REPLY_TYPE_BLOCK_STATUS, 0, len(body)
-        )
-        head = head[:8] + struct.pack("=Q", cookie) + head[16:]  # the cookie's bytes, as received
-        conn.send_raw(head + body)
+        for _, io in replies:
+            if io.error:
+                conn.reply(cookie, io.error, True)
+                return
+        chunks = []
+        for i, (cid, io) in enumerate(replies):
+            extents = io.buf[:MAX_EXTENTS]
+            if flags & C.NBD_CMD_FLAG_REQ_ONE:
+                extents = extents[:1]
+            body = struct.pack(">I", cid) + b"".join(struct.pack(">II", n, f) for n, f in extents)
+            done = C.NBD_REPLY_FLAG_DONE if i == len(replies) - 1 else 0
+            head = struct.pack(">IHHQI", C.NBD_STRUCTURED_REPLY_MAGIC, done, C.NBD_REPLY_TYPE_BLOCK_STATUS, 0, len(body))
+            chunks.append(head[:8] + struct.pack("=Q", cookie) + head[16:] + body)  # the cookie's bytes, as received
+        conn.send_raw(b"".join(chunks))
 
     def run(self):
         sender = threading.Thread(target=self.conn.sender, name="nbd-send", daemon=True)

@@ -114,8 +114,8 @@ class Monitor:
 
     # for the daemon
 
-    def ramback_mode(self):
-        """(mode, reason) a ramback built now starts in (TableContext.ramback_mode)."""
+    def cache_mode(self):
+        """(mode, reason) a ramback built now starts in (TableContext.cache_mode)."""
         with self.lock:
             return self.plan.mode, self.plan.reason
 

@@ -117,6 +117,12 @@ class Target:
         base:allocation bits (1 hole, 2 reads as zero)."""
         return [(length, 0)]
 
+    def context_status(self, context, offset, length):
+        """Extents [(length, value)] of another NBD metadata context. `qemu:allocation-depth`
+        (qemu-nbd's meaning: 0 unallocated, 1 in the top layer, 2 the one below...): a target
+        that stacks nothing holds all of its range at depth 1."""
+        return [(length, 1)]
+
     # suspend and resume
     def presuspend(self, noflush=False):
         pass

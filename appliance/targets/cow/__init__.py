@@ -1,6 +1,11 @@
 """cow: a stack of copy-on-write layers over a base device (issue 10).
 
-Only the parts that do not depend on the request path are here yet: the on-disk layer
-(layer.py) and the `appliance layer` commands (command.py). The `Cow` target class does not
-exist yet, so the registry does not offer `cow` as a table keyword.
+The target is `Cow` (target.py); its parts: layer.py (the on-disk layer), stack.py (the table's
+words and the chain), requests.py (reads, writes, copy-up, FLUSH), push.py and merge.py (the
+messages), the owner index in appliance/_fast/cowindex.pyx, and the `appliance layer` commands
+(command.py, offline.py).
 """
+
+from .target import Cow
+
+__all__ = ["Cow"]

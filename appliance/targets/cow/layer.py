@@ -226,6 +226,7 @@ class Layer:
         self._lock = threading.Lock()  # the bits and _dirty
         self._sync_lock = threading.Lock()  # one sync_bitmap at a time: an older page image never lands last
         self.failed = None  # the error of a failed sync: the layer takes no more bits
+        self.folding = False  # a merge folds the layers above into this read-only layer
         self._load_bitmap()
         if fresh and (any(self._alloc) or any(self._zero)):
             raise LayerError(f"{name}: unused bitmap device (no header) whose bitmap is not all zeros; zero it first")
@@ -251,6 +252,11 @@ class Layer:
     def uuid(self):
         return self.header.uuid
 
+    def reload_bitmap(self):
+        """Read the bitmap from disk again (a table that replaces another one that synced its bits)."""
+        with self._lock:
+            self._load_bitmap()
+
     def _load_bitmap(self):
         h, chunk = self.header, 1 << 22
         for off in range(0, h.bitmap_length, chunk):
@@ -272,6 +278,16 @@ class Layer:
         """[(start, end)] of the grains in [g0, g1) this layer holds (data or zero), in order."""
         return runs(self._alloc, g0, self.grains if g1 is None else g1)
 
+    @property
+    def zero_bits(self):
+        """The "zero" bitmap itself (a bytearray that never moves: changes are made in place),
+        for the fast path's reads."""
+        return self._zero
+
+    def may_have_zero(self, g0, g1):
+        """False if no grain in [g0, g1) reads as zeros (a cheap test before zero_runs)."""
+        return any(self._zero[g0 >> 3:(g1 + 7) >> 3])
+
     def zero_runs(self, g0=0, g1=None):
         """[(start, end)] of the grains in [g0, g1) that read as zeros from this layer."""
         return runs(self._zero, g0, self.grains if g1 is None else g1)
@@ -292,7 +308,7 @@ class Layer:
         self._mark(g0, g1, zero=True)
 
     def _mark(self, g0, g1, zero):
-        if not self.writable or self.header.sealed:
+        if not self.folding and (not self.writable or self.header.sealed):
             raise LayerError(f"{self.name}: not the writable layer")
         if self.failed:
             raise LayerError(f"{self.name}: failed earlier ({self.failed}); its bitmap takes no more bits")
@@ -357,8 +373,21 @@ class Layer:
         self._write_header(replace(self.header, flags=self.header.flags | SEALED, child=child))
         self.writable = False
 
+    def begin_fold(self):
+        """A merge copies the grains of the read-only layers above this one into it (sealed or
+        not): its bits may change again. What the stack reads does not: the layers above still
+        hold the same grains until the merge ends."""
+        self.folding = True
+
+    def end_fold(self, uuid, child):
+        """The merge copied everything: this layer now reads as the topmost layer it folded in,
+        so it takes that layer's UUID (the layer above it names it as parent) and its child."""
+        self.sync_bitmap()
+        self._write_header(replace(self.header, uuid=uuid, child=child))
+        self.folding = False
+
     def _write_header(self, header):
-        if not self.writable:
+        if not (self.writable or self.folding):
             raise LayerError(f"{self.name}: opened read-only")
         pwrite_full(self.bitmap_fd, header.pack(), 0)
         os.fdatasync(self.bitmap_fd)

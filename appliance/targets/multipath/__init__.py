@@ -28,7 +28,9 @@ import threading
 import time
 
 from ... import io as bio
+from ...blockdev import DeviceError
 from ...config import MultipathConfig
+from ...nbd.client import is_uri as nbd_uri
 from .. import Target, TargetError
 from . import args as table_args
 from . import messages, status
@@ -64,14 +66,35 @@ class Multipath(Target):
     def parse(cls, args):
         return table_args.parse(args)
 
+    @classmethod
+    def device_words(cls, args):
+        """The disks the map waits for: none while one of its paths is there (as multipathd, a
+        map is made of the paths present; the others start failed and the checker opens them
+        when they appear), all of them while none is."""
+        words = super().device_words(args)
+        return [] if any(_present(w) for w in words) else words
+
+    @classmethod
+    def validate(cls, segment, check):
+        """What ctr refuses: a path that is there but does not hold the segment, or no path that
+        can be opened. A path that cannot be opened now starts failed; with no path there at all,
+        every one is checked, so a map that waits for its disks says so."""
+        parsed = cls.parse(list(segment.args))
+        words = [d.word for d in parsed.devices]
+        present = [w for w in words if _present(w)] or words
+        unreachable = []
+        for word in present:
+            try:
+                check(word, segment.size)
+            except DeviceError as e:
+                unreachable.append(e)
+        if len(unreachable) == len(present):
+            raise unreachable[0]
+        return parsed
+
     def ctr(self, args):
         p = self.parse(args)
-        settings = self.ctx.settings("multipath") if hasattr(self.ctx, "settings") else None
-        s = settings or MultipathConfig()  # outside a daemon: the defaults
-        self.polling_interval = float(s.polling_interval)
-        self.queue_max_bytes = int(s.queue_max_bytes)
-        self.marginal_window = float(s.marginal_window)
-        self.failback = str(s.failback)
+        self._take_settings()
         self.queue_if_no_path = p.queue_if_no_path
         self.no_path_retry = p.no_path_retry
         self.kept_features = p.kept_features
@@ -111,6 +134,22 @@ class Multipath(Target):
             raise TargetError(f"no path can be opened: {reasons[0]}")
         self.checker = Checker(self, self.polling_interval)
 
+    def _take_settings(self):
+        settings = self.ctx.settings("multipath") if hasattr(self.ctx, "settings") else None
+        s = settings or MultipathConfig()  # outside a daemon: the defaults
+        self.polling_interval = float(s.polling_interval)
+        self.queue_max_bytes = int(s.queue_max_bytes)
+        self.marginal_window = float(s.marginal_window)
+        self.failback = str(s.failback)
+
+    def reconfigure(self):
+        """A reload may have changed [multipath] (multipathd's reconfigure): the running map takes
+        the new settings, keeping its paths and their state."""
+        with self._lock:
+            self._take_settings()
+        self.checker.interval = self.polling_interval
+        self.checker.poke()  # the next probe by the new interval, not after the old one
+
     def dtr(self):
         checker = getattr(self, "checker", None)
         if checker is not None:
@@ -130,6 +169,10 @@ class Multipath(Target):
             raise _Unreachable(str(e)) from None
         try:
             self.check_fits(dev, 0, path.word)
+            if getattr(dev, "read_only", False) and getattr(self.ctx, "writable", False):
+                # as dm refuses a read-only disk in a writable table; down, not a table error:
+                # a server may come back writable
+                raise _Unreachable(f"{path.word}: read-only, and the map is writable")
         except TargetError:
             self.devices.remove(dev)
             self.ctx.put_device(dev)
@@ -357,6 +400,19 @@ class Multipath(Target):
 
 class _Unreachable(TargetError):
     """A path that cannot be opened now (a remote server down): not a table error."""
+
+
+def _present(word):
+    """Whether a path's device is there now, short of opening it: a disk that is attached, a file
+    that exists. An `@NAME` device or a remote export counts as there (the daemon makes the one,
+    the table's load reaches the other)."""
+    from ... import udev  # udev knows the targets: imported late
+
+    if udev.is_disk_word(word):
+        return udev.find(word) is not None
+    if word.startswith("@") or nbd_uri(word):
+        return True
+    return os.path.exists(word)
 
 
 def _why(error):

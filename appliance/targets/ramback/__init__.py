@@ -13,7 +13,7 @@ Modes (`appliance message NAME 0 writeback|writethrough|flush`):
   FUA wait for backing). This is ramback's promise, and it rests on a UPS.
 - writethrough: a write completes once it is on backing; entering it drains what is
   dirty while I/O goes on. The starting mode is the power monitor's
-  (TableContext.ramback_mode): writethrough when there is no [power] section.
+  (TableContext.cache_mode): writethrough when there is no [power] section.
 
 How a write goes (the invariants the compiled fast path shares, chunkstate.pyx):
 - all of its chunks loaded, writeback, under the dirty limit: mark DIRTY, copy, mark
@@ -165,7 +165,7 @@ class Ramback(RequestPath, Target):
         # a reloaded table keeps the mode of the one it replaces; a new one starts in the power
         # monitor's (writethrough without a [power] section)
         inherited = self.store.shared.get("mode") if self.store.refs > 1 else None
-        self.mode, self.mode_reason = inherited or getattr(self.ctx, "ramback_mode", None) or NO_POWER
+        self.mode, self.mode_reason = inherited or getattr(self.ctx, "cache_mode", None) or NO_POWER
         self.store.shared["mode"] = (self.mode, self.mode_reason)
         self._mode_lock = threading.RLock()  # _keep_marker may apply the mode inside set_mode
         self._writes = ThreadPoolExecutor(WRITE_WORKERS, thread_name_prefix=f"ramback-write {self.label}")

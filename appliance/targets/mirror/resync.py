@@ -1,0 +1,308 @@
+"""The mirror's background work: resync (copy stale regions from a good leg), online verify
+(compare the legs region by region, as DRBD's online verify), and legs that come back by
+themselves.
+
+One thread, a few regions at a time. A region is copied with its writes held
+(RegionHash.begin_recovery: new writes to that region wait, those in flight finish first), read
+from a leg that is not stale there (the primary first) and written to every live leg that is
+stale there; then the region is
+in sync once no leg, live or dead, is stale there. The copy is throttled to `rate` bytes/s, or,
+with no rate (0), adaptively: after a copy during which clients did I/O, it rests as long as the
+copy took, so clients keep at least half the time.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from ... import io as bio
+from .sync_io import sync_io
+
+BATCH = 4  # regions copied at once
+
+log = logging.getLogger("appliance.mirror")
+
+POLL = 0.2  # how often an idle resync looks at dead legs
+MAX_REPORTED = 100  # differing regions a verify lists
+
+
+class Resync:
+    def __init__(self, mirror):
+        self.m = mirror
+        self.rate = 0  # bytes/s; 0 = adaptive
+        self.resynced = 0  # regions copied since the table was loaded
+        self.copied = 0  # bytes
+        self.active = 0.0  # seconds spent copying or resting for the rate
+        self.verify = None  # {"checked", "differing", "running"}
+        self._verify_wanted = False
+        self._backoff = False  # a copy failed on a leg that stays: rest before the next
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._paused = True
+        self._busy = threading.Lock()  # held while a region is worked on
+        self._thread = None
+
+    # control
+
+    def resume(self):
+        self._paused = False
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="mirror-resync", daemon=True)
+            self._thread.start()
+        self.kick()
+
+    def pause(self):
+        """Start no new region; wait for the one being copied."""
+        self._paused = True
+        with self._busy:
+            pass
+
+    def stop(self):
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(30)
+            self._thread = None
+
+    def kick(self):
+        self._wake.set()
+
+    def start_verify(self):
+        if self.verify and self.verify["running"]:
+            return f"verify is running: {self.verify['checked']}/{self.m.region_count} regions checked"
+        self.verify = {"running": True, "checked": 0, "differing": 0, "regions": []}
+        self._verify_wanted = True
+        self.kick()
+        return f"verify started: {self.m.region_count} regions"
+
+    # reporting
+
+    def progress(self):
+        m = self.m
+        remaining = m.region_count - m.log.get_sync_count()
+        speed = self.copied / self.active if self.active > 0 else 0
+        out = {"remaining_regions": remaining, "rate": self.rate or "adaptive",
+               "bytes_per_second": int(speed),
+               "progress": round(m.log.get_sync_count() / m.region_count, 4) if m.region_count else 1.0}
+        if remaining and speed:
+            out["eta_seconds"] = round(remaining * m.region_size / speed, 1)
+        return out
+
+    def verify_status(self):
+        return dict(self.verify) if self.verify else None
+
+    # the thread
+
+    def _run(self):
+        while not self._stop.is_set():
+            self._reinstate_returned()
+            if self._paused:
+                self._wait()
+                continue
+            with self._busy:
+                if self._paused:
+                    continue
+                if self._verify_wanted:
+                    self._verify_wanted = False
+                    self._verify()
+                    continue
+                batch = self._next_batch()
+                if batch:
+                    self._recover(batch)
+            if not batch:
+                self._wait()
+
+    def _wait(self):
+        self._wake.wait(POLL)
+        self._wake.clear()
+
+    def _reinstate_returned(self):
+        for leg in self.m.legs:
+            if leg.back_by_itself():
+                self.m.reinstate_leg(leg)
+
+    def _legs_for(self, r):
+        """(source, [targets]) for region r, or (None, []) if it cannot be copied now."""
+        m = self.m
+        with m.lock:
+            good = [leg for leg in m.legs if not leg.dead and r not in leg.stale]
+            stale = [leg for leg in m.legs if not leg.dead and r in leg.stale]
+            if not good or not stale:
+                return None, []
+            good.sort(key=lambda leg: leg.index != m.primary)
+            return good[0], stale
+
+    def _span(self, r):
+        m = self.m
+        start = r * m.region_size
+        return start, min(m.region_size, m.length - start)
+
+    def _next_batch(self):
+        """Up to BATCH regions that can be copied now (a source and a stale live leg)."""
+        batch = []
+        while len(batch) < BATCH:
+            with self.m.lock:
+                r = self.m.log.get_resync_work()
+            if r is None:
+                break
+            if self._legs_for(r)[0] is not None:
+                batch.append(r)
+        return batch
+
+    def _recover(self, regions):
+        """Copy a few regions at once: each one's writes to the stale legs start as soon as its
+        read is in, so reads and writes of neighbouring regions overlap."""
+        m = self.m
+        t0 = time.monotonic()
+        ios = m.client_ios
+        for r in regions:
+            m.regions.begin_recovery(r)
+        copies = []
+        try:
+            for r in regions:
+                src, dsts = self._legs_for(r)  # the legs may have changed while writes drained
+                if src is not None:
+                    copies.append(_Copy(r, *self._span(r), src, dsts))
+            run_copies(copies)
+            for c in copies:
+                if c.read_error:
+                    self._failed(c.src, "resync read", c.read_error)
+                for dst, err in c.write_errors:
+                    self._failed(dst, "resync write", err)
+            with m.lock:
+                for c in copies:
+                    self._copied(c)
+        finally:
+            for r in regions:
+                m.regions.end_recovery(r)
+        self._throttle(sum(c.length for c in copies), time.monotonic() - t0, m.client_ios != ios)
+        if self._backoff:  # after the regions' writes were let go
+            self._backoff = False
+            self._stop.wait(1.0)
+
+    def _copied(self, c):
+        """Region c.region is on c.done now (lock held)."""
+        m, r = self.m, c.region
+        for dst in c.done:
+            dst.stale.discard(r)
+            if (dst.index, r) in m.to_repair:
+                m.to_repair.discard((dst.index, r))
+                m.repairs += 1
+        if not any(r in leg.stale for leg in m.legs):
+            m.log.set_region_sync(r, True)
+            m.regions.note_synced(r)  # the log writer clears it once the legs are flushed
+        elif c.read_error or c.write_errors:
+            m.log.set_region_sync(r, False)  # the search comes back to it (after _failed's pause)
+        if c.done:
+            self.resynced += 1
+            self.copied += c.length
+
+    def _failed(self, leg, what, err):
+        m = self.m
+        log.error("mirror: %s on leg %s failed: %s", what, leg.word, bio.error_name(err))
+        if m.handle_errors or bio.error_class(err) == bio.PATH:
+            m.fail_leg(leg, f"{what} failed: {bio.error_name(err)}", path=bio.error_class(err) == bio.PATH)
+        else:
+            self._backoff = True  # do not spin on a leg that keeps failing
+
+    def _throttle(self, n, took, clients):
+        rest = 0.0
+        if self.rate:
+            rest = n / self.rate - took
+        elif clients:
+            rest = took
+        self.active += took + max(rest, 0)
+        if rest > 0:
+            self._stop.wait(rest)
+
+    def _verify(self):
+        """Compare every in-sync region on the live legs; a region that differs is reported
+        and made stale on the legs that differ from the primary, so the resync repairs it."""
+        m = self.m
+        v = self.verify
+        for r in range(m.region_count):
+            if self._stop.is_set() or self._paused:
+                self._verify_wanted = True  # finish after the resume
+                return
+            v["checked"] = r
+            with m.lock:
+                if not m.log.in_sync(r):
+                    continue
+            m.regions.begin_recovery(r)
+            try:
+                with m.lock:
+                    legs = [leg for leg in m.legs if not leg.dead and r not in leg.stale]
+                    legs.sort(key=lambda leg: leg.index != m.primary)
+                start, n = self._span(r)
+                datas = []
+                for leg in legs:
+                    buf = bytearray(n)
+                    if sync_io(leg.dev, bio.READ, leg.offset + start, n, buf):
+                        buf = None
+                    datas.append(buf)
+                if len(legs) < 2 or datas[0] is None:
+                    continue
+                bad = [leg for leg, d in zip(legs[1:], datas[1:]) if d != datas[0]]
+                if bad:
+                    v["differing"] += 1
+                    if len(v["regions"]) < MAX_REPORTED:
+                        v["regions"].append(r)
+                    log.warning("mirror: verify: region %d differs on %s", r, ", ".join(x.word for x in bad))
+                    with m.lock:
+                        for leg in bad:
+                            m._missed(leg, [r])
+            finally:
+                m.regions.end_recovery(r)
+        v["checked"] = m.region_count
+        v["running"] = False
+        self.kick()
+
+
+class _Copy:
+    """One region's copy: read from `src`, then written to every leg of `dsts`."""
+
+    def __init__(self, region, start, length, src, dsts):
+        self.region, self.start, self.length, self.src, self.dsts = region, start, length, src, dsts
+        self.buf = bytearray(length)
+        self.read_error = 0
+        self.write_errors = []
+        self.done = []
+
+
+def run_copies(copies):
+    """Start every copy's read; each read that succeeds starts its writes (no FUA: a region's
+    mark is cleared only after a FLUSH of the legs). Returns once every I/O is done."""
+    lock = threading.Condition()
+    left = [sum(1 + len(c.dsts) for c in copies)]
+
+    def finished(n=1):
+        with lock:
+            left[0] -= n
+            lock.notify_all()
+
+    def wrote(c, dst, io):
+        with lock:
+            if io.error:
+                c.write_errors.append((dst, io.error))
+            else:
+                c.done.append(dst)
+        finished()
+
+    def read(c, io):
+        if io.error:
+            c.read_error = io.error
+            finished(1 + len(c.dsts))
+            return
+        for dst in c.dsts:
+            dst.dev.submit(bio.IO(bio.WRITE, dst.offset + c.start, c.length, c.buf, 0,
+                                  lambda w, c=c, dst=dst: wrote(c, dst, w)))
+        finished()
+
+    for c in copies:
+        c.src.dev.submit(bio.IO(bio.READ, c.src.offset + c.start, c.length, c.buf, 0,
+                                lambda io, c=c: read(c, io)))
+    with lock:
+        while left[0]:
+            lock.wait()

@@ -1,0 +1,149 @@
+#!/usr/bin/env python3
+"""mirror against linear: what the second leg and the dirty-region log cost, and how fast a
+resync copies.
+
+    python bench/mirror.py [--runtime S] [--size MiB]
+
+One daemon serves two devices, measured one at a time with fio's nbd engine:
+  lin  `linear` over one file,
+  m    `mirror disk` over two other files (legs), with its log on a third, `nosync`.
+The table gives mirror's figure as a ratio of linear's. Then `message m 0 resync` copies every
+region again and the time it takes gives the resync rate, compared with fio writing a file of
+the same size sequentially with O_DIRECT. Also: log writes per 1000 client writes (marks are
+batched, clears lazy). Last, read balancing: 4 KiB random reads from a mirror whose two legs
+are rate-limited nbdkit servers (`--filter=rate`), against `linear` on one of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import (  # noqa: E402
+    MiB,
+    Appliance,
+    BenchError,
+    Nbdkit,
+    Workload,
+    environment,
+    fmt_num,
+    fmt_ratio,
+    make_data_file,
+    measure,
+    need_tools,
+    print_table,
+    ratio,
+    run_fio,
+    terminate_on_signals,
+    workdir,
+    write_results,
+)
+
+REGION_SECTORS = 8192  # 4 MiB regions, the issue's default
+
+
+def workloads():
+    return [
+        Workload("write-1m-qd4", "1 MiB sequential write, QD4", "write", "1m", 4, metric="mib_s"),
+        Workload("randwrite-4k-qd16", "4 KiB random write, QD16", "randwrite", "4k", 16),
+        Workload("randread-4k-qd16", "4 KiB random read, QD16", "randread", "4k", 16),
+    ]
+
+
+def mirror_status(app):
+    return app.status("m")["devices"][0]["segments"][0]["status"]
+
+
+def balanced_reads(wd, a, b, size, args):
+    """4 KiB random reads, QD16: mirror over two rate-limited nbdkit servers, and linear over
+    the first of them. Reads spread over both legs should go up to twice as fast."""
+    need_tools("nbdkit")
+    wl = Workload("remote-randread-4k-qd16", "4 KiB random read QD16, legs on 2 nbdkit", "randread", "4k", 16)
+    kits = [Nbdkit(wd, "file", [f"file={path}", f"rate={args.remote_rate}"], name=f"kit{i}", filters=["rate"])
+            for i, path in enumerate((a, b))]
+    for kit in kits:
+        kit.start()
+    try:
+        sectors = size // 512
+        uris = [f"nbd+unix:///?socket={kit.socket}" for kit in kits]
+        devices = [("lin", [f"0 {sectors} linear {uris[0]} 0"]),
+                   ("m", [f"0 {sectors} mirror core 2 {REGION_SECTORS} nosync 2 {uris[0]} 0 {uris[1]} 0 "
+                          "1 handle_errors"])]
+        with Appliance(wd, devices, name="remote") as app:
+            r_lin = measure(app, wl, runtime=args.runtime, export="lin")
+            r_m = measure(app, wl, runtime=args.runtime, export="m")
+    finally:
+        for kit in kits:
+            kit.stop()
+    return [wl.title, fmt_num(r_lin.iops), fmt_num(r_m.iops), fmt_ratio(ratio(r_m.iops, r_lin.iops)), "-"]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--runtime", type=float, default=8, help="seconds per fio run (default 8)")
+    p.add_argument("--size", type=int, default=512, help="device size in MiB (default 512)")
+    p.add_argument("--remote-rate", default="40M",
+                   help="each remote leg's nbdkit rate= (bits/s) for the read-balancing run (default 40M)")
+    p.add_argument("--keep", action="store_true", help="keep the temp dir")
+    p.add_argument("--no-save", action="store_true", help="do not write bench/results/mirror-*.json")
+    args = p.parse_args(argv)
+    need_tools("fio")
+    terminate_on_signals()
+    size = args.size * MiB
+    rows, results = [], {"environment": environment(), "size": size}
+    with workdir(args.keep) as wd:
+        lin, a, b = (make_data_file(wd / n, size) for n in ("lin.img", "a.img", "b.img"))
+        logdev = wd / "log.img"
+        logdev.write_bytes(bytes(MiB))
+        sectors = size // 512
+        devices = [
+            ("lin", [f"0 {sectors} linear {lin} 0"]),
+            ("m", [f"0 {sectors} mirror disk 3 {logdev} {REGION_SECTORS} nosync 2 {a} 0 {b} 0 1 handle_errors"]),
+        ]
+        with Appliance(wd, devices) as app:
+            for wl in workloads():
+                r_lin = measure(app, wl, runtime=args.runtime, export="lin")
+                writes0 = mirror_status(app)["log"]["log_writes"]
+                r_m = measure(app, wl, runtime=args.runtime, export="m")
+                log_writes = mirror_status(app)["log"]["log_writes"] - writes0
+                row = [wl.title, fmt_num(wl.value(r_lin), wl.metric), fmt_num(wl.value(r_m), wl.metric),
+                       fmt_ratio(ratio(wl.value(r_m), wl.value(r_lin)))]
+                per_1000 = 1000 * log_writes / r_m.total_ios if wl.rw != "randread" else None
+                row.append("-" if per_1000 is None else f"{per_1000:.1f}")
+                rows.append(row)
+                results[wl.key] = {"linear": r_lin.to_dict(), "mirror": r_m.to_dict(),
+                                   "log_writes_per_1000": per_1000}
+            # the resync: every region copied again from the primary, clients idle
+            time.sleep(2)  # the lazy clears of the runs above
+            t0 = time.monotonic()
+            app.cli("message", "m", "0", "resync")
+            while True:
+                st = mirror_status(app)
+                if st["in_sync_regions"] == st["total_regions"]:
+                    break
+                if time.monotonic() - t0 > 600:
+                    raise BenchError("the resync did not finish in 600 s")
+                time.sleep(0.5)  # each look is a CLI process: few, so the resync keeps the CPU
+            wall_mib_s = size / MiB / (time.monotonic() - t0)  # coarse: the polls are 0.5 s apart
+            resync_mib_s = st["resync"]["bytes_per_second"] / MiB  # the daemon's own: copying time
+        fio_seq = run_fio(None, rw="write", bs="1m", iodepth=4, runtime=args.runtime,
+                          filename=str(wd / "b.img"))
+        rows.append([f"resync (all regions; {wall_mib_s:.0f} MiB/s wall)", f"{resync_mib_s:.0f} MiB/s",
+                     f"fio {fio_seq.mib_s:.0f} MiB/s",
+                     fmt_ratio(resync_mib_s / fio_seq.mib_s), "-"])
+        results["resync"] = {"mib_s": resync_mib_s, "wall_mib_s": wall_mib_s,
+                             "fio_direct_write_mib_s": fio_seq.mib_s}
+        rows.append(balanced_reads(wd, a, b, size, args))
+        results["remote_randread"] = rows[-1]
+    print_table(["workload", "linear", "mirror", "mirror/linear", "log writes/1000"], rows)
+    if not args.no_save:
+        print(f"results: {write_results('mirror', results)}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
