@@ -276,6 +276,9 @@ class FileDevice:
 def examine(path):
     """(stat result, is_block) of a path a table names, or a DeviceError that says what is wrong.
     What _open checks before it opens; check-config checks the same without opening."""
+    if not os.path.isabs(path):
+        # relative to what? check-config runs where the admin is; the daemon, in / under systemd
+        raise DeviceError(errno.EINVAL, f"{path}: not an absolute path")
     try:
         st = os.stat(path)
     except FileNotFoundError:

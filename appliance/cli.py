@@ -236,7 +236,14 @@ def parser():
 def main(argv=None):
     args = parser().parse_args(argv)
     try:
-        return args.fn(args)
+        code = args.fn(args)
+        sys.stdout.flush()  # a reader that went away shows here, not as a traceback at exit
+        return code
+    except BrokenPipeError:
+        # `appliance status --json | head`: the reader has what it wanted; stdout goes nowhere
+        # now, or the interpreter's own flush at exit fails the same way
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except ControlError as e:
         print(f"appliance: {e}", file=sys.stderr)
         return 1

@@ -324,6 +324,15 @@ class Daemon:
             self.monitor.stop()
         drain.announce_stop(self.registry.devices.values())  # before clients drain: nothing may wait for a path
         self.server.stop("daemon stopping")
+        # every device resumed first, bottom-up: I/O held by a suspended device finishes, and no
+        # flush of a device stacked on it waits below for a resume that would come only after it
+        for dc in self.config.device_order():
+            dev = self.registry.get(dc.name)
+            if dev is not None:
+                try:
+                    dev.resume()
+                except Exception:
+                    log.exception("%s: resume before teardown failed", dc.name)
         deadline = time.monotonic() + CLIENT_DRAIN
         while self.server.clients() and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -335,7 +344,6 @@ class Daemon:
                     continue
                 progress.now = dc.name
                 try:
-                    dev.resume()  # let deferred I/O finish before the drain
                     drain.flush(dev)
                     dev.remove()
                 except Exception:

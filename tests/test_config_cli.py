@@ -207,6 +207,17 @@ def test_ls_lists_devices_with_sizes_in_sectors(two):
     assert out == [f"data0\t{2 * MiB // S + 8} sectors", f"ro\t{MiB // S} sectors"]
 
 
+def test_status_piped_into_a_reader_that_stops_early_prints_no_traceback(two):
+    # `appliance status --json | head -3`: the reader closes the pipe before the output ends
+    p = subprocess.Popen([sys.executable, "-m", "appliance", "--config", str(two.config), "status", "--json"],
+                         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.close()  # before the daemon answered: every write to stdout fails with EPIPE
+    err = p.stderr.read().decode()
+    p.wait(30)
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
+    assert p.returncode == 1
+
+
 def test_message_to_a_target_without_messages_is_a_clear_error(two):
     r = two.cli("message", "data0", "0", "hello", check=False)
     assert r.returncode == 1
@@ -301,10 +312,19 @@ def refused(tmp_path, image):
         (device("d", f"0 8 linear {tmp_path} 0"), "device[0].table[0]", f"{tmp_path}: not a regular file or block device"),
         (device("low", "0 8 zero", export=False) + device("d", "0 16 linear @low 0"), "device[1].table[0]", "device @low is too small: 8 sectors, the table needs 16"),
         (device("a", f"0 8 linear {disk} 0") + device("b", f"0 8 linear {disk} 8", direct=True), "device[1].table[0]", f"{disk}: already open with direct=False"),
+        (device("d", f"0 8 log-writes {disk}"), "device[0].table[0]", "log-writes takes <dev> <log_dev>"),
+        (device("d", f"0 8 log-writes {tmp_path}/nope.img {small}"), "device[0].table[0]", f"{tmp_path}/nope.img: no such file or device"),
+        (device("d", f"0 8 log-writes {disk} {tmp_path}/nope.log"), "device[0].table[0]", f"{tmp_path}/nope.log: no such file or device"),
+        (device("d", f"0 {MiB // S} log-writes {small} {disk}"), "device[0].table[0]", f"device {small} is too small: 128 sectors, the table needs 2048"),
+        (device("low", "0 8 zero", export=False) + device("d", f"0 8 log-writes {disk} @low"), "device[1].table[0]", "the log device @low must be a file or disk"),
+        (device("d", f"0 8 log-writes {disk} {tmp_path}/./disk.img"), "device[0].table[0]", f"the log device {tmp_path}/./disk.img is the device being logged"),
+        # relative to where? check-config's directory is not the daemon's (systemd runs it in /)
+        (device("d", f"0 8 linear {os.path.relpath(disk, REPO)} 0"), "device[0].table[0]", f"{os.path.relpath(disk, REPO)}: not an absolute path"),
+        (device("d", f"0 {MiB // S} ramback {os.path.relpath(tmp_path, REPO)}/fast.store {disk}"), "device[0].table[0]", f"{os.path.relpath(tmp_path, REPO)}/fast.store: not an absolute path"),
     ]
 
 
-REFUSED = 18
+REFUSED = 26
 
 
 @pytest.mark.parametrize("case", range(REFUSED))
@@ -356,6 +376,29 @@ def test_check_config_passes_a_good_config_and_says_which_devices_would_wait_for
         d.start()
         assert d.status()["daemon"]["waiting"] == {"late": [absent], "upper": ["@late"]}
         out = run("qemu-io", "-f", "raw", "-c", "write -P 0x3c 0 4096", "-c", "read -P 0x3c 0 4096", d.uri("fast")).stdout
+        assert "Pattern verification failed" not in out
+    finally:
+        d.stop()
+
+
+def test_a_log_writes_table_over_a_disk_not_attached_waits_for_it_and_the_others_serve(tmp_path, image):
+    # log-writes names two devices; a disk among them is waited for, as linear's is, and
+    # check-config says so, instead of refusing the whole start
+    disk = image("disk.img", MiB)
+    log = image("disk.log", MiB)
+    absent = "wwn:0x5000c500deadbeef"
+    cfg = tmp_path / "appliance.toml"
+    cfg.write_text(with_disk_timeout(config_text(tmp_path,
+        device("ok", f"0 {MiB // S} log-writes {disk} {log}")
+        + device("late", f"0 {MiB // S} log-writes {absent} {image('late.log', MiB)}")), 1))
+    r = appliance("check-config", str(cfg))
+    assert r.returncode == 0, r.stderr
+    assert f"device late waits for disk {absent} (not attached now)" in r.stdout, r.stdout
+    d = Daemon(tmp_path, cfg.read_text())
+    try:
+        d.start()
+        assert d.status()["daemon"]["waiting"] == {"late": [absent]}
+        out = run("qemu-io", "-f", "raw", "-c", "write -P 0x3c 0 4096", "-c", "read -P 0x3c 0 4096", d.uri("ok")).stdout
         assert "Pattern verification failed" not in out
     finally:
         d.stop()

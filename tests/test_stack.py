@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import struct
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import time
 
 
 from appliance import control
-from conftest import REPO, need, run, nbdsh_env, device
+from conftest import REPO, device, need, nbdsh_env, run, wait_for
 
 MiB = 1 << 20
 S = 512  # sector
@@ -307,6 +308,28 @@ def test_suspend_holds_io_until_resume(make_daemon, image):
     assert st["suspended"] is False and st["deferred"] == 0
 
 
+def test_stopping_the_daemon_while_a_lower_device_is_suspended_finishes_and_keeps_the_held_write(make_daemon, image):
+    # teardown goes top-down: the top device's flush reached the suspended one below, which was
+    # resumed only after it, and the stop waited for ever (systemd: TimeoutStopSec, then SIGKILL)
+    need("qemu-io")
+    disk = image("disk.img", 4 * MiB)
+    d = make_daemon(device("low", f"0 {4 * MiB // S} linear {disk} 0", export=False)
+                    + device("top", f"0 {4 * MiB // S} linear @low 0"))
+    d.cli("suspend", "low")
+    writer = subprocess.Popen(["qemu-io", "-f", "raw", "-c", f"write -P 0x5a {MiB} 4096", d.uri("top")],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(lambda: d.status("low")["devices"][0]["deferred"] >= 1, 15, what="the write to be held")
+        d.signal(signal.SIGTERM)
+        assert d.proc.wait(20) == 0, d.log.read_text()[-2000:]
+        out, _ = writer.communicate(timeout=20)
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+            writer.wait()
+    assert file_bytes(disk, MiB, 4096) == b"\x5a" * 4096, out
+
+
 def test_load_and_resume_swap_the_table_under_a_connected_client(make_daemon, image, tmp_path):
     first = fill(tmp_path / "first.img", 0x11, 2 * MiB)
     second = fill(tmp_path / "second.img", 0x22, 4 * MiB)
@@ -341,6 +364,7 @@ def test_load_and_resume_swap_the_table_under_a_connected_client(make_daemon, im
 
 WRITER = """
 import os
+import signal
 uri, slots, stop, started = {uri!r}, {slots}, {stop!r}, {started!r}
 def payload(n):
     return struct.pack(">Q", n) * 512

@@ -26,12 +26,14 @@ are logged, without a flush entry, when the table is destroyed.
 from __future__ import annotations
 
 import logging
+import os
 import shlex
 import threading
+from types import SimpleNamespace
 
 from .. import io as bio
 from .. import logwrites as lw
-from . import Target, TargetError, _word
+from . import DeviceArg, Target, TargetError, _word
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +50,25 @@ class _Flush:
 class LogWrites(Target):
     name = "log-writes"
 
-    def ctr(self, args):
+    @classmethod
+    def parse(cls, args):
         if len(args) != 2:
             raise TargetError("log-writes takes <dev> <log_dev>")
         if args[1].startswith("@"):
             raise TargetError(f"the log device {args[1]} must be a file or disk, not a mapped device")
+        return SimpleNamespace(devices=[DeviceArg(args[0], 0), DeviceArg(args[1], 0)])
+
+    @classmethod
+    def validate(cls, segment, check):
+        """<dev> holds the segment; <log_dev> only its header and one entry."""
+        dev, log_dev = cls.parse(list(segment.args)).devices
+        check(dev.word, segment.size)
+        check(log_dev.word, 2 * lw.SECTOR)
+        if os.path.realpath(dev.word) == os.path.realpath(log_dev.word):
+            raise TargetError(f"the log device {log_dev.word} is the device being logged")
+
+    def ctr(self, args):
+        self.parse(args)
         self.dev = self.get_device(args[0])
         self.check_fits(self.dev, 0, args[0])
         self.log_dev = self.get_device(args[1])

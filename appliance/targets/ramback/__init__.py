@@ -97,6 +97,9 @@ class Ramback(RequestPath, Target):
             raise TargetError(f"on_mismatch={mismatch} must be refuse or discard")
         max_dirty = parse_limit(opts.get("max_dirty", DEFAULT_MAX_DIRTY))
         _check_floor(max_dirty, chunk_floor(chunk), chunk)
+        if args[0] != "-" and not os.path.isabs(args[0]):
+            # check-config runs where the admin is; the daemon, in / under systemd
+            raise TargetError(f"RAM store {args[0]}: not an absolute path")
         # <ram> is created here, not waited for: only <backing> is an underlying device
         return SimpleNamespace(ram=args[0], backing=args[1], chunk=chunk, sync=sync, mismatch=mismatch,
                                max_dirty=max_dirty, devices=[DeviceArg(args[1], 0)])
