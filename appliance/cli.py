@@ -11,6 +11,7 @@ import sys
 
 from . import config as cfg
 from . import logwrites
+from .cluster import logd
 from .targets.cow import command as layer_command
 from .control import ControlError, call
 
@@ -214,6 +215,7 @@ def parser():
 
     logwrites.add_parser(sub)
     layer_command.add_parser(sub)
+    logd.add_parser(sub)
 
     # --config after the subcommand too (`appliance serve --config PATH`), as systemctl and
     # dmsetup take options; SUPPRESS keeps one given before the subcommand when none is after

@@ -139,7 +139,7 @@ class Client:
         self.ctr_args = ctr_args.encode()
         self.timeout = timeout
         self.seq = seq
-        self.state = "idle"  # idle | waiting | recovering | disconnected
+        self.state = "disconnected"  # until connection_made: idle | waiting | recovering
         self.pending = None  # the caller's (type, data), until its reply
         self.wire = None  # the Message on the wire now
         self.deadline = None
