@@ -36,12 +36,14 @@ def parse_ctr(args):
 
 
 class EtcdLog:
+    LINGER = 64  # regions a node keeps marked after their writes completed
     def __init__(self, node, uuid, args):
         self.node, self.uuid = node, uuid
         self.region_size, self.region_count, self.sync_arg = parse_ctr(args)
         self.base = f"{PREFIX}logs/{uuid}/"
         self.marked = set()  # marked in etcd by this node
-        self.to_mark, self.to_clear = set(), set()  # waiting for FLUSH
+        self.to_mark = set()  # waiting for FLUSH
+        self.idle = {}  # marked, no write in flight: cleared by a later flush (oldest first)
         self.out_of_sync = set()
         self.recovering = set()  # regions this node resyncs for a lost node
         self.search = 0
@@ -61,13 +63,13 @@ class EtcdLog:
             log.info("cluster: %s claimed the initial sync of log %s", self.node.name, self.uuid)
 
     def dtr(self):
-        self.flush()
+        self.flush(everything=True)
 
     def presuspend(self):
         pass
 
     def postsuspend(self):
-        self.flush()
+        self.flush(everything=True)
 
     def resume(self):
         self.search = 0
@@ -89,7 +91,7 @@ class EtcdLog:
         return region not in self.out_of_sync
 
     def mark_region(self, region):
-        self.to_clear.discard(region)  # a newer write: the lazy clear must not remove its mark
+        self.idle.pop(region, None)  # a newer write: the lazy clear must not remove its mark
         if region not in self.marked:
             self.to_mark.add(region)
 
@@ -97,19 +99,26 @@ class EtcdLog:
         if region in self.to_mark:
             self.to_mark.discard(region)
         elif region in self.marked:
-            self.to_clear.add(region)
+            self.idle[region] = None
 
-    def flush(self):
-        """The batch of MARKs and CLEARs as one transaction, fenced by this node's lease."""
-        if not self.to_mark and not self.to_clear:
+    def flush(self, everything=False):
+        """The batch of MARKs and CLEARs as one transaction, fenced by this node's lease.
+        Cleared regions linger marked (md's bitmap keeps bits set a while for the same reason)
+        until more than `LINGER` are marked: a region written again soon costs nothing, and a
+        flush with nothing new to mark sends nothing."""
+        excess = len(self.marked) + len(self.to_mark) - self.LINGER
+        to_clear = list(self.idle)[:max(0, excess) if not everything else None]
+        if not self.to_mark and not to_clear:
             return
         name = self.node.name
         ops = [e.put(self._key("mark", r, name)) for r in sorted(self.to_mark)]
-        ops += [e.delete(self._key("mark", r, name)) for r in sorted(self.to_clear)]
+        ops += [e.delete(self._key("mark", r, name)) for r in to_clear]
         if not self.node.etcd.txn([self.node.fence()], ops):
             raise OSError(errno.ESTALE, f"node {name}'s lease is gone: its writes are fenced")
-        self.marked = (self.marked | self.to_mark) - self.to_clear
-        self.to_mark, self.to_clear = set(), set()
+        self.marked = (self.marked | self.to_mark) - set(to_clear)
+        self.to_mark = set()
+        for r in to_clear:
+            del self.idle[r]
 
     def get_resync_work(self):
         while self.search < self.region_count:
@@ -128,6 +137,7 @@ class EtcdLog:
         if region in self.recovering:
             self.recovering.discard(region)
             self.marked.discard(region)
+            self.idle.pop(region, None)
             self.node.etcd.txn([self.node.fence()], [e.delete(self._key("recover", region)),
                                                      e.delete(self._key("mark", region, self.node.name))])
 
