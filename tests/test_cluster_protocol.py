@@ -191,3 +191,22 @@ def test_messages_round_trip_however_the_stream_is_split(msgs, chunk):
         while (m := d.next()) is not None:
             out.append(m)
     assert out == msgs
+
+
+def test_cluster_section_and_clustered_table_say_what_is_wrong():
+    import pytest
+
+    from appliance import config
+    from appliance.targets import TargetError
+    from appliance.targets.mirror import table
+
+    base = '[[device]]\nname = "z"\ntable = "0 8 zero"\n'
+    c = config.loads(base + '[cluster]\nendpoints = ["http://127.0.0.1:2379"]\nnode = "n1"\n')
+    assert (c.cluster.node, c.cluster.lease_ttl, c.cluster.etcd_timeout) == ("n1", 5, 10)
+    assert config.loads(base).cluster is None
+    with pytest.raises(config.ConfigError, match="etcd endpoint 'etcd:2379' is not an http"):
+        config.loads(base + '[cluster]\nendpoints = "etcd:2379"\nnode = "n1"\n')
+    p = table.parse("clustered 3 u1 2048 nosync 2 /a 0 /b 0".split())
+    assert (p.uuid, p.region_size, p.sync, p.log_dev) == ("u1", 1 << 20, "nosync", None)
+    with pytest.raises(TargetError, match=r"the clustered log takes <uuid> <region_size>"):
+        table.parse("clustered 1 u1 2 /a 0 /b 0".split())

@@ -49,7 +49,7 @@ class LogService:
             except (OSError, protocol.ProtocolError) as e:
                 log.warning("logd: dropping a client: %s", e)
 
-    def serve(self, path):
+    def serve(self, path, ready=None):
         try:
             os.unlink(path)
         except FileNotFoundError:
@@ -57,6 +57,8 @@ class LogService:
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         listener.bind(path)
         listener.listen(16)
+        if ready is not None:
+            ready.set()
         log.info("logd: node %s serving cluster logs on %s", self.node.name, path)
         while True:
             sock, _ = listener.accept()

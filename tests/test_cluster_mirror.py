@@ -1,0 +1,58 @@
+"""A clustered mirror: two appliance daemons as two nodes of one cluster (a real etcd), each
+exporting the same mirror of the same leg files, one dirty-region log between them."""
+
+from __future__ import annotations
+
+import re
+
+from appliance.cluster import etcd as e
+from conftest import device, qemu_io, wait_for
+from test_mirror import MiB, in_sync, mirror_line, mstatus, poke, read_file
+
+UUID = "shared"
+TTL = 2
+
+
+def cluster(etcd, tmp_path, node):
+    return (f'[cluster]\nendpoints = ["{etcd.url}"]\nnode = "{node}"\nlease_ttl = {TTL}\n'
+            f'etcd_timeout = 3\nsocket = "{tmp_path}/{node}-clog.sock"\n')
+
+
+def node(make_daemon, etcd, tmp_path, name, legs):
+    line = mirror_line(16 * MiB, legs, log=f"clustered 3 {UUID} 2048 nosync")
+    return make_daemon(device("m", line, exclusive=False), name=name, extra=cluster(etcd, tmp_path, name))
+
+
+def marks(etcd):
+    keys = e.Etcd([etcd.url]).get_prefix(f"/appliance/logs/{UUID}/mark/")
+    return sorted((int(k.split("/")[-2]), k.split("/")[-1]) for k in keys)
+
+
+def test_two_nodes_share_one_log(make_daemon, image, etcd, tmp_path):
+    legs = [image("a.img", 16 * MiB), image("b.img", 16 * MiB)]
+    a, b = node(make_daemon, etcd, tmp_path, "a", legs), node(make_daemon, etcd, tmp_path, "b", legs)
+    qemu_io(a.uri("m"), f"write -P 0x11 {2 * MiB} 64k")
+    qemu_io(b.uri("m"), f"write -P 0x22 {5 * MiB} 64k")
+    assert marks(etcd) == [(2, "a"), (5, "b")]  # marked regions linger: written again, no txn
+    assert read_file(legs[0]) == read_file(legs[1])
+    assert "read 65536/65536" in qemu_io(b.uri("m"), f"read -P 0x11 {2 * MiB} 64k").stdout
+    assert mstatus(a)["log"]["type"] == "clustered" and mstatus(a)["log"]["state"] == "ok"
+    assert f"3 clustered a {UUID}" in a.cli("status", "m").stdout
+    assert f"clustered 3 {UUID} 2048 nosync 2" in a.cli("table", "m").stdout
+
+
+def test_kill_9_of_a_node_the_survivor_resyncs_exactly_its_regions(make_daemon, image, etcd, tmp_path):
+    legs = [image("a.img", 16 * MiB), image("b.img", 16 * MiB)]
+    a, b = node(make_daemon, etcd, tmp_path, "a", legs), node(make_daemon, etcd, tmp_path, "b", legs)
+    qemu_io(a.uri("m"), f"write -P 0x33 {1 * MiB} 4k", f"write -P 0x33 {3 * MiB} 4k")
+    qemu_io(b.uri("m"), f"write -P 0x44 {9 * MiB} 4k")
+    # a's writes in flight when it died: they reached its first leg only
+    poke(legs[1], 1 * MiB + 8192, b"\x99" * 512)
+    poke(legs[1], 3 * MiB + 8192, b"\x99" * 512)
+    poke(legs[1], 12 * MiB, b"\x77" * 512)  # no node marked region 12: nobody resyncs it
+    a.kill()
+    wait_for(lambda: marks(etcd) == [(9, "b")], 3 * TTL + 10, "b to resync a's regions and clear them")
+    assert re.search(r"2 regions of a lost node to resync", b.log.read_text())
+    assert read_file(legs[0], 1 * MiB, 4 * MiB) == read_file(legs[1], 1 * MiB, 4 * MiB)
+    assert read_file(legs[1], 12 * MiB, 512) == b"\x77" * 512
+    assert in_sync(b)
