@@ -3,6 +3,7 @@ exporting the same mirror of the same leg files, one dirty-region log between th
 
 from __future__ import annotations
 
+import json
 import re
 
 from appliance.cluster import etcd as e
@@ -39,6 +40,12 @@ def test_two_nodes_share_one_log(make_daemon, image, etcd, tmp_path):
     assert mstatus(a)["log"]["type"] == "clustered" and mstatus(a)["log"]["state"] == "ok"
     assert f"3 clustered a {UUID}" in a.cli("status", "m").stdout
     assert f"clustered 3 {UUID} 2048 nosync 2" in a.cli("table", "m").stdout
+    lines = b.cli("cluster", "status").stdout.splitlines()
+    assert [ln.split("\t")[:2] + ln.split("\t")[3:4] for ln in lines] == \
+        [["a", "alive", "1 regions marked"], ["b", "alive", "1 regions marked"]]
+    nodes = json.loads(a.cli("status", "--json").stdout)["cluster"]["nodes"]
+    assert [(n["name"], n["state"], n["marked"]) for n in nodes] == [("a", "alive", 1), ("b", "alive", 1)]
+    assert all(0 < n["lease_left"] <= TTL for n in nodes)
 
 
 def test_kill_9_of_a_node_the_survivor_resyncs_exactly_its_regions(make_daemon, image, etcd, tmp_path):
@@ -51,6 +58,10 @@ def test_kill_9_of_a_node_the_survivor_resyncs_exactly_its_regions(make_daemon, 
     poke(legs[1], 3 * MiB + 8192, b"\x99" * 512)
     poke(legs[1], 12 * MiB, b"\x77" * 512)  # no node marked region 12: nobody resyncs it
     a.kill()
+    lost = wait_for(lambda: [ln for ln in b.cli("cluster", "status").stdout.splitlines()
+                             if ln.startswith("a\t") and "lost" in ln and "2 being resynced" in ln]
+                    or marks(etcd) == [(9, "b")], 3 * TTL + 10, "a to be lost and resynced")
+    print(lost)
     wait_for(lambda: marks(etcd) == [(9, "b")], 3 * TTL + 10, "b to resync a's regions and clear them")
     assert re.search(r"2 regions of a lost node to resync", b.log.read_text())
     assert read_file(legs[0], 1 * MiB, 4 * MiB) == read_file(legs[1], 1 * MiB, 4 * MiB)

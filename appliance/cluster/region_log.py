@@ -3,7 +3,7 @@ dm-dirty-log's operations).
 
 Keys under /appliance/logs/<uuid>/:
     mark/<region>/<node>     the node may have writes in flight there (not clean)
-    recover/<region>         a survivor resyncs the region for a lost node (value: its name)
+    recover/<region>         a survivor resyncs the region for a lost node ("<survivor> <lost>")
     init                     the node that claimed the log's initial sync
 
 Marks are not under the node's lease: when the lease expires its marks stay, and a survivor
@@ -163,9 +163,10 @@ class EtcdLog:
         compare = [self.node.fence()] + [{"key": e.b64(k), "target": "MOD", "result": "EQUAL",
                                           "mod_revision": str(rev)} for k, (_, rev) in lost.items()]
         ops = [e.delete(k) for k in lost]
-        for r in sorted(regions):
+        whose = {r: k.rsplit("/", 1)[1] for k, (r, _) in lost.items()}
+        for r in sorted(regions):  # recover/<r> says who resyncs it, for whom
             ops += [e.put(self._key("mark", r, self.node.name)),
-                    e.put(self._key("recover", r), self.node.name)]
+                    e.put(self._key("recover", r), f"{self.node.name} {whose[r]}")]
         if not self.node.etcd.txn(compare, ops):
             return set()
         log.warning("cluster: %s took over %d regions of lost node(s) %s in log %s", self.node.name,
