@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 
 from appliance.cluster import etcd as e
 from conftest import device, qemu_io, wait_for
@@ -58,12 +59,38 @@ def test_kill_9_of_a_node_the_survivor_resyncs_exactly_its_regions(make_daemon, 
     poke(legs[1], 3 * MiB + 8192, b"\x99" * 512)
     poke(legs[1], 12 * MiB, b"\x77" * 512)  # no node marked region 12: nobody resyncs it
     a.kill()
+    t0 = time.monotonic()
     lost = wait_for(lambda: [ln for ln in b.cli("cluster", "status").stdout.splitlines()
                              if ln.startswith("a\t") and "lost" in ln and "2 being resynced" in ln]
                     or marks(etcd) == [(9, "b")], 3 * TTL + 10, "a to be lost and resynced")
     print(lost)
-    wait_for(lambda: marks(etcd) == [(9, "b")], 3 * TTL + 10, "b to resync a's regions and clear them")
+    wait_for(lambda: "regions of a lost node to resync" in b.log.read_text(), 3 * TTL + 10, "b to take over")
+    took_over = time.monotonic() - t0
+    wait_for(lambda: marks(etcd) == [(9, "b")], 10, "b to resync a's regions and clear them")
+    print(f"kill -9 to takeover: {took_over:.1f}s (lease_ttl {TTL}s); "
+          f"to resynced: {time.monotonic() - t0:.1f}s")
     assert re.search(r"2 regions of a lost node to resync", b.log.read_text())
     assert read_file(legs[0], 1 * MiB, 4 * MiB) == read_file(legs[1], 1 * MiB, 4 * MiB)
     assert read_file(legs[1], 12 * MiB, 512) == b"\x77" * 512
     assert in_sync(b)
+
+
+def test_etcd_gone_past_the_bound_fails_writes_to_unmarked_regions_then_they_resume(
+        make_daemon, image, etcd, tmp_path):
+    legs = [image("a.img", 16 * MiB), image("b.img", 16 * MiB)]
+    a = node(make_daemon, etcd, tmp_path, "a", legs)
+    qemu_io(a.uri("m"), f"write -P 0x55 {1 * MiB} 4k")
+    etcd.stop()
+    t0 = time.monotonic()
+    r = qemu_io(a.uri("m"), f"write -P 0x66 {6 * MiB} 4k", check=False)
+    waited = time.monotonic() - t0
+    assert "Input/output error" in r.stdout + r.stderr, r.stdout + r.stderr
+    assert 3 <= waited < 20, waited  # etcd_timeout = 3: a bounded wait, then the error
+    assert read_file(legs[0], 6 * MiB, 4096) == bytes(4096) == read_file(legs[1], 6 * MiB, 4096)
+    # a region this node had marked needs no etcd: its writes go on
+    assert "wrote 4096/4096" in qemu_io(a.uri("m"), f"write -P 0x57 {1 * MiB} 4k").stdout
+    etcd.start()
+    wait_for(lambda: "wrote 4096/4096" in qemu_io(a.uri("m"), f"write -P 0x66 {6 * MiB} 4k",
+                                                   check=False).stdout, 30, "writes to resume")
+    assert read_file(legs[0], 6 * MiB, 4096) == b"\x66" * 4096 == read_file(legs[1], 6 * MiB, 4096)
+    assert (6, "a") in marks(etcd)

@@ -36,9 +36,12 @@ class Node:
         """A new lease and the node key under it. A node restarted after a crash finds its old
         key alive: it waits out that lease (survivors then take its regions over, which is what
         a crash means); a name still alive after two TTLs belongs to another running node."""
-        lease = self.etcd.grant(self.lease_ttl)
         deadline = time.monotonic() + 2 * self.lease_ttl + 1
-        while not self.etcd.txn([e.absent(self.key)], [e.put(self.key, self.name, lease)]):
+        while True:
+            if self.key not in self.etcd.get_prefix(self.key):
+                lease = self.etcd.grant(self.lease_ttl)  # fresh: no waiting eats into its TTL
+                if self.etcd.txn([e.absent(self.key)], [e.put(self.key, self.name, lease)]):
+                    break
             if time.monotonic() > deadline:
                 raise OSError(errno.EEXIST, f"node {self.name!r} is already alive in the cluster "
                                             f"(`node` in [cluster] must be unique)")

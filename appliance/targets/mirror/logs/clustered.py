@@ -78,7 +78,8 @@ class ClusteredLog(CoreLog):
         self.to_mark, self.to_clear = set(), set()
         words = [str(region_size), self.uuid] + ([sync] if sync else []) + [str(self.mirror.length)]
         s = self.settings
-        self.client = LogClient(self.path, self.uuid, " ".join(words), timeout=max(2.0, s.etcd_timeout / 2),
+        # the service itself waits up to etcd_timeout for etcd: a resend before that only queues
+        self.client = LogClient(self.path, self.uuid, " ".join(words), timeout=s.etcd_timeout + 2,
                                 pause=0.5, bound=s.etcd_timeout)
         self.call_lock = threading.Lock()  # one request on the wire at a time
         self.stop = threading.Event()
