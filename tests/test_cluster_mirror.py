@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 import time
 
 from appliance.cluster import etcd as e
@@ -94,3 +95,29 @@ def test_etcd_gone_past_the_bound_fails_writes_to_unmarked_regions_then_they_res
                                                    check=False).stdout, 30, "writes to resume")
     assert read_file(legs[0], 6 * MiB, 4096) == b"\x66" * 4096 == read_file(legs[1], 6 * MiB, 4096)
     assert (6, "a") in marks(etcd)
+
+
+def test_while_a_survivor_resyncs_another_node_reads_the_source_and_its_writes_wait(
+        make_daemon, image, etcd, tmp_path):
+    """The survivor's state is put in etcd as its takeover leaves it (recover/<region>, a
+    survivor "s" resyncing for a lost "a"), and stays as long as the test needs."""
+    legs = [image("a.img", 16 * MiB), image("b.img", 16 * MiB)]
+    b = node(make_daemon, etcd, tmp_path, "b", legs)
+    poke(legs[0], 1 * MiB, b"\x33" * 4096)  # a's write in flight reached its first leg only
+    ec = e.Etcd([etcd.url])
+    recover = f"/appliance/logs/{UUID}/recover/{1:012d}"
+    ec.txn([], [e.put(recover, "s a")])
+    wait_for(lambda: "1 regions being resynced by another node" in b.log.read_text(), 3 * TTL + 5,
+             "b to follow IS_REMOTE_RECOVERING")
+    for _ in range(3):  # its reads come from the source leg (the primary)
+        assert "read 4096/4096" in qemu_io(b.uri("m"), f"read -P 0x33 {1 * MiB} 4k").stdout
+    writer = subprocess.Popen(["qemu-io", "-f", "raw", "-c", f"write -P 0x44 {1 * MiB + 8192} 4k",
+                               b.uri("m")], stdout=subprocess.PIPE, text=True)
+    time.sleep(1.5)
+    assert writer.poll() is None  # waits for the region
+    assert read_file(legs[0], MiB + 8192, 4096) == bytes(4096)
+    poke(legs[1], 1 * MiB, b"\x33" * 4096)  # the survivor's copy
+    ec.txn([], [e.delete(recover)])
+    assert "wrote 4096/4096" in writer.communicate(timeout=3 * TTL + 5)[0]
+    assert read_file(legs[0], MiB, MiB) == read_file(legs[1], MiB, MiB)
+    assert read_file(legs[1], MiB + 8192, 4096) == b"\x44" * 4096

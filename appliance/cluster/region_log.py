@@ -145,11 +145,13 @@ class EtcdLog:
         return self.region_count - len(self.out_of_sync)
 
     def is_remote_recovering(self, region):
-        """(a node resyncs the region for a lost node, the lowest region still out of sync)."""
-        if region in self.recovering:
-            return False, min(self.out_of_sync, default=self.region_count)
-        busy = self.node.etcd.count_prefix(self._key("recover", region)) > 0
-        return busy, min(self.out_of_sync, default=self.region_count)
+        """(another node resyncs the region for a lost node, the next region after it that
+        another node resyncs, or region_count): the hint lets a mirror list them all in as many
+        requests as there are such regions."""
+        others = sorted(int(k.rsplit("/", 1)[1]) for k, (v, _, _) in
+                        self.node.etcd.get_prefix(self.base + "recover/").items()
+                        if v.split()[0] != self.node.name)
+        return region in others, next((r for r in others if r > region), self.region_count)
 
     def take_over(self, alive):
         """Move the marks of nodes not in `alive` to this node in one transaction and queue

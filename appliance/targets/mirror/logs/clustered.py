@@ -19,7 +19,7 @@ import threading
 
 from ... import TargetError
 from ....cluster.client import LogClient
-from ....cluster.protocol import PAIR_IQ, PAIR_QI, RequestType as T, pack_regions
+from ....cluster.protocol import PAIR_IQ, PAIR_QI, U64, RequestType as T, pack_regions
 from .core import CoreLog
 
 log = logging.getLogger("appliance.mirror")
@@ -76,6 +76,7 @@ class ClusteredLog(CoreLog):
         super().ctr(region_size, region_count, sync, dev, lock, word)
         self.out_of_sync = set()  # the service says which regions (resync work)
         self.to_mark, self.to_clear = set(), set()
+        self.remote = set()  # regions another node resyncs now
         words = [str(region_size), self.uuid] + ([sync] if sync else []) + [str(self.mirror.length)]
         s = self.settings
         # the service itself waits up to etcd_timeout for etcd: a resend before that only queues
@@ -105,9 +106,42 @@ class ClusteredLog(CoreLog):
                 new.add(region)
                 CoreLog.set_region_sync(self, region, False)
 
+    def _remote_recovering(self):
+        """The regions other nodes resync for a lost node (IS_REMOTE_RECOVERING, walking its hint)."""
+        found, r = set(), 0
+        while r < self.region_count:
+            busy, after = PAIR_IQ.unpack(self._call(T.IS_REMOTE_RECOVERING, U64.pack(r)))
+            if busy:
+                found.add(r)
+            r = max(after, r + 1)
+        return found
+
+    def _follow_remote(self):
+        """Another node resyncs these regions: reads go to the primary (the resync source) and
+        writes wait until it is done."""
+        now = self._remote_recovering()
+        m = self.mirror
+        for r in sorted(now - self.remote):
+            m.regions.begin_recovery(r)
+            with self.lock:
+                for leg in m.legs:
+                    if leg.index != m.primary:
+                        leg.stale.add(r)
+        for r in sorted(self.remote - now):
+            with self.lock:
+                if r not in self.out_of_sync:
+                    for leg in m.legs:
+                        leg.stale.discard(r)
+            m.regions.end_recovery(r)
+        if now != self.remote:
+            log.warning("mirror: clustered log %s: %d regions being resynced by another node",
+                        self.uuid, len(now))
+        self.remote = now
+
     def _watch(self):
         while not self.stop.wait(self.settings.lease_ttl / 2):
             try:
+                self._follow_remote()
                 with self.lock:
                     new = self._pull()
                     if new:
