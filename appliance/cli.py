@@ -11,6 +11,7 @@ import sys
 
 from . import config as cfg
 from . import logwrites
+from .cluster import logd
 from .targets.cow import command as layer_command
 from .control import ControlError, call
 
@@ -91,8 +92,27 @@ def cmd_ls(args):
     return 0
 
 
+def _cluster_settings(args):
+    try:
+        return cfg.load_or_default(args.config).cluster
+    except cfg.ConfigError:
+        return None
+
+
+def cmd_cluster(args):
+    from .cluster.status import cmd_status as status
+
+    return status(args, _cluster_settings(args))
+
+
 def cmd_status(args):
     st = _ask(args, "status", name=args.name)
+    if (settings := _cluster_settings(args)) is not None:
+        from .cluster.status import nodes
+        try:
+            st["cluster"] = {"nodes": nodes(settings)}
+        except OSError as e:
+            st["cluster"] = {"error": str(e)}
     if args.json:
         print(json.dumps(st, indent=2))
         return 0
@@ -219,6 +239,10 @@ def parser():
 
     logwrites.add_parser(sub)
     layer_command.add_parser(sub)
+    logd.add_parser(sub)
+    s = sub.add_parser("cluster", help="the cluster of clustered mirrors' logs")
+    csub = s.add_subparsers(dest="what", required=True)
+    csub.add_parser("status", help="a line per node, as etcd holds it").set_defaults(fn=cmd_cluster)
 
     # --config after the subcommand too (`appliance serve --config PATH`), as systemctl and
     # dmsetup take options; SUPPRESS keeps one given before the subcommand when none is after

@@ -98,6 +98,15 @@ class MultipathConfig:
 
 
 @dataclass(frozen=True)
+class ClusterConfig:
+    endpoints: tuple[str, ...]
+    node: str
+    lease_ttl: int
+    etcd_timeout: float
+    socket: str | None
+
+
+@dataclass(frozen=True)
 class Config:
     source: str                    # the file path, or "embedded default"
     daemon: DaemonConfig
@@ -105,6 +114,7 @@ class Config:
     devices: tuple[DeviceConfig, ...]
     power: PowerConfig | None
     multipath: MultipathConfig = MultipathConfig()
+    cluster: ClusterConfig | None = None
     # (path, size in bytes) of a sparse image the daemon must create before
     # building devices; only set by embedded_default().
     needs_default_image: tuple[str, int] | None = None
@@ -133,7 +143,7 @@ class Config:
 
 _CLASSES: dict[str, type] = {"daemon": DaemonConfig, "export": ExportConfig,
                              "device": DeviceConfig, "power": PowerConfig,
-                             "multipath": MultipathConfig}
+                             "multipath": MultipathConfig, "cluster": ClusterConfig}
 
 
 def table_refs(lines) -> tuple[str, ...]:
@@ -286,7 +296,8 @@ def from_dict(raw: dict, path: str = "<dict>") -> Config:
     devices = built["device"]
     _check_devices(path, devices)
     return Config(source=path, daemon=built["daemon"], export=built["export"],
-                  devices=devices, power=built["power"], multipath=built["multipath"])
+                  devices=devices, power=built["power"], multipath=built["multipath"],
+                  cluster=built["cluster"])
 
 
 def _check_devices(path: str, devices: tuple[DeviceConfig, ...]) -> None:

@@ -343,7 +343,27 @@ MULTIPATH = Section("multipath", doc="multipath maps (multipath.conf's defaults)
         "back to a better path group: immediate|manual|followover|seconds", failback),
 ))
 
-SECTIONS: tuple[Section, ...] = (DAEMON, EXPORT, DEVICE, POWER, MULTIPATH)
+def endpoints(v: str | list) -> tuple[str, ...]:
+    urls = (v,) if isinstance(v, str) else tuple(v)
+    for u in urls:
+        if not isinstance(u, str) or not re.fullmatch(r"https?://[^/\s]+/?", u):
+            raise Invalid(f"etcd endpoint {u!r} is not an http(s)://HOST:PORT URL")
+    if not urls:
+        raise Invalid("no etcd endpoints")
+    return urls
+
+
+CLUSTER = Section("cluster", doc="clustered mirror logs: this node in an etcd cluster (optional)", keys=(
+    Key("endpoints", "lines", REQUIRED, 'etcd client URLs, ["http://127.0.0.1:2379", ...]', endpoints),
+    Key("node", "string", REQUIRED, "this node's name, unique in the cluster", device_name),
+    Key("lease_ttl", "integer", 5, "seconds a node that stopped answering stays alive (>= 1)",
+        number_range(1)),
+    Key("etcd_timeout", "number", 10, "seconds to retry etcd before writes fail", number_range(0)),
+    Key("socket", "string", None, "the log service's socket; the daemon runs the service there "
+        "unless an `appliance logd` listens (default: state_dir/cluster-log.sock)", unix_socket_path),
+))
+
+SECTIONS: tuple[Section, ...] = (DAEMON, EXPORT, DEVICE, POWER, MULTIPATH, CLUSTER)
 
 
 # ---- printing --------------------------------------------------------------

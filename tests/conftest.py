@@ -325,3 +325,53 @@ def qemu_io(uri, *commands, check=True, timeout=60):
     for c in commands:
         args += ["-c", c]
     return run(*args, uri, check=check, timeout=timeout)
+
+
+# ---- etcd, for clustered logs
+
+def free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def etcd(tmp_path):
+    """A real single-member etcd on 127.0.0.1 (free ports, its own data dir); `.url` is its
+    client URL, `.stop()`/`.start()` take it away and bring it back on the same ports."""
+    need("etcd")
+
+    class Etcd:
+        client, peer = free_port(), free_port()
+        url = f"http://127.0.0.1:{client}"
+        proc = None
+
+        def start(self):
+            peer = f"http://127.0.0.1:{self.peer}"
+            self.proc = subprocess.Popen(
+                ["etcd", "--name", "t", "--data-dir", str(tmp_path / "etcd"),
+                 "--listen-client-urls", self.url, "--advertise-client-urls", self.url,
+                 "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+                 "--initial-cluster", f"t={peer}"],
+                stdout=subprocess.DEVNULL, stderr=open(tmp_path / "etcd.log", "ab"))
+            import urllib.request
+
+            def healthy():
+                try:
+                    with urllib.request.urlopen(self.url + "/health", timeout=1) as r:
+                        return b"true" in r.read()
+                except OSError:
+                    return self.proc.poll() is not None
+            wait_for(healthy, 20, "etcd to answer /health")
+            assert self.proc.poll() is None, (tmp_path / "etcd.log").read_text()[-2000:]
+
+        def stop(self):
+            self.proc.kill()
+            self.proc.wait()
+
+    e = Etcd()
+    e.start()
+    yield e
+    e.stop()

@@ -469,7 +469,7 @@ def test_describe_lists_every_key():
 def test_schema_matches_dataclasses():
     classes = {"daemon": config.DaemonConfig, "export": config.ExportConfig,
                "device": config.DeviceConfig, "power": config.PowerConfig,
-               "multipath": config.MultipathConfig}
+               "multipath": config.MultipathConfig, "cluster": config.ClusterConfig}
     for section in schema.SECTIONS:
         assert [k.name for k in section.keys] == \
             [f.name for f in dataclasses.fields(classes[section.name])]

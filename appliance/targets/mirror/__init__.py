@@ -71,6 +71,7 @@ class Mirror(Control, Target):
             self.legs.append(Leg(i, d.word, dev, d.offset))
         log_dev = self.get_device(p.log_dev) if p.log_dev else None
         self.log = log_class(p.log_type)()
+        self.log.attach(self, p)
         self.log.ctr(p.region_size, self.region_count, p.sync, log_dev, self.lock, p.log_dev)
         known = {word for word, _ in self.log.recorded or ()}
         if known and not known & {leg.word for leg in self.legs}:
@@ -82,7 +83,7 @@ class Mirror(Control, Target):
         self.to_repair = set()  # (leg, region) a read error found bad: a repair once resynced
         self.client_ios = 0
         self.started = False
-        self.regions = RegionHash(self, self.log, durable_marks=log_dev is not None)
+        self.regions = RegionHash(self, self.log, durable_marks=self.log.durable_marks)
         self.resync = Resync(self)
 
     def dtr(self):

@@ -1,6 +1,7 @@
 """The mirror's table line, as dm-mirror's:
   <log_type> <#log_args> <log_args...> <#legs> <leg> <offset>... [<#features> <features>...]
-log args: `core <region_size> [sync|nosync]`, `disk <log_dev> <region_size> [sync|nosync]`;
+log args: `core <region_size> [sync|nosync]`, `disk <log_dev> <region_size> [sync|nosync]`,
+`clustered <uuid> <region_size> [sync|nosync]` (the log shared through the cluster's etcd);
 region size and offsets in 512-byte sectors; features `handle_errors`, `keep_log`."""
 
 from __future__ import annotations
@@ -27,13 +28,20 @@ def parse(args):
     log_args, rest = args[2 : 2 + n], args[2 + n :]
     if len(log_args) != n:
         raise TargetError(f"the {log_type} log has {len(log_args)} arguments, #log_args says {n}")
-    log_dev = None
-    if log_type == "disk":
+    log_dev = uuid = None
+    first = {"disk": "<log_dev> ", "clustered": "<uuid> "}.get(log_type, "")
+    if first:
         if not log_args:
-            raise TargetError("the disk log takes <log_dev> <region_size> [sync|nosync]")
-        log_dev, log_args = log_args[0], log_args[1:]
+            raise TargetError(f"the {log_type} log takes {first}<region_size> [sync|nosync]")
+        if log_type == "disk":
+            log_dev = log_args[0]
+        else:
+            uuid = log_args[0]
+            if len(uuid.encode()) > 128 or "/" in uuid:
+                raise TargetError(f"clustered log uuid {uuid!r}: at most 128 bytes, no '/'")
+        log_args = log_args[1:]
     if not 1 <= len(log_args) <= 2:
-        raise TargetError(f"the {log_type} log takes {'<log_dev> ' if log_dev else ''}<region_size> [sync|nosync]")
+        raise TargetError(f"the {log_type} log takes {first}<region_size> [sync|nosync]")
     region = parse_int(log_args[0], "region_size", 8)
     if region % 8:
         raise TargetError(f"region_size must be a multiple of 8 sectors (4 KiB), got {region}")
@@ -71,7 +79,7 @@ def parse(args):
         if "keep_log" in features and "handle_errors" not in features:
             raise TargetError("keep_log needs handle_errors")
     devices = list(legs) + ([DeviceArg(log_dev, 0)] if log_dev else [])
-    return SimpleNamespace(log_type=log_type, log_dev=log_dev, region_size=region * SECTOR_SIZE, sync=sync,
+    return SimpleNamespace(log_type=log_type, log_dev=log_dev, uuid=uuid, region_size=region * SECTOR_SIZE, sync=sync,
                            legs=legs, features=features, devices=devices)
 
 

@@ -3,8 +3,8 @@
 A region is `clean` while no write to it is in flight on the legs (`mark_region` before the
 write, `clear_region` some time after it completed everywhere) and `in sync` when every leg
 holds the same data there. A log type is a small class with dm-dirty-log's operations, found
-by name as targets are: `core` (in memory) and `disk` (a bitmap on a log device), so that a
-`clustered` log drops in beside them.
+by name as targets are: `core` (in memory), `disk` (a bitmap on a log device) and `clustered`
+(a log service that keeps several hosts' logs of one mirror coherent through etcd).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import importlib
 
 from .. import TargetError
 
-TYPES = ("core", "disk")
+TYPES = ("core", "disk", "clustered")
 
 
 def log_class(name):

@@ -7,6 +7,11 @@ from __future__ import annotations
 
 class CoreLog:
     name = "core"
+    durable_marks = False  # a mark must reach the log before its write goes to the legs
+
+    def attach(self, mirror, parsed):
+        """What a log kept outside the mirror needs from it before ctr (clustered's uuid,
+        settings and wake-ups); nothing for the logs it holds itself."""
 
     # construction
     def ctr(self, region_size, region_count, sync=None, dev=None, lock=None, word=None):

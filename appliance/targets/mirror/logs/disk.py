@@ -40,6 +40,7 @@ def log_bytes(region_count):
 
 class DiskLog(CoreLog):
     name = "disk"
+    durable_marks = True
 
     def ctr(self, region_size, region_count, sync=None, dev=None, lock=None, word=None):
         super().ctr(region_size, region_count, sync, dev, lock, word)

@@ -1,0 +1,77 @@
+"""One node's membership of the cluster: an etcd lease (its liveness) and the node key under it,
+`/appliance/nodes/<name>`. Every write a node makes to a log's keys is fenced on that key still
+being under its lease, so a node whose lease expired while it kept running is refused."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import threading
+import time
+
+from . import etcd as e
+
+log = logging.getLogger("appliance.cluster")
+PREFIX = "/appliance/"
+
+
+def node_key(name):
+    return f"{PREFIX}nodes/{name}"
+
+
+class Node:
+    def __init__(self, client, name, lease_ttl=5):
+        self.etcd = client
+        self.name = name
+        self.lease_ttl = lease_ttl
+        self.lease = 0
+        self.lost = False  # the lease expired under us: our regions may have been taken over
+        self.stop = threading.Event()
+
+    @property
+    def key(self):
+        return node_key(self.name)
+
+    def register(self):
+        """A new lease and the node key under it. A node restarted after a crash finds its old
+        key alive: it waits out that lease (survivors then take its regions over, which is what
+        a crash means); a name still alive after two TTLs belongs to another running node."""
+        deadline = time.monotonic() + 2 * self.lease_ttl + 1
+        while True:
+            if self.key not in self.etcd.get_prefix(self.key):
+                lease = self.etcd.grant(self.lease_ttl)  # fresh: no waiting eats into its TTL
+                if self.etcd.txn([e.absent(self.key)], [e.put(self.key, self.name, lease)]):
+                    break
+            if time.monotonic() > deadline:
+                raise OSError(errno.EEXIST, f"node {self.name!r} is already alive in the cluster "
+                                            f"(`node` in [cluster] must be unique)")
+            time.sleep(0.25)
+        self.lease, self.lost = lease, False
+        log.info("cluster: node %s joined with lease %x", self.name, lease)
+
+    def fence(self):
+        return e.held_by(self.key, self.lease)
+
+    def keepalive(self):
+        """Refresh the lease; on finding it gone, say so loudly and register again."""
+        if self.etcd.keepalive(self.lease) > 0:
+            return True
+        log.error("cluster: node %s lost its lease: its regions may have been taken over; "
+                  "writes are refused until they are checked again", self.name)
+        self.lost = True
+        self.register()
+        return False
+
+    def run_keepalive(self, on_tick=None):
+        """Refresh every third of the TTL until stopped (a thread's body)."""
+        while not self.stop.wait(self.lease_ttl / 3):
+            try:
+                self.keepalive()
+                if on_tick:
+                    on_tick()
+            except OSError as err:
+                log.error("cluster: node %s cannot reach etcd: %s", self.name, err)
+
+    def alive_nodes(self):
+        return {k.rsplit("/", 1)[1]: lease for k, (_, _, lease) in
+                self.etcd.get_prefix(f"{PREFIX}nodes/").items()}
