@@ -7,7 +7,9 @@
      file: sequential 1 MiB reads at QD16 through a multipath map over both, as a ratio of the
      same map over one of them (bar: >= 1.8x).
   2. One fast path and one behind nbdkit's `delay` (rdelay=5ms): 4 KiB random reads at QD16
-     as ratios of a map over the fast path alone (bar: >= 0.9x). `service-time` is run as dm
+     as ratios of the fast path alone (a map of two connections to the fast server, so as many
+     requests are in flight as in the two-path maps) (bar: >= 0.9x), with the part of the
+     requests each map sent to the slow path. `service-time` is run as dm
      defines it twice: with dm's default relative_throughput (1 for both paths: fewest bytes in
      flight wins, so the slow path holds about half the requests; a figure) and with each path's
      relative_throughput from its IOPS measured alone in this run (the bar); then
@@ -55,8 +57,8 @@ def mp_line(paths, selector="round-robin 0", path_args="1"):
     return f"0 {SIZE // 512} multipath 0 0 1 1 {selector} {len(paths)} {nargs} {words}"
 
 
-def remote(kit):
-    return f"nbd+unix:///?socket={kit.socket}"
+def remote(kit, export=""):
+    return f"nbd+unix:///{export}?socket={kit.socket}"  # nbdkit serves any export name: a second connection
 
 
 def main():
@@ -112,7 +114,10 @@ def fast_and_slow(args, wd, data, rows):
     slow.start()
     try:
         both = [remote(fast), remote(slow)]
-        devices = [("alone", [mp_line([remote(fast)])]), ("slow", [mp_line([remote(slow)])]),
+        # "alone": two connections to the fast server, so the map lets as many requests in flight
+        # (8 a path) as the two-path maps do; likewise "slow"
+        devices = [("alone", [mp_line([remote(fast), remote(fast, "b")])]),
+                   ("slow", [mp_line([remote(slow), remote(slow, "b")])]),
                    ("rr", [mp_line(both)]),
                    ("hst", [mp_line(both, "historical-service-time 0")]),
                    ("st", [mp_line(both, "service-time 0", "1 1")])]
@@ -126,24 +131,29 @@ def fast_and_slow(args, wd, data, rows):
                                 f"{both[0]} 1 {rt_fast} {both[1]} 1 {rt_slow}"]))
         with Appliance(wd, devices[:1] + devices[2:], name="mp-asym") as app:
             alone = measure(app, rnd, runtime=args.runtime, export="alone")
-            stm = measure(app, rnd, runtime=args.runtime, export="stm")
-            hst = measure(app, rnd, runtime=args.runtime, export="hst")
-            st = measure(app, rnd, runtime=args.runtime, export="st")
-            rr = measure(app, rnd, runtime=args.runtime, export="rr")
+            stm, hst, st, rr = (measure(app, rnd, runtime=args.runtime, export=e) for e in ("stm", "hst", "st", "rr"))
+            share = {e: slow_share(app, e) for e in ("stm", "hst", "st", "rr")}
     finally:
         fast.stop()
         slow.stop()
     base = rnd.value(alone)
     rows.append([f"fast path alone, {rnd.title}", f"{fmt_num(base)} IOPS",
                  f"slow path alone {fmt_num(rnd.value(slow_alone))} IOPS", "", ""])
-    for label, res, bar in ((f"service-time, relative_throughput {rt_fast}:{rt_slow} (measured)", stm, True),
-                            ("historical-service-time", hst, True),
-                            ("service-time, relative_throughput 1:1 (dm default)", st, False),
-                            ("round-robin", rr, False)):
+    for label, e, res, bar in ((f"service-time, relative_throughput {rt_fast}:{rt_slow} (measured)", "stm", stm, True),
+                               ("historical-service-time", "hst", hst, True),
+                               ("service-time, relative_throughput 1:1 (dm default)", "st", st, False),
+                               ("round-robin", "rr", rr, False)):
         r = ratio(rnd.value(res), base)
         rows.append([f"fast + 5 ms path, {label}, {rnd.title}", f"{fmt_num(rnd.value(res))} IOPS",
-                     f"{fmt_ratio(r)} fast path alone", ">= 0.9x" if bar else "(figure)",
+                     f"{fmt_ratio(r)} fast path alone, {share[e]:.0%} of requests to the slow path", ">= 0.9x" if bar else "(figure)",
                      ("ok" if r and r >= 0.9 else "MISSED") if bar else ""])
+
+
+def slow_share(app, export):
+    """The part of a two-path map's requests that went to its second (slow) path."""
+    st = app.status(export)["devices"][0]["segments"][0]["status"]
+    n = [p["requests"] for g in st["path_groups"] for p in g["paths"]]
+    return n[1] / max(1, sum(n))
 
 
 def merging(args, wd, data, rows):
