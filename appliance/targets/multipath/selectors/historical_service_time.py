@@ -11,7 +11,7 @@ The estimate for a path is (1 + in flight) x its average, so a 5 ms path gets a 
 only once a 0.1 ms one has some 50 in flight. Overlapping requests count as if serial
 (a request's service time starts no earlier than the path's last completion), so a
 busy path's average is the time between its completions. A path that has finished
-nothing for longer than its average x the number of paths is stale: an idle stale path
+nothing for longer than its average x the number of paths (and at least STALE_MIN) is stale: an idle stale path
 is probed with the next request (it may have become fast again; of two idle paths the
 longer unprobed goes), and a stale path that would win is only given its equal share
 (fewer in flight wins). Path argument: [<repeat_count>].
@@ -29,6 +29,11 @@ BUCKET = 0.016  # seconds a weight step stands for (dm: 2^24 ns)
 STEPS = 64  # dm's HST_WEIGHT_COUNT: a sample of 63 steps or more replaces the average
 DEFAULT_BASE = 972
 FIRST_ESTIMATE = 1e-9  # a new path's average (dm: 1 ns): it is tried before it is judged
+# a path is stale no sooner than this after its last completion: completions here reach the
+# selector through engine threads and the GIL, in bursts with gaps of a few ms on a loaded machine,
+# so dm's bare "average x paths" (0.2 ms for a 0.1 ms path) would call a healthy path stale and
+# hand the slow one an equal share
+STALE_MIN = 0.010
 
 
 class HistoricalServiceTime(Selector):
@@ -83,7 +88,7 @@ class HistoricalServiceTime(Selector):
         sample = max(now - start, 0.0)
         weight = self.weights[min(int(sample / BUCKET), STEPS - 1)]
         ps["hst"] = ps["hst"] * weight + sample * (1 - weight)
-        ps["stale_after"] = now + max(len(path.group.usable()), 1) * ps["hst"]
+        ps["stale_after"] = now + max(len(path.group.usable()) * ps["hst"], STALE_MIN)
 
     def status(self, path=None, table=False):
         if path is None:
