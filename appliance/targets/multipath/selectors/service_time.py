@@ -3,7 +3,11 @@
 Path arguments: [<repeat_count> [<relative_throughput>]]; relative_throughput is 0-100
 (default 1): a path's bytes in flight, this request's included, divided by it estimate
 how long the request waits there. A path of throughput 0 is used only when every usable
-path has 0. Status INFO per path: bytes in flight and relative_throughput.
+path has 0. Paths of equal throughput (the default) are judged by bytes in flight alone,
+so a slow path holds about as many requests as a fast one: give each path its measured
+throughput (in proportion) for the fast one to take most. repeat_count is kept for the
+table; every request is judged anew. Status INFO per path: bytes in flight and
+relative_throughput.
 """
 
 from __future__ import annotations
@@ -33,14 +37,10 @@ class ServiceTime(Selector):
         path.ps = {"repeat_count": repeat, "relative_throughput": throughput}
 
     def select(self, paths, nbytes):
-        fast = [p for p in paths if p.ps["relative_throughput"]] or paths
-        start = (fast.index(self.last) + 1) % len(fast) if self.last in fast else 0
-        order = fast[start:] + fast[:start]
-        # (in flight + this) / throughput, compared by cross-multiplying as dm does (no division)
-        best = order[0]
-        for p in order[1:]:
-            rt_p, rt_b = p.ps["relative_throughput"] or 1, best.ps["relative_throughput"] or 1
-            if (p.in_flight_bytes + nbytes) * rt_b < (best.in_flight_bytes + nbytes) * rt_p:
+        start = (paths.index(self.last) + 1) % len(paths) if self.last in paths else 0
+        best = None
+        for p in paths[start:] + paths[:start]:  # the last chosen is tried last: ties go round
+            if best is None or _compare(p, best, nbytes) < 0:
                 best = p
         self.last = best
         return best
@@ -51,3 +51,16 @@ class ServiceTime(Selector):
         if table:
             return [str(path.ps["repeat_count"]), str(path.ps["relative_throughput"])]
         return [str(path.in_flight_bytes), str(path.ps["relative_throughput"])]
+
+
+def _compare(a, b, nbytes):
+    """< 0: a would finish the request sooner than b (dm's st_compare_load)."""
+    rt_a, rt_b = a.ps["relative_throughput"], b.ps["relative_throughput"]
+    if rt_a == rt_b:
+        return a.in_flight_bytes - b.in_flight_bytes  # equal paths: the less loaded
+    if a.in_flight_bytes == b.in_flight_bytes or not rt_a or not rt_b:
+        return rt_b - rt_a  # the faster one (a path of throughput 0 only when all are)
+    # (in flight + this) / throughput, cross-multiplied as dm does (no division)
+    st_a = (a.in_flight_bytes + nbytes) * rt_b
+    st_b = (b.in_flight_bytes + nbytes) * rt_a
+    return st_a - st_b if st_a != st_b else rt_b - rt_a
