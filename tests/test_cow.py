@@ -11,6 +11,7 @@ import json
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 from conftest import REPO, device, need, nbdsh_env, run, unwritten_pages, wait_for
@@ -330,17 +331,29 @@ def test_merge_and_push_while_fio_verifies(make_daemon, tmp_path):
     need("fio")
     base, layers = build_stack(make_daemon, tmp_path, 3)
     d = make_daemon(cow_device(base, layers), name="live")
-    fio = subprocess.Popen(["fio", "--name=w", "--ioengine=nbd", f"--uri={d.uri('d')}", "--rw=randwrite", "--bs=4k",
-                            "--offset=4m", "--size=4m", "--iodepth=8", "--verify=crc32c", "--do_verify=1",
-                            "--loops=40", "--verify_state_save=0"],
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
-    message(d, "push", str(tmp_path / "l4.layer"))
-    message(d, "merge", layers[1], layers[2])
-    merged(d)
-    message(d, "push", str(tmp_path / "l5.layer"))
-    assert fio.poll() is None, "fio ended before the push and merge: they must happen under its load"
-    out, _ = fio.communicate(timeout=120)
-    assert fio.returncode == 0, out
+    cmd = ["fio", "--name=w", "--ioengine=nbd", f"--uri={d.uri('d')}", "--rw=randwrite", "--bs=4k", "--offset=4m",
+           "--size=4m", "--iodepth=8", "--verify=crc32c", "--do_verify=1", "--loops=4", "--verify_state_save=0"]
+    runs, stop = [], threading.Event()
+
+    def load():  # verified fio runs back to back until the push and merge are done, however long they take
+        while not stop.is_set() and len(runs) < 500:
+            r = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=120)
+            runs.append((r.returncode, r.stdout + r.stderr))
+
+    loader = threading.Thread(target=load)
+    loader.start()
+    try:
+        wait_for(lambda: runs, 60, "a first verified fio run")
+        message(d, "push", str(tmp_path / "l4.layer"))
+        message(d, "merge", layers[1], layers[2])
+        merged(d)
+        message(d, "push", str(tmp_path / "l5.layer"))
+        done = len(runs)
+        wait_for(lambda: len(runs) > done + 1, 120, "a whole fio run on the new stack")
+    finally:
+        stop.set()
+        loader.join(150)
+    assert all(rc == 0 for rc, _ in runs), [out for rc, out in runs if rc][0]
     assert d.status("d")["devices"][0]["errors"] == 0
     qemu_io(d.uri("d"), "read -P 1 64k 64k", "read -P 2 128k 64k", "read -P 3 192k 64k", "read -P 3 0 4k")
 
