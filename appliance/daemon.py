@@ -4,7 +4,9 @@ that acts on signals and on control requests that change the whole set
 
 Whatever changes devices (a control command, a reload, a kernel disk event)
 holds `Daemon.lock`, so no two of them interleave; what only reads (status,
-ls, table) does not wait for it. The run loop never blocks on it for a disk
+ls, table) does not wait for it, and neither does `resume`: it takes only the
+device's own control lock, as dm locks each device, so resuming a lower device
+releases a suspend or reload of one above it that waits for I/O held below. The run loop never blocks on it for a disk
 event (the event waits for the next turn), so the watchdog is fed while a long
 suspend holds it. The power monitor acts on a device's rambacks holding that
 device's own control lock, which every table change (suspend, load, resume)
@@ -58,7 +60,8 @@ RESTART_ONLY = (
 )
 
 
-READ_ONLY = ("ls", "status", "table")  # control commands that never wait for the device lock
+READ_ONLY = ("ls", "status", "table")  # control commands that never wait for the daemon's lock
+OWN_LOCK = ("resume",)  # ... and those that take only the device's own lock (see the docstring)
 
 
 class AssemblyError(Exception):
@@ -547,7 +550,7 @@ class Daemon:
             if error:
                 raise ControlError(f"reload refused: {error}")
             return {}
-        if cmd.startswith("power") or cmd in READ_ONLY:  # UPS events never wait behind a reload
+        if cmd.startswith("power") or cmd in READ_ONLY or cmd in OWN_LOCK:  # UPS events never wait behind a reload
             return fn(req)
         with self.lock:
             return fn(req)

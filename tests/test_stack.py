@@ -330,6 +330,33 @@ def test_stopping_the_daemon_while_a_lower_device_is_suspended_finishes_and_keep
     assert file_bytes(disk, MiB, 4096) == b"\x5a" * 4096, out
 
 
+def test_resuming_a_lower_device_releases_a_suspend_of_the_one_above_it(make_daemon, image):
+    # `suspend top` waits for top's write, which is held in the suspended `low`; the resume of
+    # `low` must not wait behind that suspend (dm locks each device, not the daemon)
+    need("qemu-io")
+    disk = image("disk.img", 4 * MiB)
+    d = make_daemon(device("low", f"0 {4 * MiB // S} linear {disk} 0", export=False)
+                    + device("top", f"0 {4 * MiB // S} linear @low 0"))
+    d.cli("suspend", "low")
+    writer = subprocess.Popen(["qemu-io", "-f", "raw", "-c", f"write -P 0x5b {MiB} 4096", d.uri("top")],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    suspender = subprocess.Popen(cli_argv(d, "suspend", "top"), cwd=REPO, stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(lambda: d.status("low")["devices"][0]["deferred"] >= 1, 15, what="the write to be held")
+        assert d.cli("resume", "low", timeout=15).returncode == 0
+        assert suspender.wait(15) == 0, suspender.stdout.read()
+        d.cli("resume", "top", timeout=15)
+        out, _ = writer.communicate(timeout=20)
+        assert "wrote 4096/4096" in out, out
+    finally:
+        for p in (writer, suspender):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert file_bytes(disk, MiB, 4096) == b"\x5b" * 4096
+
+
 def test_load_and_resume_swap_the_table_under_a_connected_client(make_daemon, image, tmp_path):
     first = fill(tmp_path / "first.img", 0x11, 2 * MiB)
     second = fill(tmp_path / "second.img", 0x22, 4 * MiB)
