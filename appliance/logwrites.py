@@ -226,6 +226,9 @@ def select(log, *, limit=None, end_mark=None, to_flush=None, last_flush=False, d
 def replay(log, dev_path, entries):
     """Apply `entries` to the file or disk at dev_path in order, then fsync it.
     Discards replay as zeros, which is what a trimmed file reads as. Returns counts by kind."""
+    if not os.path.exists(dev_path) and os.path.abspath(dev_path).startswith("/dev/"):
+        # a mistyped disk name must not become a regular file in /dev that takes the writes
+        raise LogError(f"{dev_path}: no such device")
     try:
         fd = os.open(dev_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     except OSError as e:
@@ -276,7 +279,7 @@ def add_parser(sub):
     s.add_argument("log")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_list)
-    s = cmds.add_parser("replay", help="apply a log's writes in order to DEV (a file is created if missing)")
+    s = cmds.add_parser("replay", help="apply a log's writes in order to DEV (a file is created if missing; a missing /dev/... is an error)")
     s.add_argument("log")
     s.add_argument("dev")
     stop = s.add_mutually_exclusive_group()

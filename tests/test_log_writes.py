@@ -6,6 +6,7 @@ Each test drives a real daemon with nbdsh or qemu-io and reads the log with the 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -169,6 +170,9 @@ def test_a_bad_log_is_refused_with_what_is_wrong(make_daemon, image, tmp_path):
     d, disk, log = logged(make_daemon, image)
     nbdsh(d.uri("data0"), 'h.pwrite(b"\\x01" * 65536, 0)\nh.flush()')
     d.stop()  # the stop flushes too: write, flush, flush
+    # a mistyped disk is not created as a regular file in /dev
+    r = cli("replay", log, "/dev/sdzz-not-a-disk", check=False)
+    assert r.returncode == 1 and "no such device" in r.stderr and not os.path.exists("/dev/sdzz-not-a-disk")
     with open(log, "r+b") as f:  # cut the log inside its first entry's data
         f.truncate(4096)
     r = cli("replay", log, tmp_path / "r.img", check=False)
