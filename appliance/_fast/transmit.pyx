@@ -72,14 +72,6 @@ cdef extern from "<sys/mman.h>" nogil:
     int PROT_READ, PROT_WRITE, MAP_PRIVATE, MAP_ANONYMOUS
     void *MAP_FAILED
 
-cdef extern from "<poll.h>" nogil:
-    struct pollfd:
-        int fd
-        short events
-        short revents
-    int poll(pollfd *, unsigned long, int)
-    short POLLIN
-
 cdef extern from "<sys/time.h>" nogil:
     struct timeval:
         long tv_sec
