@@ -322,6 +322,7 @@ cdef class Connection:
     cdef int next_header(self) noexcept nogil:
         """A whole header at rbuf+rstart without waiting: 1 yes, 0 not yet, -1 EOF, -2 error."""
         cdef ssize_t n
+        cdef size_t want
         while self.rend - self.rstart < HEADER:
             if not self.q.sock_ready:
                 return 0  # nothing new since the last EAGAIN: no recv to learn that again
@@ -329,9 +330,15 @@ cdef class Connection:
                 memmove(self.rbuf, self.rbuf + self.rstart, self.rend - self.rstart)
                 self.rend -= self.rstart
                 self.rstart = 0
-            n = recv(self.fd, self.rbuf + self.rend, self.rcap - self.rend, MSG_DONTWAIT)
+            want = self.rcap - self.rend
+            n = recv(self.fd, self.rbuf + self.rend, want, MSG_DONTWAIT)
             if n > 0:
                 self.rend += n
+                if <size_t>n < want:
+                    # the socket had less than we asked for, so it is empty now: the next
+                    # look goes through the poll (which fires at once if more came in since)
+                    # rather than a recv that would only say EAGAIN, one syscall per wake
+                    self.q.sock_ready = 0
             elif n == 0:
                 return -1
             elif errno == EAGAIN:
