@@ -48,6 +48,7 @@ class EtcdLog:
         self.recovering = set()  # regions this node resyncs for a lost node
         self.search = 0
         self._claim_initial_sync()
+        self.take_over(self.node.alive_nodes())  # nodes lost before this node opened the log
 
     def _key(self, kind, region, node=None):
         return f"{self.base}{kind}/{region:012d}" + (f"/{node}" if node else "")

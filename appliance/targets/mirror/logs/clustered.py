@@ -5,8 +5,10 @@ one the daemon runs itself), which keeps them in etcd; this is the client side.
 Table words: `clustered <#log_args> <uuid> <region_size> [sync|nosync]`; appliance.toml's
 [cluster] says where etcd is and which node this is. Marks and clears are sent with the flush
 (dm's integrated flush), so a write waits for one round trip per batch; a region this node has
-marked costs none. The regions a survivor takes over from a lost node show up as resync work:
-a thread asks for it every half lease and hands it to the mirror's resync.
+marked costs none. The regions a survivor takes over from a lost node show up as resync work,
+and other nodes follow them with IS_REMOTE_RECOVERING: an etcd watch on the log's `recover/`
+keys rings a thread, which then asks the service (the protocol has no way for the service to
+speak first) and hands new work to the mirror's resync.
 """
 
 from __future__ import annotations
@@ -14,11 +16,13 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import socket
 import threading
 
 from ... import TargetError
 from ....cluster.client import LogClient
+from ....cluster.etcd import Etcd
+from ....cluster.logd import listening
+from ....cluster.node import PREFIX
 from ....cluster.protocol import PAIR_IQ, PAIR_QI, U64, RequestType as T, pack_regions
 from .core import CoreLog
 
@@ -33,8 +37,7 @@ def _in_process_service(settings, path):
 
     with _services_lock:
         if path not in _services:
-            svc = LogService(list(settings.endpoints), settings.node, settings.lease_ttl,
-                             settings.etcd_timeout)
+            svc = LogService(Etcd.for_settings(settings), settings.node, settings.lease_ttl)
             try:
                 svc.start()
             except OSError as e:
@@ -45,15 +48,6 @@ def _in_process_service(settings, path):
             ready.wait(5)
             _services[path] = svc
         return _services[path]
-
-
-def _listening(path):
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        try:
-            s.connect(path)
-            return True
-        except OSError:
-            return False
 
 
 class ClusteredLog(CoreLog):
@@ -69,7 +63,7 @@ class ClusteredLog(CoreLog):
         self.mirror, self.uuid, self.settings = mirror, parsed.uuid, settings
         state_dir = ctx.daemon_config.state_dir if ctx.daemon_config else "/var/lib/appliance"
         self.path = settings.socket or os.path.join(state_dir, "cluster-log.sock")
-        if not _listening(self.path):  # no `appliance logd` unit there: the daemon runs one
+        if not listening(self.path):  # no `appliance logd` unit there: the daemon runs one
             _in_process_service(settings, self.path)
 
     def ctr(self, region_size, region_count, sync=None, dev=None, lock=None, word=None):
@@ -84,11 +78,16 @@ class ClusteredLog(CoreLog):
                                 pause=0.5, bound=s.etcd_timeout)
         self.call_lock = threading.Lock()  # one request on the wire at a time
         self.stop = threading.Event()
+        self.changed = threading.Event()  # rung by the watch on the log's recover/ keys
         try:
             self._pull()  # the first call registers the log (CTR + RESUME)
         except OSError as e:
             raise TargetError(f"clustered log {self.uuid}: {e.strerror or e}") from None
-        threading.Thread(target=self._watch, name=f"cluster-log-{self.uuid}", daemon=True).start()
+        recover = f"{PREFIX}logs/{self.uuid}/recover/"
+        threading.Thread(target=Etcd.for_settings(s).watch, name=f"cluster-watch-{self.uuid}",
+                         args=(recover, lambda events: self.changed.set(), self.stop,
+                               self.changed.set), daemon=True).start()
+        threading.Thread(target=self._follow, name=f"cluster-log-{self.uuid}", daemon=True).start()
 
     def _call(self, rtype, data=b""):
         with self.call_lock:
@@ -138,8 +137,12 @@ class ClusteredLog(CoreLog):
                         self.uuid, len(now))
         self.remote = now
 
-    def _watch(self):
-        while not self.stop.wait(self.settings.lease_ttl / 2):
+    def _follow(self):
+        """Each time the watch rings (and once it is open: what changed before), the regions
+        other nodes resync and this node's new resync work; failing (the service or etcd
+        away), again a second later."""
+        while self.changed.wait() and not self.stop.is_set():
+            self.changed.clear()
             try:
                 self._follow_remote()
                 with self.lock:
@@ -154,9 +157,12 @@ class ClusteredLog(CoreLog):
                     self.mirror.resync.kick()
             except OSError as e:
                 log.error("mirror: clustered log %s: %s", self.uuid, e.strerror or e)
+                self.stop.wait(1)
+                self.changed.set()
 
     def dtr(self):
         self.stop.set()
+        self.changed.set()
         try:
             self._call(T.DTR)
         except OSError as e:
