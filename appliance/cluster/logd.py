@@ -29,7 +29,8 @@ class LogService:
 
     def start(self):
         self.node.register()
-        threading.Thread(target=self.node.run_keepalive, name="cluster-keepalive", daemon=True).start()
+        threading.Thread(target=self.node.run_keepalive, args=(self._recheck,),
+                         name="cluster-keepalive", daemon=True).start()
         threading.Thread(target=self.node.etcd.watch, name="cluster-nodes-watch", daemon=True,
                          args=(f"{PREFIX}nodes/", self._nodes_changed, self.node.stop,
                                self._check_nodes)).start()
@@ -48,6 +49,11 @@ class LogService:
         except OSError as e:
             log.error("cluster: node %s cannot take over a lost node's regions: %s",
                       self.node.name, e.strerror or e)
+
+    def _recheck(self):
+        with self.lock:
+            for region_log in list(self.service.logs.values()):
+                region_log.recheck()
 
     def handle(self, msg):
         with self.lock:

@@ -62,13 +62,13 @@ class Node:
         self.register()
         return False
 
-    def run_keepalive(self, on_tick=None):
-        """Refresh every third of the TTL until stopped (a thread's body)."""
+    def run_keepalive(self, on_lost=None):
+        """Refresh every third of the TTL until stopped (a thread's body); `on_lost()` runs
+        after the node registered again under a new lease."""
         while not self.stop.wait(self.lease_ttl / 3):
             try:
-                self.keepalive()
-                if on_tick:
-                    on_tick()
+                if not self.keepalive() and on_lost:
+                    on_lost()
             except OSError as err:
                 log.error("cluster: node %s cannot reach etcd: %s", self.name, err)
 

@@ -75,10 +75,16 @@ class EtcdLog:
     def resume(self):
         self.search = 0
         if self.node.lost:
-            # our marks may have been taken over while we were cut off: drop what etcd no
-            # longer holds for us, so those regions are marked again before any write
-            held = self.node.etcd.get_prefix(self.base + "mark/")
-            self.marked = {int(k.split("/")[-2]) for k in held if k.endswith("/" + self.node.name)}
+            self.recheck()
+
+    def recheck(self):
+        """Our lease expired while we were cut off, so our marks may have been taken over:
+        drop what etcd no longer holds for us, so those regions are marked again (a fenced
+        transaction) before any write to them."""
+        held = self.node.etcd.get_prefix(self.base + "mark/")
+        self.marked = {int(k.split("/")[-2]) for k in held if k.endswith("/" + self.node.name)}
+        for r in [r for r in self.idle if r not in self.marked]:
+            del self.idle[r]
 
     def get_region_size(self):
         return self.region_size
