@@ -22,10 +22,10 @@ def cluster(etcd, tmp_path, node, ttl=TTL):
             f'etcd_timeout = 3\nsocket = "{tmp_path}/{node}-clog.sock"\n{tls}')
 
 
-def node(make_daemon, etcd, tmp_path, name, legs, ttl=TTL):
+def node(make_daemon, etcd, tmp_path, name, legs, ttl=TTL, start=True):
     line = mirror_line(16 * MiB, legs, log=f"clustered 3 {UUID} 2048 nosync")
     return make_daemon(device("m", line, exclusive=False), name=name,
-                       extra=cluster(etcd, tmp_path, name, ttl))
+                       extra=cluster(etcd, tmp_path, name, ttl), start=start)
 
 
 def marks(etcd):
