@@ -90,8 +90,11 @@ def test_etcd_gone_past_the_bound_fails_writes_to_unmarked_regions_then_they_res
     assert "Input/output error" in r.stdout + r.stderr, r.stdout + r.stderr
     assert 3 <= waited < 20, waited  # etcd_timeout = 3: a bounded wait, then the error
     assert read_file(legs[0], 6 * MiB, 4096) == bytes(4096) == read_file(legs[1], 6 * MiB, 4096)
-    # a region this node had marked needs no etcd: its writes go on
-    assert "wrote 4096/4096" in qemu_io(a.uri("m"), f"write -P 0x57 {1 * MiB} 4k").stdout
+    # nor to a region it had marked: its lease ran out unrenewed, a survivor may resync it now
+    r = qemu_io(a.uri("m"), f"write -P 0x57 {1 * MiB} 4k", check=False)
+    assert "Input/output error" in r.stdout + r.stderr, r.stdout + r.stderr
+    assert read_file(legs[1], 1 * MiB, 4096) == b"\x55" * 4096
+    assert "read 4096/4096" in qemu_io(a.uri("m"), f"read -P 0x55 {1 * MiB} 4k").stdout  # reads go on
     etcd.start()
     wait_for(lambda: "wrote 4096/4096" in qemu_io(a.uri("m"), f"write -P 0x66 {6 * MiB} 4k",
                                                    check=False).stdout, 30, "writes to resume")

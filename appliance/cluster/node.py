@@ -26,6 +26,7 @@ class Node:
         self.lease_ttl = lease_ttl
         self.lease = 0
         self.lost = False  # the lease expired under us: our regions may have been taken over
+        self.deadline = 0.0  # (monotonic) the lease surely lives until then: renewed before
         self.stop = threading.Event()
 
     @property
@@ -39,6 +40,7 @@ class Node:
         deadline = time.monotonic() + 2 * self.lease_ttl + 1
         while True:
             if self.key not in self.etcd.get_prefix(self.key):
+                asked = time.monotonic()
                 lease = self.etcd.grant(self.lease_ttl)  # fresh: no waiting eats into its TTL
                 if self.etcd.txn([e.absent(self.key)], [e.put(self.key, self.name, lease)]):
                     break
@@ -46,15 +48,23 @@ class Node:
                 raise OSError(errno.EEXIST, f"node {self.name!r} is already alive in the cluster "
                                             f"(`node` in [cluster] must be unique)")
             time.sleep(0.25)
-        self.lease, self.lost = lease, False
+        self.lease, self.deadline = lease, asked + self.lease_ttl
         log.info("cluster: node %s joined with lease %x", self.name, lease)
 
     def fence(self):
         return e.held_by(self.key, self.lease)
 
+    def alive(self):
+        """Whether this node's lease surely still lives, as far as its last renewal tells
+        (counted from when that was asked): past it, another node may have taken its regions."""
+        return not self.lost and time.monotonic() < self.deadline
+
     def keepalive(self):
-        """Refresh the lease; on finding it gone, say so loudly and register again."""
-        if self.etcd.keepalive(self.lease) > 0:
+        """Refresh the lease; on finding it gone, say so loudly and register again (`lost`
+        stays set until the caller has re-checked the regions)."""
+        asked = time.monotonic()
+        if (ttl := self.etcd.keepalive(self.lease)) > 0:
+            self.deadline = asked + ttl
             return True
         log.error("cluster: node %s lost its lease: its regions may have been taken over; "
                   "writes are refused until they are checked again", self.name)
@@ -67,8 +77,11 @@ class Node:
         after the node registered again under a new lease."""
         while not self.stop.wait(self.lease_ttl / 3):
             try:
-                if not self.keepalive() and on_lost:
-                    on_lost()
+                self.keepalive()
+                if self.lost:  # until the re-check went through, on a later tick if need be
+                    if on_lost:
+                        on_lost()
+                    self.lost = False
             except OSError as err:
                 log.error("cluster: node %s cannot reach etcd: %s", self.name, err)
 

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import errno
 import logging
+import time
 
 from . import etcd as e
+from .protocol import U64
 from .node import PREFIX
 
 log = logging.getLogger("appliance.cluster")
@@ -112,11 +114,21 @@ class EtcdLog:
         """The batch of MARKs and CLEARs as one transaction, fenced by this node's lease.
         Cleared regions linger marked (md's bitmap keeps bits set a while for the same reason)
         until more than `LINGER` are marked: a region written again soon costs nothing, and a
-        flush with nothing new to mark sends nothing."""
+        flush with nothing new to mark sends nothing, but is refused once this node's lease may
+        have run out (etcd unreachable since its last renewal): by then a survivor may be
+        resyncing the regions it holds marked, so no write may go on as if nothing happened."""
+        if not everything and not self.node.alive():
+            raise OSError(errno.ESTALE, f"node {self.node.name}'s lease could not be renewed: "
+                                        f"its writes are fenced until etcd answers again")
         excess = len(self.marked) + len(self.to_mark) - self.LINGER
         to_clear = list(self.idle)[:max(0, excess) if not everything else None]
-        if not self.to_mark and not to_clear:
-            return
+        if self.to_mark or to_clear:
+            self._commit(to_clear)
+        # how long the lease surely lives: until then the mirror may write to the regions it
+        # has marked without asking again
+        return U64.pack(int(max(0.0, self.node.deadline - time.monotonic()) * 1000))
+
+    def _commit(self, to_clear):
         name = self.node.name
         ops = [e.put(self._key("mark", r, name)) for r in sorted(self.to_mark)]
         ops += [e.delete(self._key("mark", r, name)) for r in to_clear]

@@ -17,6 +17,7 @@ import errno
 import logging
 import os
 import threading
+import time
 
 from ... import TargetError
 from ....cluster.client import LogClient
@@ -70,6 +71,7 @@ class ClusteredLog(CoreLog):
         super().ctr(region_size, region_count, sync, dev, lock, word)
         self.out_of_sync = set()  # the service says which regions (resync work)
         self.to_mark, self.to_clear = set(), set()
+        self.holds_until = self.renew_at = 0.0  # see flush()
         self.remote = set()  # regions another node resyncs now
         words = [str(region_size), self.uuid] + ([sync] if sync else []) + [str(self.mirror.length)]
         s = self.settings
@@ -191,8 +193,12 @@ class ClusteredLog(CoreLog):
 
     def flush(self):
         """The batch to the service: MARK, CLEAR, then FLUSH, which makes it one etcd txn.
-        Failing, the batch stays for the next flush and the writes waiting on it fail."""
-        if not self.to_mark and not self.to_clear:
+        Failing, the batch stays for the next flush and the writes waiting on it fail. FLUSH's
+        answer says how long this node's lease surely lives; with nothing to send, a FLUSH
+        goes anyway once a third of that has passed (the mirror's log writer calls this every
+        second), so the marks keep holding while the lease is renewed."""
+        asked = time.monotonic()
+        if not self.to_mark and not self.to_clear and asked < self.renew_at:
             return
         marks, clears = sorted(self.to_mark), sorted(self.to_clear)
         try:
@@ -200,11 +206,19 @@ class ClusteredLog(CoreLog):
                 self._call(T.MARK_REGION, pack_regions(marks))
             if clears:
                 self._call(T.CLEAR_REGION, pack_regions(clears))
-            self._call(T.FLUSH)
+            reply = self._call(T.FLUSH)
         except OSError as e:
             raise OSError(e.errno or errno.EIO, f"clustered log {self.uuid}: {e.strerror or e}") from None
+        left = U64.unpack(reply)[0] / 1000 if len(reply) == U64.size else 0.0
+        self.holds_until, self.renew_at = asked + left, asked + left / 3
         self.to_mark -= set(marks)
         self.to_clear -= set(clears)
+
+    def marks_hold(self):
+        """Past the lease's sure life the regions this node marked may be a survivor's to
+        resync: a write there goes through the service again (and fails while it cannot
+        renew the lease)."""
+        return time.monotonic() < self.holds_until
 
     def set_region_sync(self, region, in_sync):
         super().set_region_sync(region, in_sync)
