@@ -27,6 +27,7 @@ class Node:
         self.lease = 0
         self.lost = False  # the lease expired under us: our regions may have been taken over
         self.deadline = 0.0  # (monotonic) the lease surely lives until then: renewed before
+        self.renewed = threading.Condition()  # notified when the deadline moves on
         self.stop = threading.Event()
 
     @property
@@ -48,23 +49,40 @@ class Node:
                 raise OSError(errno.EEXIST, f"node {self.name!r} is already alive in the cluster "
                                             f"(`node` in [cluster] must be unique)")
             time.sleep(0.25)
-        self.lease, self.deadline = lease, asked + self.lease_ttl
+        self.lease = lease
+        self._renewed(asked + self.lease_ttl)
         log.info("cluster: node %s joined with lease %x", self.name, lease)
 
     def fence(self):
         return e.held_by(self.key, self.lease)
+
+    def _renewed(self, deadline):
+        with self.renewed:
+            self.deadline = deadline
+            self.renewed.notify_all()
 
     def alive(self):
         """Whether this node's lease surely still lives, as far as its last renewal tells
         (counted from when that was asked): past it, another node may have taken its regions."""
         return not self.lost and time.monotonic() < self.deadline
 
+    def wait_alive(self, timeout):
+        """alive(), waiting up to `timeout` seconds for a renewal (etcd away for a while)."""
+        end = time.monotonic() + timeout
+        with self.renewed:
+            while not self.alive():
+                left = end - time.monotonic()
+                if left <= 0:
+                    return False
+                self.renewed.wait(min(left, 0.5))  # `lost` is cleared without a notify
+        return True
+
     def keepalive(self):
         """Refresh the lease; on finding it gone, say so loudly and register again (`lost`
         stays set until the caller has re-checked the regions)."""
         asked = time.monotonic()
         if (ttl := self.etcd.keepalive(self.lease)) > 0:
-            self.deadline = asked + ttl
+            self._renewed(asked + ttl)
             return True
         log.error("cluster: node %s lost its lease: its regions may have been taken over; "
                   "writes are refused until they are checked again", self.name)

@@ -114,10 +114,11 @@ class EtcdLog:
         """The batch of MARKs and CLEARs as one transaction, fenced by this node's lease.
         Cleared regions linger marked (md's bitmap keeps bits set a while for the same reason)
         until more than `LINGER` are marked: a region written again soon costs nothing, and a
-        flush with nothing new to mark sends nothing, but is refused once this node's lease may
-        have run out (etcd unreachable since its last renewal): by then a survivor may be
-        resyncing the regions it holds marked, so no write may go on as if nothing happened."""
-        if not everything and not self.node.alive():
+        flush with nothing new to mark sends nothing. But once this node's lease may have run out
+        (etcd unreachable since its last renewal) a survivor may be resyncing the regions it
+        holds marked, so no write may go on as if nothing happened: the flush waits for a
+        renewal, up to etcd_timeout, and is refused after that."""
+        if not everything and not self.node.wait_alive(self.node.etcd.timeout):
             raise OSError(errno.ESTALE, f"node {self.node.name}'s lease could not be renewed: "
                                         f"its writes are fenced until etcd answers again")
         excess = len(self.marked) + len(self.to_mark) - self.LINGER
