@@ -27,12 +27,12 @@ TTL = 2
 def logd(tmp_path, etcd):
     procs = {}
 
-    def start(node):
+    def start(node, ttl=TTL):
         sock = str(tmp_path / f"logd-{node}.sock")
         if os.path.exists(sock):
             os.unlink(sock)
         p = subprocess.Popen([sys.executable, "-m", "appliance", "logd", "--endpoints", etcd.url,
-                              "--node", node, "--socket", sock, "--lease-ttl", str(TTL),
+                              "--node", node, "--socket", sock, "--lease-ttl", str(ttl),
                               "--etcd-timeout", "3"], cwd=REPO,
                              stderr=open(tmp_path / f"logd-{node}.log", "ab"))
         procs[node] = p
@@ -88,15 +88,15 @@ def test_nodes_see_one_log(logd):
 
 
 def test_survivor_resyncs_exactly_the_regions_the_killed_node_had_marked(logd, etcd):
-    pa, pb = logd("a"), logd("b")
+    pa, pb = logd("a"), logd("b", ttl=60)  # b renews every 20 s: it learns of a's loss by a watch
     a, b = client(pa), client(pb)
     mark(a, 5, 9, 200)
     mark(b, 1)
     assert resync_work(b) == []
     pa.send_signal(signal.SIGKILL)
     pa.wait()
+    took = wait_for(lambda: (b.call(T.RESUME), resync_work(b))[1], TTL + 3, "b to take over a's regions")
     c = client(logd("c"))  # a third node watches the takeover from outside
-    took = wait_for(lambda: (b.call(T.RESUME), resync_work(b))[1], 3 * TTL + 3, "b to take over a's regions")
     assert sorted(took) == [5, 9, 200]
     assert PAIR_IQ.unpack(c.call(T.IS_REMOTE_RECOVERING, U64.pack(9)))[0] == 1
     assert PAIR_IQ.unpack(c.call(T.IS_REMOTE_RECOVERING, U64.pack(1))) == (0, 5)  # the hint: the next one
