@@ -104,6 +104,9 @@ class ClusterConfig:
     lease_ttl: int
     etcd_timeout: float
     socket: str | None
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
 
 
 @dataclass(frozen=True)
