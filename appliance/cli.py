@@ -133,7 +133,7 @@ def cmd_status(args):
             print(prefix + line)
         if dev.get("table_differs_from_config"):
             print(f"{prefix}live table differs from the config: `appliance table {dev['name']}` prints it")
-        if dev["suspended"] and not args.name:
+        if dev["suspended"]:
             print(f"{prefix}(suspended)")
     for name, words in (st["daemon"].get("waiting") or {}).items():
         if args.name in (None, name):
