@@ -465,17 +465,20 @@ class Daemon:
                 self.server.close_listener(name)
             raise
         # commit: suspend, swap, resume each changed device; clients stay connected
+        was_writable = {name: dev.writable for name, dev in self.registry.devices.items()}
         for dev, _ in loaded:
             dev.suspend()
             dev.resume()
         for d in changed:
             dev = self.registry.get(d.name)
             dev.read_only, dev.description = d.read_only, d.description
-            # what a client negotiated no longer holds: it must reconnect to learn it
-            if d.read_only and not old[d.name].read_only:
-                self.server.disconnect(d.name, "device made read-only by reload")
             if old[d.name].export and not d.export:
                 self.server.disconnect(d.name, "device no longer exported")
+        # what a client negotiated no longer holds: it must reconnect to learn it. A device
+        # stacked on one made read_only is read-only too, though its own table did not change.
+        for name, dev in self.registry.devices.items():
+            if was_writable.get(name) and not dev.writable:
+                self.server.disconnect(name, "device made read-only by reload")
         for d in removed:
             self.waiting.pop(d.name, None)
             self.server.disconnect(d.name, "device removed by reload")
