@@ -134,7 +134,8 @@ def cmd_status(args):
         if dev.get("table_differs_from_config"):
             print(f"{prefix}live table differs from the config: `appliance table {dev['name']}` prints it")
         if dev["suspended"]:
-            print(f"{prefix}(suspended)")
+            waits = "; a loaded table goes live at resume" if dev.get("inactive_table") else ""
+            print(f"{prefix}(suspended{waits})")
     for name, words in (st["daemon"].get("waiting") or {}).items():
         if args.name in (None, name):
             prefix = "" if args.name else f"{name}: "

@@ -467,18 +467,19 @@ class Daemon:
         # commit: suspend, swap, resume each changed device; clients stay connected
         was_writable = {name: dev.writable for name, dev in self.registry.devices.items()}
         for dev, _ in loaded:
+            if dev.suspended:
+                # suspended by the administrator: as dm's reload, the table waits in the inactive
+                # slot (with its read_only) and goes live at `appliance resume`
+                log.info("%s is suspended: its new table goes live when it is resumed", dev.name)
+                continue
             dev.suspend()
-            dev.resume()
+            dev.resume()  # read_only comes with the table
         for d in changed:
             dev = self.registry.get(d.name)
-            dev.read_only, dev.description = d.read_only, d.description
+            dev.description = d.description
             if old[d.name].export and not d.export:
                 self.server.disconnect(d.name, "device no longer exported")
-        # what a client negotiated no longer holds: it must reconnect to learn it. A device
-        # stacked on one made read_only is read-only too, though its own table did not change.
-        for name, dev in self.registry.devices.items():
-            if was_writable.get(name) and not dev.writable:
-                self.server.disconnect(name, "device made read-only by reload")
+        self._disconnect_made_read_only(was_writable, "reload")
         for d in removed:
             self.waiting.pop(d.name, None)
             self.server.disconnect(d.name, "device removed by reload")
@@ -503,6 +504,13 @@ class Daemon:
         self.endpoints = endpoints
         self.config = new
         self._publish()
+
+    def _disconnect_made_read_only(self, was_writable, by):
+        """What a client negotiated no longer holds: it must reconnect to learn it. A device
+        stacked on one made read_only is read-only too, though its own table did not change."""
+        for name, dev in list(self.registry.devices.items()):
+            if was_writable.get(name) and not dev.writable:
+                self.server.disconnect(name, f"device made read-only by {by}")
 
     def _bind(self, export):
         """Listen where `export` adds a listener, keeping those it keeps. -> (names bound now,
@@ -628,7 +636,10 @@ class Daemon:
         return {}
 
     def cmd_resume(self, req):
-        self._device(req).resume()
+        dev = self._device(req)
+        was_writable = {name: d.writable for name, d in list(self.registry.devices.items())}
+        dev.resume()  # a table loaded read_only (by a reload while suspended) goes live here
+        self._disconnect_made_read_only(was_writable, "resume")
         return {}
 
     def cmd_load(self, req):

@@ -36,9 +36,10 @@ class DeviceBusy(RuntimeError):
 class Table:
     """A constructed table: segments with their live targets."""
 
-    def __init__(self, segments, targets, dispatch=None):
+    def __init__(self, segments, targets, dispatch=None, read_only=False):
         self.segments = segments
         self.targets = targets
+        self.read_only = read_only  # what the device is while this table is live (dm's table mode)
         self.size = table_size(segments)
         self.starts = [s.offset for s in segments]
         # dispatch(members, segment, table): the device maps what the queue lets go
@@ -212,7 +213,7 @@ class MappedDevice(RequestPath):
         with self._control:
             if self.inactive is not None:
                 self.inactive.destroy()
-            self.inactive = Table(segments, targets, self._dispatch_queued)
+            self.inactive = Table(segments, targets, self._dispatch_queued, read_only=not writable)
 
     def clear(self):
         with self._control:
@@ -242,6 +243,7 @@ class MappedDevice(RequestPath):
                 if not self.suspended and self.table is not None:
                     self.suspend()
                 old, self.table, self.inactive = self.table, self.inactive, None
+                self.read_only = self.table.read_only
                 self.gate.close()  # a fresh device's gate was never closed
                 self.gate.set_fastmap(self.table.fastmap())
                 if old is not None:
