@@ -42,7 +42,8 @@ def _control_in_broken_config(path):
 
 
 def cmd_serve(args):
-    from .daemon import AssemblyError, Daemon
+    from .assembly import AssemblyError
+    from .daemon import Daemon
     from .logsetup import setup_logging
 
     try:
