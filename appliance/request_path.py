@@ -224,6 +224,9 @@ class RequestPath:
             holds = req.holds if idle else 0
             if idle:
                 req.holds = 0
+            queue, req.queue = req.queue, None
+        if queue is not None:  # parked, it is in flight no more: what waits behind it may go
+            queue.done(req.segment, req.io)
         with self._requeue_lock:
             self._requeued[req] = True
         self._leave(holds)  # nothing of it is in flight: a suspend need not wait for it
@@ -266,7 +269,7 @@ class RequestPath:
         for io in members:
             io.complete(error)
         if req.queue is not None:  # before leaving the gate: the table is live until then
-            req.queue.done(req.segment)
+            req.queue.done(req.segment, req.io)
         self._leave(req.holds)
 
     def _leave(self, n):

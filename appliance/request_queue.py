@@ -9,6 +9,13 @@ contiguous requests of the same operation and flags merge into one, up to
 MAX_MERGE bytes, as Linux's elevator back-merges bios; the core completes
 each of them separately after.
 
+For a target that wants merged requests, a run that continues one still in
+flight (it starts where that one ends) waits for it to complete, unless it
+is MAX_MERGE already: a client streams its requests in a few at a time, as
+it hears of completions, and dispatching each few at once would send the
+target a stream of small pieces however busy it is. Waiting costs the
+stream nothing, as one run of it is always in flight.
+
 Requests in other segments never enter the queue (and the fast path never
 leaves C), so the queue costs only the targets that ask for it.
 """
@@ -32,6 +39,7 @@ class RequestQueue:
         self.depth = [t.queue_depth or 0 for t in targets]
         self.queues = [bool(m or d) for m, d in zip(self.merge, self.depth)]
         self.busy = [0] * len(targets)
+        self.tails = [{} for _ in targets]  # per segment: (op, end offset) -> runs in flight ending there
         self.waiting = []  # [(io, segment)] in arrival order
         self.running = False  # a thread is dispatching
         self.lock = threading.Lock()
@@ -67,10 +75,17 @@ class RequestQueue:
             for members, segment in batches:
                 self.dispatch(members, segment)
 
-    def done(self, segment):
-        """A request the queue dispatched has completed: its target has room again."""
+    def done(self, segment, io):
+        """A request (`io`: one, or the merged one) the queue dispatched has completed, or was
+        parked (a requeue gives its place back, as dm's): its target has room again."""
         with self.lock:
             self.busy[segment] -= 1
+            tails = self.tails[segment]
+            end = (io.op, io.offset + io.length)
+            if tails.get(end, 0) > 1:
+                tails[end] -= 1
+            else:
+                tails.pop(end, None)
             more = bool(self.waiting)
         if more:
             self.run()
@@ -88,12 +103,20 @@ class RequestQueue:
                 left += [(io, seg) for io in ios]
                 continue
             runs = _merge(ios) if self.merge[seg] and len(ios) > 1 else [[io] for io in ios]
-            for members in runs[:room]:
+            tails = self.tails[seg]
+            for members in runs:
+                first, last = members[0], members[-1]
+                if room <= 0 or (self.merge[seg] and (first.op, first.offset) in tails and first.op in MERGEABLE
+                                 and last.offset + last.length - first.offset < MAX_MERGE):
+                    left += [(io, seg) for io in members]  # no room, or it grows behind its predecessor
+                    continue
+                room -= 1
+                end = (first.op, last.offset + last.length)
+                tails[end] = tails.get(end, 0) + 1
                 out.append((members, seg))
                 self.busy[seg] += 1
                 self.dispatched += 1
                 self.merged += len(members) - 1
-            left += [(io, seg) for members in runs[room:] for io in members]
         self.waiting = left
         return out
 

@@ -56,6 +56,23 @@ def test_sequential_writes_reach_the_paths_merged_with_round_robin_repeat_1(make
     assert pa["avg_request_bytes"] > 4096 and pb["avg_request_bytes"] > 4096, st
 
 
+def test_a_trickling_sequential_stream_reaches_a_slow_path_merged(make_daemon, image, tmp_path):
+    # a client that sends its writes one at a time (as it hears of completions, or rate-limited)
+    # used to have each dispatched alone while the path had room: the path saw 4 KiB requests.
+    # Now what continues a run still in flight waits behind it and merges
+    need("fio")
+    disk = image(size=SIZE)
+    slow = device("slow", f"0 {SIZE // S} delay {disk} 0 50", export=False)  # a path 50 ms away
+    d = make_daemon(slow + device("mp", f"0 {SIZE // S} multipath 0 0 1 1 round-robin 0 1 1 @slow 1"))
+    r = run("fio", "--name=seq", "--ioengine=nbd", f"--uri={d.uri('mp')}", "--rw=write", "--bs=4k",
+            "--iodepth=32", "--size=512k", "--rate_iops=100", "--verify=crc32c", "--verify_fatal=1",
+            timeout=120, cwd=tmp_path)
+    assert "err= 0" in r.stdout, r.stdout
+    p = _path(_mp(d), "@slow")
+    # about 5 writes come in while one run is away (each went alone before: 11 KiB on average)
+    assert p["avg_request_bytes"] >= 24 * 1024, p
+
+
 def test_a_failed_path_takes_no_io_until_reinstated(make_daemon, image):
     disk = image(size=SIZE)
     d = make_daemon(_paths(disk, "0 0 1 1 round-robin 0 2 1 @pa 1 @pb 1"))
