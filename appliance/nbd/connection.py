@@ -105,6 +105,7 @@ class Connection:
         self.queue: deque = deque()  # (header, payload or None) not sent yet
         self.last = False  # NBD_CMD_DISC is queued: the sender stops after it
         self.dead = None  # why it dropped
+        self.expired = None  # why the caller gave up on it (expire())
         self.sender = threading.Thread(target=self._send_loop, name="nbd-client-send", daemon=True)
         self.sender.start()
 
@@ -201,7 +202,16 @@ class Connection:
                 return
             self._check_deadline()
 
+    def expire(self, reason):
+        """Give up on every request in flight (the caller's own timeout ran out): they end with
+        ETIMEDOUT. Done by the receiving thread at its next tick, so no reply lands in a buffer
+        after its request has ended."""
+        self.expired = reason
+
     def _check_deadline(self):
+        if self.expired:
+            self.drop(errno.ETIMEDOUT, self.expired)
+            return
         with self.lock:
             oldest = next(iter(self.inflight.values()), None)
         if oldest is not None and time.monotonic() > oldest.deadline:
