@@ -464,9 +464,11 @@ class Daemon:
             for name in bound:
                 self.server.close_listener(name)
             raise
-        # commit: suspend, swap, resume each changed device; clients stay connected
+        # commit: suspend, swap, resume each changed device; clients stay connected. noflush, as
+        # multipathd reloads: I/O a target holds (multipath with no path) is not failed but
+        # mapped again on the new table
         for dev, _ in loaded:
-            dev.suspend()
+            dev.suspend(noflush=True)
             dev.resume()
         for d in changed:
             dev = self.registry.get(d.name)

@@ -115,6 +115,33 @@ def test_queue_if_no_path_holds_io_until_a_path_returns(make_daemon, image, nbdk
         assert f.read(65536) == b"\x55" * 65536
 
 
+def test_a_reload_while_io_is_held_maps_it_on_the_new_table(make_daemon, image, nbdkit):
+    # multipathd reloads with noflush: adding a path while writes wait for one used to fail
+    # them (the reload's suspend flushed the queue with EIO)
+    disk = image(size=SIZE)
+    a, b = _pair(nbdkit, disk)
+    ua, ub = remote(a.sock), remote(b.sock)
+    table = _map([ua, ub], "1 queue_if_no_path")
+    d = make_daemon(device("mp", table), extra=FAST)
+    _both_down(a, b)
+    client = _qemu_io_bg(d.uri("mp"), "aio_write -P 0x4e 0 64k", "aio_write -P 0x4f 4M 64k", "aio_flush")
+    wait_for(lambda: _mp(d)["queued"] == 2, 10, "the writes to be held")
+    c = nbdkit("file", disk)
+    uc = remote(c.sock)
+    d.config.write_text(d.config.read_text().replace(
+        table, _map([ua, ub, uc], "1 queue_if_no_path", path_args=("1", "1", "1"))))
+    d.cli("reload")
+    out, _ = client.communicate(timeout=30)
+    assert out.count("wrote 65536/65536") == 2 and "error" not in out, out
+    st = _mp(d)
+    assert _path(st, uc)["requests"] >= 2 and st["queued"] == 0, st  # the new path took them
+    assert d.status("mp")["devices"][0]["errors"] == 0
+    with open(disk, "rb") as f:
+        assert f.read(65536) == b"\x4e" * 65536
+        f.seek(4 * MiB)
+        assert f.read(65536) == b"\x4f" * 65536
+
+
 def test_no_path_retry_fails_io_after_its_intervals(make_daemon, image, nbdkit):
     disk = image(size=SIZE)
     a, b = _pair(nbdkit, disk)
