@@ -362,7 +362,7 @@ class Multipath(Target):
                     or self._no_path_since is None or self._usable()):
                 return
             self._retry_expired = True
-        log.warning("%s: no path for %d checker intervals: failing queued I/O",
+        log.warning("%s: no path for %d x polling_interval (no_path_retry): failing queued I/O",
                     self.ctx.device.name, self.no_path_retry)
         self._fail_held()
 
