@@ -229,7 +229,7 @@ class RequestPath:
                 req.holds = 0
             queue, req.queue = req.queue, None
         if queue is not None:  # parked, it is in flight no more: what waits behind it may go
-            queue.done(req.segment, req.io)
+            queue.done(req.segment, req.io, len(req.members))
         with self._requeue_lock:
             self._requeued[req] = True
         self._leave(holds)  # nothing of it is in flight: a suspend need not wait for it
@@ -305,7 +305,7 @@ class RequestPath:
         for io in members:
             io.complete(error)
         if req.queue is not None:  # before leaving the gate: the table is live until then
-            req.queue.done(req.segment, req.io)
+            req.queue.done(req.segment, req.io, len(req.members))
         self._leave(req.holds)
 
     def _leave(self, n):
