@@ -127,7 +127,9 @@ class Reload:
             for name in bound:
                 self.server.close_listener(name)
             raise
-        # commit: suspend, swap, resume each changed device; clients stay connected
+        # commit: suspend, swap, resume each changed device; clients stay connected. noflush, as
+        # multipathd reloads: I/O a target holds (multipath with no path) is not failed but
+        # mapped again on the new table
         was_writable = {name: dev.writable for name, dev in self.registry.devices.items()}
         for dev, _ in loaded:
             if dev.suspended:
@@ -135,7 +137,7 @@ class Reload:
                 # slot (with its read_only) and goes live at `appliance resume`
                 log.info("%s is suspended: its new table goes live when it is resumed", dev.name)
                 continue
-            dev.suspend()
+            dev.suspend(noflush=True)
             dev.resume()  # read_only comes with the table
         for d in changed:
             dev = self.registry.get(d.name)

@@ -341,6 +341,11 @@ MULTIPATH = Section("multipath", doc="multipath maps (multipath.conf's defaults)
         number_range(0)),
     Key("failback", "word_or_integer", "manual",
         "back to a better path group: immediate|manual|followover|seconds", failback),
+    Key("fast_io_fail_tmo", "number", 5,
+        "seconds a path may hold a request unanswered before it fails and its requests go to "
+        "another path (0: never)", number_range(0)),
+    Key("checker_timeout", "number", 5,
+        "seconds a checker probe waits for its read (> 0)", number_range(0, lo_open=True)),
 ))
 
 def endpoints(v: str | list) -> tuple[str, ...]:
