@@ -386,8 +386,13 @@ class Layer:
         self._write_header(replace(self.header, uuid=uuid, child=child))
         self.folding = False
 
-    def _write_header(self, header):
-        if not (self.writable or self.folding):
+    def rebase(self, parent):
+        """A merge folded the layers under this one into the base: the base is its parent now.
+        Written whether or not it is sealed; the merge has the device suspended."""
+        self._write_header(replace(self.header, parent=parent), check=False)
+
+    def _write_header(self, header, check=True):
+        if check and not (self.writable or self.folding):
             raise LayerError(f"{self.name}: opened read-only")
         pwrite_full(self.bitmap_fd, header.pack(), 0)
         os.fdatasync(self.bitmap_fd)
