@@ -21,13 +21,15 @@ its parent. FROM..TO leave the live table and the index is rebuilt. A crash befo
 leaves the old stack, reading the same, and the record; after it, the new chain on disk, which
 the live table (`appliance table NAME`) names.
 
-The copy goes through the I/O engine, DEPTH reads or writes of CHUNK bytes in flight. Throttle:
-when clients did I/O during a batch, the merge waits as long as the batch took, so it takes at
-most half the disk's time from them.
+The copy goes through the I/O engine, DEPTH pieces of CHUNK bytes in flight (each a read, then
+a write). Throttle: every ROUND seconds the merge looks at the device's request counters; if
+clients did I/O, it lets its own I/O finish and then waits as long as the round took, so it
+takes at most half the disk's time from them.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import mmap
 import os
@@ -43,7 +45,8 @@ from .layer import LayerError
 log = logging.getLogger(__name__)
 
 CHUNK = 4 << 20  # bytes per I/O
-DEPTH = 4  # I/Os in flight
+DEPTH = 8  # pieces in flight
+ROUND = 0.05  # seconds between looks at the clients (and at the rate)
 SYNC_EVERY = 256 << 20  # copied bytes made durable (and the cursor recorded) after this many
 SYNC_SECONDS = 1.0  # ... or after this long
 
@@ -258,39 +261,72 @@ class Merge:
                     yield src, c, min(c + step, zb), zero
 
     def _copy(self):
-        """Copy every grain FROM..TO hold that is not done yet. False if stopped."""
+        """Copy every grain FROM..TO hold that is not done yet. False if stopped.
+
+        A window of DEPTH pieces in flight, each a read then a write through the engine; they
+        complete in any order, and are taken in order (bits marked, the cursor moved), so the
+        cursor only ever covers pieces whose writes completed."""
         if self.into is not None:
             self.into.layer.begin_fold()
         # page aligned, so O_DIRECT takes them; freed with the last view the engine's I/Os hold
-        buffers = [mmap.mmap(-1, CHUNK) for _ in range(DEPTH)]
+        free = [mmap.mmap(-1, CHUNK) for _ in range(DEPTH)]
         pieces = self._pieces()
+        window = collections.deque()
+        cond = threading.Condition()
+        more = True
+        cursor = self.record.cursor
         last_sync, unsynced = time.monotonic(), 0
+        round_start, round_ios = time.monotonic(), self._client_ios()
         while True:
-            batch = [p for _, p in zip(range(DEPTH), pieces)]
-            if not batch:
+            while more and free and not self._stop.is_set():
+                piece = next(pieces, None)
+                if piece is None:
+                    more = False
+                    break
+                window.append(self._start(piece, free.pop(), cond))
+            if not window:
                 break
-            t0 = time.monotonic()
-            busy = self._client_ios()
-            self._copy_batch(batch, buffers)
-            n = sum(self._bytes(a, b) for _, a, b, _ in batch)
-            self.done += n
-            unsynced += n
-            cursor = batch[-1][2]
+            with cond:
+                while not window[0].finished:
+                    cond.wait()
+            while window and window[0].finished:
+                c = window.popleft()
+                if c.error:
+                    self._drain(window, cond)
+                    raise OSError(int(c.error), f"merge: copying grains failed: {os.strerror(int(c.error))}")
+                src, a, b, zero = c.piece
+                if self.into is not None:
+                    (self.into.layer.mark_zero if zero else self.into.layer.mark_allocated)(a, b)
+                n = self._bytes(a, b)
+                self.done += n
+                unsynced += n
+                cursor = b
+                free.append(c.buf)
             if unsynced >= SYNC_EVERY or time.monotonic() - last_sync >= SYNC_SECONDS:
                 self._durable(cursor)
                 last_sync, unsynced = time.monotonic(), 0
-            if self._stop.is_set():
+            if self._stop.is_set() and not window:
                 self._durable(cursor)
                 return False
-            self._throttle(t0, busy != self._client_ios())
+            took = time.monotonic() - round_start
+            if took >= ROUND or self.rate:  # a rate is held piece by piece
+                if self._client_ios() != round_ios or self.rate:
+                    self._drain(window, cond)  # none of the merge's I/O in flight while it waits
+                    self._throttle(took, self._client_ios() != round_ios)
+                round_start, round_ios = time.monotonic(), self._client_ios()
         self._durable(self.runs[-1][2] if self.runs else 0)
         return not self._stop.is_set()
+
+    def _drain(self, window, cond):
+        """Wait for every piece in flight (their buffers are the engine's until then)."""
+        with cond:
+            while not all(c.finished for c in window):
+                cond.wait()
 
     def _client_ios(self):
         return self.target.ios + getattr(self.target.ctx.device.gate, "fast_ios", 0)
 
-    def _throttle(self, t0, clients_busy):
-        took = time.monotonic() - t0
+    def _throttle(self, took, clients_busy):
         wait = took if clients_busy else 0.0  # clients keep at least half the disk's time
         if self.rate:  # the user's rate, over this run
             ahead = (self.done - self._done_at_start) / self.rate - (time.monotonic() - self.started)
@@ -298,37 +334,38 @@ class Merge:
         if wait > 0:
             self._stop.wait(wait)
 
-    def _copy_batch(self, batch, buffers):
-        """The batch's reads and writes through the engine, all in flight at once; wait for them."""
-        pending = _Pending()
-        for (src, a, b, zero), buf in zip(batch, buffers):
-            lo, hi = a * self.grain, min(b * self.grain, self.size)
-            if zero:
-                if self.into is None:
-                    pending.add()
-                    self.target.base.submit(bio.IO(bio.WRITE_ZEROES, self.target.base_start + lo, hi - lo, None, 0,
-                                                   pending.io_done))
-                continue
-            pending.add()
-            view = memoryview(buf)[:hi - lo]
-            src.data.submit(bio.IO(bio.READ, src.layer.data_offset + lo, hi - lo, view, 0,
-                                   lambda io, lo=lo, view=view: self._write(io, lo, view, pending)))
-        error = pending.wait()
-        if error:
-            raise OSError(int(error), f"merge: copying grains failed: {os.strerror(int(error))}")
-        if self.into is not None:
-            for _, a, b, zero in batch:
-                (self.into.layer.mark_zero if zero else self.into.layer.mark_allocated)(a, b)
+    def _start(self, piece, buf, cond):
+        """One piece: read from its layer, then write to the target (or zero it there)."""
+        c = _Copy(piece, buf)
 
-    def _write(self, io, lo, view, pending):
-        if io.error:
-            pending.done(io.error)
-            return
+        def finish(error=0):
+            with cond:
+                c.error, c.finished = error, True
+                cond.notify_all()
+
+        src, a, b, zero = piece
+        lo, hi = a * self.grain, min(b * self.grain, self.size)
+        if zero:
+            if self.into is None:
+                self.target.base.submit(bio.IO(bio.WRITE_ZEROES, self.target.base_start + lo, hi - lo, None, 0,
+                                               lambda io: finish(io.error)))
+            else:
+                finish()  # the bit says it: nothing to write
+            return c
+        view = memoryview(buf)[:hi - lo]
         if self.into is None:
             dev, offset = self.target.base, self.target.base_start + lo
         else:
             dev, offset = self.into.data, self.into.layer.data_offset + lo
-        dev.submit(bio.IO(bio.WRITE, offset, len(view), view, 0, pending.io_done))
+
+        def read_done(io):
+            if io.error:
+                finish(io.error)
+            else:
+                dev.submit(bio.IO(bio.WRITE, offset, hi - lo, view, 0, lambda w: finish(w.error)))
+
+        src.data.submit(bio.IO(bio.READ, src.layer.data_offset + lo, hi - lo, view, 0, read_done))
+        return c
 
     def _durable(self, cursor):
         """What was copied reaches the disk, then the cursor that says so."""
@@ -382,6 +419,13 @@ class Merge:
         into = "the base" if self.into is None else self.into.layer.name
         log.info("cow: merged %s into %s", ", ".join(s.layer.name for s in self.sources), into)
         return True
+
+
+class _Copy:
+    __slots__ = ("piece", "buf", "error", "finished")
+
+    def __init__(self, piece, buf):
+        self.piece, self.buf, self.error, self.finished = piece, buf, 0, False
 
 
 class _Pending:
