@@ -36,6 +36,7 @@ import os
 import threading
 import time
 
+from ... import blockdev
 from ... import io as bio
 from ..._fast.cowindex import OwnerIndex
 from .. import TargetError, parse_size
@@ -270,6 +271,15 @@ class Merge:
             self.into.layer.begin_fold()
         # page aligned, so O_DIRECT takes them; freed with the last view the engine's I/Os hold
         free = [mmap.mmap(-1, CHUNK) for _ in range(DEPTH)]
+        target = self.target.base if self.into is None else self.into.data
+        self._writer = _direct_writer(target)
+        try:
+            return self._copy_window(free)
+        finally:
+            if self._writer is not target:
+                os.close(self._writer.fd)
+
+    def _copy_window(self, free):
         pieces = self._pieces()
         window = collections.deque()
         cond = threading.Condition()
@@ -353,10 +363,8 @@ class Merge:
                 finish()  # the bit says it: nothing to write
             return c
         view = memoryview(buf)[:hi - lo]
-        if self.into is None:
-            dev, offset = self.target.base, self.target.base_start + lo
-        else:
-            dev, offset = self.into.data, self.into.layer.data_offset + lo
+        dev = self._writer
+        offset = (self.target.base_start if self.into is None else self.into.layer.data_offset) + lo
 
         def read_done(io):
             if io.error:
@@ -419,6 +427,21 @@ class Merge:
         into = "the base" if self.into is None else self.into.layer.name
         log.info("cow: merged %s into %s", ", ".join(s.layer.name for s in self.sources), into)
         return True
+
+
+def _direct_writer(dev):
+    """The copy's writes go around the page cache: on a file opened O_DIRECT of its own, the
+    merge writes at the disk's sequential speed, where buffered writes of GiBs crawl through
+    writeback. A FLUSH on the device's own fd still makes them durable (fdatasync is per file).
+    The device itself where that cannot be (not a file or disk, or no O_DIRECT there)."""
+    path = getattr(dev, "path", None)
+    if getattr(dev, "direct", True) or path is None or not isinstance(dev, blockdev.FileDevice):
+        return dev
+    try:
+        return blockdev._open(path, True, True, False)
+    except (OSError, blockdev.DeviceError) as e:
+        log.info("cow merge: %s: writing through the device (no O_DIRECT: %s)", path, e)
+        return dev
 
 
 class _Copy:
