@@ -272,12 +272,14 @@ class Merge:
         # page aligned, so O_DIRECT takes them; freed with the last view the engine's I/Os hold
         free = [mmap.mmap(-1, CHUNK) for _ in range(DEPTH)]
         target = self.target.base if self.into is None else self.into.data
-        self._writer = _direct_writer(target)
+        self._writer = _direct(target)
+        self._readers = {id(s): _direct(s.data) for s in self.sources}
         try:
             return self._copy_window(free)
         finally:
-            if self._writer is not target:
-                os.close(self._writer.fd)
+            for mine, dev in [(self._writer, target)] + [(self._readers[id(s)], s.data) for s in self.sources]:
+                if mine is not dev:
+                    os.close(mine.fd)
 
     def _copy_window(self, free):
         pieces = self._pieces()
@@ -372,7 +374,7 @@ class Merge:
             else:
                 dev.submit(bio.IO(bio.WRITE, offset, hi - lo, view, 0, lambda w: finish(w.error)))
 
-        src.data.submit(bio.IO(bio.READ, src.layer.data_offset + lo, hi - lo, view, 0, read_done))
+        self._readers[id(src)].submit(bio.IO(bio.READ, src.layer.data_offset + lo, hi - lo, view, 0, read_done))
         return c
 
     def _durable(self, cursor):
@@ -429,18 +431,20 @@ class Merge:
         return True
 
 
-def _direct_writer(dev):
-    """The copy's writes go around the page cache: on a file opened O_DIRECT of its own, the
-    merge writes at the disk's sequential speed, where buffered writes of GiBs crawl through
-    writeback. A FLUSH on the device's own fd still makes them durable (fdatasync is per file).
-    The device itself where that cannot be (not a file or disk, or no O_DIRECT there)."""
+def _direct(dev):
+    """The copy reads and writes around the page cache, on a file of its own opened O_DIRECT:
+    it goes at the disk's sequential speed, where buffered I/O of GiBs crawls through readahead
+    and writeback, and it does not push the clients' data out of the cache. The kernel keeps
+    the two coherent (a direct read writes back dirty cached pages first, a direct write drops
+    the cached ones), and a FLUSH on the device's own fd makes the writes durable (fdatasync is
+    per file). The device itself where that cannot be (not a file or disk, or no O_DIRECT)."""
     path = getattr(dev, "path", None)
     if getattr(dev, "direct", True) or path is None or not isinstance(dev, blockdev.FileDevice):
         return dev
     try:
-        return blockdev._open(path, True, True, False)
+        return blockdev._open(path, True, True, False)  # not exclusive: the pool holds it
     except (OSError, blockdev.DeviceError) as e:
-        log.info("cow merge: %s: writing through the device (no O_DIRECT: %s)", path, e)
+        log.info("cow merge: %s: copying through the device (no O_DIRECT: %s)", path, e)
         return dev
 
 
