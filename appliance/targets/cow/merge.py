@@ -272,14 +272,20 @@ class Merge:
         # page aligned, so O_DIRECT takes them; freed with the last view the engine's I/Os hold
         free = [mmap.mmap(-1, CHUNK) for _ in range(DEPTH)]
         target = self.target.base if self.into is None else self.into.data
-        self._writer = _direct(target)
-        self._readers = {id(s): _direct(s.data) for s in self.sources}
+        at = self.target.base_start if self.into is None else self.into.layer.data_offset
+        self._writer = _direct(target, self._aligned(at))
+        self._readers = {id(s): _direct(s.data, self._aligned(s.layer.data_offset)) for s in self.sources}
         try:
             return self._copy_window(free)
         finally:
             for mine, dev in [(self._writer, target)] + [(self._readers[id(s)], s.data) for s in self.sources]:
                 if mine is not dev:
                     os.close(mine.fd)
+
+    def _aligned(self, offset):
+        """Every piece at `offset` + a grain boundary, of whole 4 KiB: what O_DIRECT takes on
+        any disk (512 may not do on a 4K-sector one)."""
+        return not (offset % 4096 or self.grain % 4096 or self.size % 4096)
 
     def _copy_window(self, free):
         pieces = self._pieces()
@@ -431,15 +437,16 @@ class Merge:
         return True
 
 
-def _direct(dev):
+def _direct(dev, aligned):
     """The copy reads and writes around the page cache, on a file of its own opened O_DIRECT:
     it goes at the disk's sequential speed, where buffered I/O of GiBs crawls through readahead
     and writeback, and it does not push the clients' data out of the cache. The kernel keeps
     the two coherent (a direct read writes back dirty cached pages first, a direct write drops
     the cached ones), and a FLUSH on the device's own fd makes the writes durable (fdatasync is
-    per file). The device itself where that cannot be (not a file or disk, or no O_DIRECT)."""
+    per file). The device itself where that cannot be (not a file or disk, no O_DIRECT, or
+    pieces not 4 KiB aligned)."""
     path = getattr(dev, "path", None)
-    if getattr(dev, "direct", True) or path is None or not isinstance(dev, blockdev.FileDevice):
+    if not aligned or getattr(dev, "direct", True) or path is None or not isinstance(dev, blockdev.FileDevice):
         return dev
     try:
         return blockdev._open(path, True, True, False)  # not exclusive: the pool holds it
