@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import sys
 
+import pytest
 from conftest import REPO, device, need, run, wait_for
 from test_cow import layer_create, layer_info, merged, message, qemu_io
 
@@ -87,6 +88,8 @@ def test_merge_into_the_base_by_name_and_the_stack_chains_onto_it(make_daemon, t
     assert data[12 * MiB:] == b"\x11" * 4 * MiB
     layer_check(*layers)
     assert layer_info(layers[2])["parent"] != layer_info(layers[1])["uuid"]
+    r = d.cli("check-config", check=False)  # the old table: l1 and l2 are in the base now
+    assert r.returncode != 0 and f"layer {layers[2]}: its parent is" in r.stderr, r.stderr
     live = device("d", f"0 {SIZE // 512} cow {base} 0 {' '.join(layers[2:])}")
     d.config.write_text(d.config.read_text().split("[[device]]")[0] + live)
     d.restart()  # l3 chains onto the base now: the live table starts
@@ -95,26 +98,33 @@ def test_merge_into_the_base_by_name_and_the_stack_chains_onto_it(make_daemon, t
     qemu_io(d.uri("d"), "read -P 0x55 0 4k", "read -P 0x22 4k 2044k")
 
 
-def test_a_merge_into_the_base_killed_with_kill_9_resumes_at_the_next_start(make_daemon, tmp_path):
+@pytest.mark.parametrize("into", ["base", "layer"])
+def test_a_merge_killed_with_kill_9_resumes_at_the_next_start(make_daemon, tmp_path, into):
     d, base, layers = stack(make_daemon, tmp_path)
     d.restart()
     flat = flat_copy(d, tmp_path / "flat.raw")
-    message(d, "merge", "1", "3", "base", "rate=4M")  # 16 MiB at 4 MiB/s: about 4 s
+    words = ["1", "3", "base"] if into == "base" else ["2", "3"]  # 16 or 12 MiB at 4 MiB/s: 3-4 s
+    message(d, "merge", *words, "rate=4M")
     wait_for(lambda: (progress(d) or 0) >= 50, 30, "half the merge")
+    assert cow_status(d)["merge_eta"].endswith("s")
     d.kill()
-    rec = layer_info(layers[0])["merge"]
-    assert rec["running"] and rec["into"] == "base" and rec["done_below_grain"] > 0, rec
+    first = layers[0] if into == "base" else layers[1]
+    rec = layer_info(first)["merge"]
+    assert rec["running"] and rec["done_below_grain"] > 0, rec
+    assert (rec["into"] == "base") == (into == "base")
     layer_check(*layers)
-    d.restart()  # the config still names l1..l3: the merge goes on from its record
+    d.restart()  # the config still names every layer: the merge goes on from its record
     st = cow_status(d)
     assert float(st["merge_resumed_from"].rstrip("%")) >= 20, st
     same(d, flat)  # while it runs, the stack reads the same
     st = merged(d)
-    assert st["merge"] == "done" and st["layers"] == 1, st
+    assert st["merge"] == "done" and st["layers"] == (1 if into == "base" else 2), st
     same(d, flat)
     d.stop()
     layer_check(*layers)
-    assert layer_info(layers[0])["merge"] is None
+    assert layer_info(first)["merge"] is None
+    if into == "layer":
+        assert layer_info(layers[0])["uuid"] == layer_info(layers[2])["uuid"]  # l1 reads as l3 did now
 
 
 def test_a_merge_stopped_or_cancelled_resumes_where_it_stopped(make_daemon, tmp_path):
