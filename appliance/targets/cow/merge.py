@@ -24,7 +24,8 @@ the live table (`appliance table NAME`) names.
 The copy goes through the I/O engine, DEPTH pieces of CHUNK bytes in flight (each a read, then
 a write). Throttle: every ROUND seconds the merge looks at the device's request counters; if
 clients did I/O, it lets its own I/O finish and then waits as long as the round took, so it
-takes at most half the disk's time from them.
+takes at most half the disk's time from them, and keeps only BUSY_DEPTH pieces in flight, so
+their requests wait behind less of it.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ log = logging.getLogger(__name__)
 
 CHUNK = 4 << 20  # bytes per I/O
 DEPTH = 8  # pieces in flight
+BUSY_DEPTH = 2  # ... while clients do I/O
 ROUND = 0.05  # seconds between looks at the clients (and at the rate)
 SYNC_EVERY = 256 << 20  # copied bytes made durable (and the cursor recorded) after this many
 SYNC_SECONDS = 1.0  # ... or after this long
@@ -295,8 +297,9 @@ class Merge:
         cursor = self.record.cursor
         last_sync, unsynced = time.monotonic(), 0
         round_start, round_ios = time.monotonic(), self._client_ios()
+        depth = DEPTH  # BUSY_DEPTH while clients do I/O: they queue behind less of the merge's
         while True:
-            while more and free and not self._stop.is_set():
+            while more and len(window) < depth and not self._stop.is_set():
                 piece = next(pieces, None)
                 if piece is None:
                     more = False
@@ -328,9 +331,11 @@ class Merge:
                 return False
             took = time.monotonic() - round_start
             if took >= ROUND or self.rate:  # a rate is held piece by piece
-                if self._client_ios() != round_ios or self.rate:
+                busy = self._client_ios() != round_ios
+                depth = BUSY_DEPTH if busy else DEPTH
+                if busy or self.rate:
                     self._drain(window, cond)  # none of the merge's I/O in flight while it waits
-                    self._throttle(took, self._client_ios() != round_ios)
+                    self._throttle(took, busy)
                 round_start, round_ios = time.monotonic(), self._client_ios()
         self._durable(self.runs[-1][2] if self.runs else 0)
         return not self._stop.is_set()
