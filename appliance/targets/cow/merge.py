@@ -23,9 +23,10 @@ the live table (`appliance table NAME`) names.
 
 The copy goes through the I/O engine, DEPTH pieces of CHUNK bytes in flight (each a read, then
 a write). Throttle: every ROUND seconds the merge looks at the device's request counters; if
-clients did I/O, it lets its own I/O finish and then waits as long as the round took, so it
-takes at most half the disk's time from them, and keeps only BUSY_DEPTH pieces in flight, so
-their requests wait behind less of it.
+clients did I/O, it lets its own I/O finish and then waits twice as long as the round took, so
+it takes at most a third of the disk's time from them (they keep at least half their
+throughput: in its third they still get some, behind its I/O), and keeps only BUSY_DEPTH
+pieces in flight, so their requests wait behind less of it.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ from .layer import LayerError
 log = logging.getLogger(__name__)
 
 CHUNK = 4 << 20  # bytes per I/O
-DEPTH = 8  # pieces in flight
+DEPTH = 16  # pieces in flight
 BUSY_DEPTH = 2  # ... while clients do I/O
 ROUND = 0.05  # seconds between looks at the clients (and at the rate)
 SYNC_EVERY = 256 << 20  # copied bytes made durable (and the cursor recorded) after this many
@@ -350,7 +351,9 @@ class Merge:
         return self.target.ios + getattr(self.target.ctx.device.gate, "fast_ios", 0)
 
     def _throttle(self, took, clients_busy):
-        wait = took if clients_busy else 0.0  # clients keep at least half the disk's time
+        # clients keep two thirds of the disk's time: during the merge's third they still get
+        # some, but wait behind its I/O, and what they keep must be at least half
+        wait = 2 * took if clients_busy else 0.0
         if self.rate:  # the user's rate, over this run
             ahead = (self.done - self._done_at_start) / self.rate - (time.monotonic() - self.started)
             wait = max(wait, ahead)
