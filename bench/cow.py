@@ -160,10 +160,13 @@ client keeps of its 4 KiB random-read IOPS while a merge runs; a push at a large
 The merge folds one read-only layer holding --size MiB (every grain) into the base (`merge 1 1
 base`), once with the device's default buffered I/O and once with direct = true (O_DIRECT); the
 time runs from the message to status saying done, the base's FLUSH included, so what is
-measured reached the disk. The client's runs are short enough to end before the merge does
-(the table says how far the merge was when the client's run ended). The push is timed as the control message's round trip and as the time the
-device was suspended (the push's own reply), on a stack of two layers of --push-size. Bars
-(issue 10): merge >= 70% of fio's sequential write, client >= 50% of its IOPS, push < 50 ms."""
+measured reached the disk. The merge reads every byte from the same disk it writes, so the
+table also gives the disk's copy limit, 1 / (1/read + 1/write) from fio's sequential reads and
+writes. The client's runs are short enough to end before the merge does (the table says how
+far the merge was when the client's run ended). The push is timed as the control message's
+round trip and as the time the device was suspended (the push's own reply), on a stack of two
+layers of --push-size. Bars (issue 10): merge >= 70% of fio's sequential write, client >= 50%
+of its IOPS, push < 50 ms."""
 
 
 def merge_stack(wd: Path, name: str, size: int, fill: bytes) -> tuple[str, list[str]]:
@@ -228,8 +231,14 @@ def bench_merge(wd: Path, size: int, runtime: float) -> dict:
     log("fio: sequential 1 MiB writes, QD4, O_DIRECT ...")
     fio = run_fio(None, filename=str(target), rw="write", bs="1M", iodepth=4, runtime=runtime,
                   extra=[f"--size={size}"])
+    log("fio: sequential 1 MiB reads, QD4, O_DIRECT, of what it wrote ...")
+    rd = run_fio(None, filename=str(target), rw="read", bs="1M", iodepth=4, runtime=runtime,
+                 extra=[f"--size={size}"])
     target.unlink()
     out["backing_seqwrite_bps"] = fio.bw_bytes
+    out["backing_seqread_bps"] = rd.bw_bytes
+    # a copy within one disk reads every byte and writes it: at best 1 / (1/read + 1/write)
+    out["backing_copy_bps"] = 1 / (1 / rd.bw_bytes + 1 / fio.bw_bytes)
     for mode, keys in (("buffered", {}), ("direct", {"direct": True})):
         base, layers = merge_stack(wd, f"idle-{mode}", size, b"\x5a")
         table = [f"0 {size // 512} cow {base} 0 {' '.join(layers)}"]
@@ -309,6 +318,9 @@ def merge_main(argv=None) -> int:
          ">= 0.70x fio seq write"],
         ["  devices O_DIRECT", f"{r['merge_idle_direct_bps'] / MiB:.0f} MiB/s", fmt_ratio(direct_ratio), ""],
         ["fio seq write O_DIRECT", f"{r['backing_seqwrite_bps'] / MiB:.0f} MiB/s", "", ""],
+        ["fio seq read O_DIRECT", f"{r['backing_seqread_bps'] / MiB:.0f} MiB/s", "", ""],
+        ["  copy limit 1/(1/r+1/w)", f"{r['backing_copy_bps'] / MiB:.0f} MiB/s",
+         fmt_ratio(ratio(r["merge_idle_buffered_bps"], r["backing_copy_bps"])), "merge as a share of it"],
         [f"client 4K randread QD16, {r['client_runtime_s']:.1f}s", f"{fmt_num(r['client_alone_iops'])} IOPS", "", ""],
         ["  while merging", f"{fmt_num(r['client_during_merge_iops'])} IOPS", fmt_ratio(client_ratio),
          f">= 0.50x (merge {r['merge_state_after_client']} at the end)"],
