@@ -653,8 +653,8 @@ cdef class OwnerIndex(GrainMap):
         """[(owner, start, end)] covering grains [g0, g1), one per change of owner."""
         out = []
         for v, a, b in self.pieces(g0, g1):
-            if out and out[-1][0] == v >> 1:
-                out[-1] = (v >> 1, out[-1][1], b)
+            if out and out[len(out) - 1][0] == v >> 1:  # (no negative indexes: wraparound=False)
+                out[len(out) - 1] = (v >> 1, out[len(out) - 1][1], b)
             else:
                 out.append((v >> 1, a, b))
         return out
