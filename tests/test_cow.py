@@ -474,3 +474,24 @@ def test_a_merge_killed_with_kill_9_loses_nothing_and_runs_again(make_daemon, tm
     assert layer_info(l1)["uuid"] == l2_uuid
     d = make_daemon(table([l1, l3]), name="after")
     qemu_io(d.uri("d"), *checks)
+
+
+def test_rewrites_of_grains_the_writable_layer_holds_take_the_fast_path(make_daemon, tmp_path):
+    base, l1 = make_base(tmp_path), layer_create(tmp_path / "l1.layer")
+    d = make_daemon(cow_device(base, [l1]))
+
+    def slow_ios():
+        return d.status("d")["devices"][0]["segments"][0]["status"]["slow_ios"]
+
+    qemu_io(d.uri("d"), "write -P 1 0 64k")  # first writes: their bits, on the Python path
+    before = slow_ios()
+    rewrites = [f"write -P {i + 2} {i * 4 * KiB} 4k" for i in range(16)] + ["write -P 0x77 1000 24"]
+    args = sum((["-c", c] for c in rewrites), [])
+    run("qemu-io", "-f", "raw", "-t", "writeback", *args, d.uri("d"))  # writeback: no FUA
+    slow = slow_ios() - before
+    assert slow <= 1, f"{slow} of 17 rewrites went through Python"  # (qemu-io's closing FLUSH does)
+    before = slow_ios()
+    qemu_io(d.uri("d"), "write -P 0x55 8k 4k")  # writethrough (FUA): the bitmap too, so the Python path
+    assert slow_ios() > before
+    qemu_io(d.uri("d"), "read -P 2 0 1000", "read -P 0x77 1000 24", "read -P 2 1024 3k", "read -P 3 4k 4k",
+            "read -P 0x55 8k 4k", "read -P 17 60k 4k", f"read -P {BASE} 64k 64k")

@@ -285,6 +285,9 @@ class Cow(Requests, Target):
             "grain": self.grain,
             "allocated": ",".join(str(s.layer.allocated_grains() * self.grain) for s in self.layers) or "0",
             "copy_ups": self.copy_ups,
+            "slow_ios": self.ios,  # requests the Python path served (the rest: the fast path)
+            "index_runs": self.index.runs,
+            "index_bytes": self.index.memory,
         }
         if self.merge is not None:
             info.update(self.merge.status())
