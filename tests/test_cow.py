@@ -495,3 +495,33 @@ def test_rewrites_of_grains_the_writable_layer_holds_take_the_fast_path(make_dae
     assert slow_ios() > before
     qemu_io(d.uri("d"), "read -P 2 0 1000", "read -P 0x77 1000 24", "read -P 2 1024 3k", "read -P 3 4k 4k",
             "read -P 0x55 8k 4k", "read -P 17 60k 4k", f"read -P {BASE} 64k 64k")
+
+
+def test_first_writes_of_whole_grains_take_the_fast_path_and_a_flush_makes_them_durable(make_daemon, tmp_path):
+    need("nbdsh")
+    base, l1 = make_base(tmp_path), layer_create(tmp_path / "l1.layer")
+    d = make_daemon(cow_device(base, [l1]))
+    p = subprocess.Popen(["nbdsh", "-u", d.uri("d"), "-c", """
+for g in range(0, 512, 2):  # whole fresh grains, over the base's data and its hole
+    h.pwrite(bytes([g % 250 + 1]) * 4096, g * 4096)
+h.pwrite(b"\\x33" * 65536, 2 * 1024 * 1024 + 8192)  # 16 grains, one request
+h.flush()
+print("flushed", flush=True)
+import time
+time.sleep(60)
+"""], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=nbdsh_env())
+    assert p.stdout.readline().strip() == "flushed", p.stderr.read()
+    st = d.status("d")["devices"][0]["segments"][0]["status"]
+    assert st["slow_ios"] <= 1, f"{st['slow_ios']} of 257 first writes went through Python (the FLUSH does)"
+    d.kill()
+    p.kill()
+    p.wait()
+    info = layer_info(l1)  # the layer file, with the daemon dead
+    assert info["allocated_bytes"] == (256 + 16) * 4096
+    with open(l1, "rb") as f:
+        f.seek(info["data_offset"] + 2 * MiB + 8192)
+        assert f.read(65536) == b"\x33" * 65536
+    d = make_daemon(cow_device(base, [l1]), name="after")
+    expect = ["read -P 1 0 4k", f"read -P {BASE} 4k 4k", "read -P 101 400k 4k", f"read -P {BASE} 404k 4k",
+              "read -P 0 2m 8k", "read -P 0x33 2056k 64k", "read -P 0 2120k 8k"]
+    qemu_io(d.uri("d"), *expect)

@@ -39,12 +39,22 @@ cdef class LayerBits(GrainMap):
     cdef uint64_t npages
     cdef readonly int64_t stray
     cdef readonly int past
+    cdef int failed         # a bitmap sync failed: no more bits (layer.py)
     cdef int scan(self, int fd, uint64_t offset, uint64_t length) noexcept nogil
     cdef int mark_c(self, uint64_t a, uint64_t b, bint zero, pthread_mutex_t *ilock, RunMap *imap,
                     int owner) noexcept nogil
     cdef void render(self, uint64_t page, unsigned char[::1] image) noexcept
 
 
+cdef struct Held:
+    uint64_t a
+    uint64_t b
+
 cdef class OwnerIndex(GrainMap):
+    # grains the Python path holds for a copy-up or first write, and the lock a fast-path
+    # first write holds from its check of them to its bits (see cowindex.pyx)
+    cdef pthread_mutex_t wlock
+    cdef Held *held
+    cdef int nheld, capheld
     cdef pthread_mutex_t *lock_ptr(self) noexcept nogil
     cdef RunMap *map_ptr(self) noexcept nogil

@@ -24,7 +24,7 @@ both locks), so a reader never sees the one without the other.
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
 from libc.stdlib cimport malloc, calloc, realloc, free
 from libc.string cimport memset, memmove, memcpy
-from posix.unistd cimport pread, lseek
+from posix.unistd cimport pread, pwrite, lseek
 from libc.errno cimport errno, ENXIO, EINTR
 
 from appliance._fast.sync cimport pthread_mutex_init, pthread_mutex_destroy, pthread_mutex_lock, pthread_mutex_unlock
@@ -422,16 +422,39 @@ cdef inline uint64_t pair_bits(const uint8_t *p) noexcept nogil:
     return p[0] | (<uint64_t>p[1] << 8)
 
 
+cdef int mark_runs(RunMap *m, pthread_mutex_t *lock, uint8_t *dirty, uint64_t a, uint64_t b, bint zero,
+                   pthread_mutex_t *ilock, RunMap *imap, int owner) noexcept nogil:
+    """A layer's grains [a, b) take data (or zero), their bitmap pages become dirty, and, with
+    an index, the index gives them to owner: one step under both locks (layer, then index)."""
+    cdef uint64_t p
+    cdef int rc
+    if a >= b:
+        return 0
+    pthread_mutex_lock(lock)
+    rc = map_assign(m, a, b, V_ZERO if zero else V_DATA)
+    for p in range(a // GRAINS_PER_PAGE, (b - 1) // GRAINS_PER_PAGE + 1):
+        dirty[p >> 3] |= 1 << (p & 7)
+    if ilock != NULL and rc == 0:
+        pthread_mutex_lock(ilock)
+        rc = map_assign(imap, a, b, (owner << 1) | zero)
+        pthread_mutex_unlock(ilock)
+    pthread_mutex_unlock(lock)
+    return rc
+
+
 cdef class LayerBits(GrainMap):
     """A layer's "allocated" and "zero" bits as runs (values DATA, ZERO), the bitmap pages
     changed since the last sync, and what loading found wrong (`stray`: the first grain marked
     zero but not allocated, -1 if none; `past`: bits set past the last grain)."""
 
     def __cinit__(self, uint64_t grains, *args):
-        self.dirty = NULL
         self.npages = (grains + GRAINS_PER_PAGE - 1) // GRAINS_PER_PAGE
+        self.dirty = <uint8_t *>calloc((self.npages + 7) // 8 + 1, 1)  # 1 bit per 64 MiB of 4 KiB grains
+        if self.dirty == NULL:
+            raise MemoryError()
         self.stray = -1
         self.past = 0
+        self.failed = 0
 
     def __dealloc__(self):
         free(self.dirty)
@@ -541,25 +564,7 @@ cdef class LayerBits(GrainMap):
 
     cdef int mark_c(self, uint64_t a, uint64_t b, bint zero, pthread_mutex_t *ilock, RunMap *imap,
                     int owner) noexcept nogil:
-        cdef uint64_t p
-        cdef int rc
-        if a >= b:
-            return 0
-        pthread_mutex_lock(&self.lock)
-        if self.dirty == NULL:
-            self.dirty = <uint8_t *>calloc((self.npages + 7) // 8, 1)
-            if self.dirty == NULL:
-                pthread_mutex_unlock(&self.lock)
-                return -1
-        rc = map_assign(&self.m, a, b, V_ZERO if zero else V_DATA)
-        for p in range(a // GRAINS_PER_PAGE, (b - 1) // GRAINS_PER_PAGE + 1):
-            self.dirty[p >> 3] |= 1 << (p & 7)
-        if ilock != NULL and rc == 0:
-            pthread_mutex_lock(ilock)
-            rc = map_assign(imap, a, b, (owner << 1) | zero)
-            pthread_mutex_unlock(ilock)
-        pthread_mutex_unlock(&self.lock)
-        return rc
+        return mark_runs(&self.m, &self.lock, self.dirty, a, b, zero, ilock, imap, owner)
 
     def take_dirty(self):
         """[(page, image)] of the bitmap pages changed since the last call: their on-disk bytes
@@ -569,8 +574,6 @@ cdef class LayerBits(GrainMap):
         cdef bytearray image
         pthread_mutex_lock(&self.lock)
         try:
-            if self.dirty == NULL:
-                return out
             for p in range(self.npages):
                 if self.dirty[p >> 3] >> (p & 7) & 1:
                     self.dirty[p >> 3] &= ~(1 << (p & 7))
@@ -598,10 +601,12 @@ cdef class LayerBits(GrainMap):
                             image[((g >> 3) << 1) + 1] |= 1 << (g & 7)
                 pos = end[i]
 
+    def fail(self):
+        """A bitmap sync failed: the fast path makes no more first writes into this layer."""
+        self.failed = 1
+
     def any_dirty(self):
         cdef uint64_t i
-        if self.dirty == NULL:
-            return False
         for i in range((self.npages + 7) // 8):
             if self.dirty[i]:
                 return True
@@ -613,6 +618,52 @@ cdef class LayerBits(GrainMap):
 cdef class OwnerIndex(GrainMap):
     """grain -> (owner layer number, reads as zeros). Built from the layers' bits bottom first,
     so the topmost holder wins; the writable layer's marks update it (LayerBits.mark)."""
+
+    def __cinit__(self, uint64_t grains, *args):
+        pthread_mutex_init(&self.wlock, NULL)
+        self.held = NULL
+        self.nheld = 0
+        self.capheld = 0
+
+    def __dealloc__(self):
+        free(self.held)
+        pthread_mutex_destroy(&self.wlock)
+
+    def hold(self, uint64_t a, uint64_t b):
+        """The Python path takes grains [a, b) for a copy-up or first write (its own per-grain
+        lock says who waits); a fast-path first write leaves them alone until release()."""
+        cdef Held *grown
+        cdef bint ok = True
+        with nogil:
+            pthread_mutex_lock(&self.wlock)
+            if self.nheld == self.capheld:
+                grown = <Held *>realloc(self.held, (self.capheld * 2 + 16) * sizeof(Held))
+                if grown != NULL:
+                    self.held = grown
+                    self.capheld = self.capheld * 2 + 16
+            ok = self.nheld < self.capheld
+            if ok:
+                self.held[self.nheld].a = a
+                self.held[self.nheld].b = b
+                self.nheld += 1
+            pthread_mutex_unlock(&self.wlock)
+        if not ok:
+            raise MemoryError()
+
+    def release(self, uint64_t a, uint64_t b):
+        cdef int i
+        with nogil:
+            pthread_mutex_lock(&self.wlock)
+            for i in range(self.nheld):
+                if self.held[i].a == a and self.held[i].b == b:
+                    self.nheld -= 1
+                    self.held[i] = self.held[self.nheld]
+                    break
+            pthread_mutex_unlock(&self.wlock)
+
+    @property
+    def holding(self):
+        return self.nheld
 
     cdef pthread_mutex_t *lock_ptr(self) noexcept nogil:
         return &self.lock
@@ -666,11 +717,18 @@ cdef class OwnerIndex(GrainMap):
 
 # ---- the fast-path descriptor (fastops.pxd) ---------------------------------------------
 # Reads: the index's pieces of one owner and zero state; zero pieces are filled here, the
-# others become one engine piece each, on the layer's data fd or the base's. Writes: when
-# every grain is the writable layer's data, one piece in place on its data fd (the bitmap does
-# not change). Anything else declines to the Python path: copy-up and first writes (their
-# bits), FUA (the bitmap may hold bits not yet synced that this write's durability needs),
-# FLUSH (the bitmap sync). An owner the descriptor does not know (a layer pushed since it was
+# others become one engine piece each, on the layer's data fd or the base's.
+# Writes, when every grain is the writable layer's data: one piece in place on its data fd (no
+# bit changes). First writes of whole grains (not the writable layer's data yet, none of them
+# held by the Python path), on a buffered data fd: written here, inline as the loop writes any
+# buffered piece, then their bits and the index in one step, all under the index's wlock, so
+# the Python path (which holds a grain before it copies it up: hold()) never copies up a grain
+# under a first write, and a first write never lands under a copy-up. The order is the Python
+# path's: the data is written before the bit that exposes it is set, and bits reach the disk
+# only through layer.sync_bitmap (data fdatasync, then the bitmap) on FLUSH, which stays on the
+# Python path. Anything else declines: partial grains (copy-up), FUA (the bitmap may hold bits
+# this write's durability needs), O_DIRECT (an inline write would wait for the disk), a layer
+# whose bitmap sync failed. An owner the descriptor does not know (a layer pushed since it was
 # built) declines; the target rebuilds the descriptor, with the device suspended, whenever its
 # layers change.
 
@@ -683,7 +741,15 @@ cdef struct CowLayerC:
 cdef struct CowC:
     RunMap *index
     pthread_mutex_t *lock
+    pthread_mutex_t *wlock  # the index's: first writes against the Python path's held grains
+    Held **held
+    int *nheld
+    RunMap *top_bits        # the writable layer's bits (NULL: no first writes here)
+    pthread_mutex_t *top_lock
+    uint8_t *top_dirty
+    int *top_failed
     int shift
+    uint64_t size           # bytes: the last grain may be short
     int nlayers
     int top                 # the writable layer's number; 0: none
     int base_fd             # -1: the base is not an fd (a mapped device, a remote export)
@@ -694,7 +760,7 @@ cdef struct CowC:
 
 cdef class CowFast:
     cdef CowC c
-    cdef object keep        # the index the pointers point into
+    cdef object keep        # the index and bits the pointers point into
 
 
 cdef int cow_read(FastDesc *d, uint64_t off, char *buf, uint64_t n, int fua, FdPiece *out, int room) noexcept nogil:
@@ -737,6 +803,45 @@ cdef int cow_read(FastDesc *d, uint64_t off, char *buf, uint64_t n, int fua, FdP
     return np
 
 
+cdef bint is_held(CowC *st, uint64_t a, uint64_t b) noexcept nogil:
+    cdef int i
+    cdef Held *h = st.held[0]
+    for i in range(st.nheld[0]):
+        if h[i].a < b and a < h[i].b:
+            return True
+    return False
+
+
+cdef int first_write(CowC *st, uint64_t off, char *buf, uint64_t n) noexcept nogil:
+    """Whole grains [off, off+n) into the writable layer, here and now: 0, or FAST_DECLINE
+    (nothing marked; the Python path does it all again)."""
+    cdef uint64_t mask = (<uint64_t>1 << st.shift) - 1, end = off + n, done = 0
+    cdef uint64_t g = off >> st.shift, g1 = ((end - 1) >> st.shift) + 1
+    cdef CowLayerC *top = &st.layers[st.top]
+    cdef ssize_t r
+    cdef int rc = 0
+    if st.top_bits == NULL or not top.buffered or st.top_failed[0]:
+        return FAST_DECLINE
+    if off & mask or (end & mask and end != st.size):
+        return FAST_DECLINE  # a partial grain: copy-up
+    pthread_mutex_lock(st.wlock)
+    if is_held(st, g, g1):
+        pthread_mutex_unlock(st.wlock)
+        return FAST_DECLINE
+    while done < n:
+        r = pwrite(top.fd, buf + done, n - done, top.data_offset + off + done)
+        if r < 0:
+            if errno == EINTR:
+                continue
+            rc = FAST_DECLINE  # the Python path tries again and reports the error
+            break
+        done += r
+    if rc == 0 and mark_runs(st.top_bits, st.top_lock, st.top_dirty, g, g1, 0, st.lock, st.index, st.top) < 0:
+        rc = FAST_DECLINE
+    pthread_mutex_unlock(st.wlock)
+    return rc
+
+
 cdef int cow_write(FastDesc *d, uint64_t off, char *buf, uint64_t n, int fua, FdPiece *out, int room) noexcept nogil:
     cdef CowC *st = <CowC *> d.state
     cdef int s = st.shift, k
@@ -749,7 +854,7 @@ cdef int cow_write(FastDesc *d, uint64_t off, char *buf, uint64_t n, int fua, Fd
     k = map_lookup(st.index, g, g1, &val, &e, 1)
     pthread_mutex_unlock(st.lock)
     if k != 1 or e < g1 or val != (st.top << 1):
-        return FAST_DECLINE
+        return first_write(st, off, buf, n)
     out[0].fd = st.layers[st.top].fd
     out[0].off = st.layers[st.top].data_offset + off
     out[0].len = n
@@ -758,20 +863,30 @@ cdef int cow_write(FastDesc *d, uint64_t off, char *buf, uint64_t n, int fua, Fd
     return 1
 
 
-def descriptor(OwnerIndex index, int shift, layers, base, int top, uint32_t align):
-    """A FastOps for a cow stack: `layers` [(fd, data_offset, buffered)] bottom first; `base`
-    (fd, offset, buffered), fd -1 if the base is no fd; `top` the writable layer's number (0:
-    none, writes decline)."""
+def descriptor(OwnerIndex index, int shift, uint64_t size, layers, base, LayerBits top, uint32_t align):
+    """A FastOps for a cow stack of `size` bytes: `layers` [(fd, data_offset, buffered)] bottom
+    first; `base` (fd, offset, buffered), fd -1 if the base is no fd; `top` the writable (last)
+    layer's bits, None if there is none (writes decline)."""
     if len(layers) > MAX_LAYERS:
         raise ValueError(f"{len(layers)} layers; at most {MAX_LAYERS}")
     cdef CowFast st = CowFast.__new__(CowFast)
     cdef int i
-    st.keep = index
+    st.keep = (index, top)
     st.c.index = index.map_ptr()
     st.c.lock = index.lock_ptr()
+    st.c.wlock = &index.wlock
+    st.c.held = &index.held
+    st.c.nheld = &index.nheld
+    st.c.top_bits = NULL
+    if top is not None:
+        st.c.top_bits = &top.m
+        st.c.top_lock = &top.lock
+        st.c.top_dirty = top.dirty
+        st.c.top_failed = &top.failed
     st.c.shift = shift
+    st.c.size = size
     st.c.nlayers = len(layers)
-    st.c.top = top
+    st.c.top = len(layers) if top is not None else 0
     st.c.base_fd, st.c.base_offset, st.c.base_buffered = base
     for i, (fd, offset, buffered) in enumerate(layers, 1):
         st.c.layers[i].fd = fd

@@ -334,6 +334,7 @@ class Layer:
                 os.fdatasync(self.bitmap_fd)
             except OSError as e:
                 self.failed = e.strerror or str(e)
+                self.bits.fail()  # the fast path's first writes stop too
                 raise
             return len(pages)
 

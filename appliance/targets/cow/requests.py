@@ -4,8 +4,11 @@ Reads: the owner index gives runs of grains owned by one layer (or by none: the 
 run is one I/O on that layer's data (or the base), and runs a layer holds as zeros are
 filled in memory. Writes: grains the writable layer holds as data are written in place;
 every other grain the write touches is locked (a per-grain lock, the seed's "lock around
-sect+doop?") so that two writes never race a copy-up; a partial grain is copied up first (read
-from its owner, merged, written whole). The bits go into the writable layer's bitmap once the
+sect+doop?", also held in the index so the fast path's first writes keep off it) so that two
+writes never race a copy-up; a partial grain is copied up first (read from its owner, merged,
+written whole). Most of this runs on the fast path (cowindex.pyx) when it can: reads, in-place
+writes and first writes of whole grains; this is the rest, and the path for every request
+when the fast path declines. The bits go into the writable layer's bitmap once the
 data is written, and into the index; a FLUSH (or a FUA write) syncs the bitmap after the data
 (layer.sync_bitmap). A write that finds a grain locked waits for that grain and starts again.
 """
@@ -109,6 +112,8 @@ class Requests:
                     return
             for g in locked:
                 self._busy[g] = []
+            for a, b in _runs(locked):  # and the fast path's first writes leave them alone
+                self.index.hold(a, b)
         view = memoryview(buf)
         end = offset + length
 
@@ -167,6 +172,8 @@ class Requests:
     def _release(self, grains):
         waiters = []
         with self._lock:
+            for a, b in _runs(grains):
+                self.index.release(a, b)
             for g in grains:
                 waiters += self._busy.pop(g, ())
         for retry in waiters:

@@ -189,17 +189,18 @@ class Cow(Requests, Target):
         return bio.SUBMITTED
 
     def fast_map(self):
-        """Reads, and writes in place to grains the writable layer holds as data, without the GIL
-        (appliance/_fast/cowindex.pyx). Copy-ups, first writes, FUA and FLUSH stay here (the bitmap)."""
+        """Reads, writes in place to grains the writable layer holds as data, and first writes of
+        whole grains, without the GIL (appliance/_fast/cowindex.pyx). Copy-ups, FUA, zeroes and
+        FLUSH stay here."""
         devs = [s.data for s in self.layers]
         if any(getattr(d, "fd", None) is None for d in devs):
             return None
         base_fd = getattr(self.base, "fd", None)
         base = (base_fd, self.base_start, not self.base.direct) if base_fd is not None else (-1, 0, 0)
         layers = [(s.data.fd, s.layer.data_offset, not s.data.direct) for s in self.layers]
-        top = len(self.layers) if self.layers and self.layers[-1].layer.writable and self.ctx.writable else 0
+        top = self.layers[-1].layer.bits if self.layers and self.layers[-1].layer.writable and self.ctx.writable else None
         align = max([getattr(d, "align", 1) for d in devs + [self.base]])
-        return descriptor(self.index, self.shift, layers, base, top, align)
+        return descriptor(self.index, self.shift, self.length, layers, base, top, align)
 
     def refresh_fast_map(self):
         """The layers changed (push, merge) with the device suspended: a new descriptor now."""
