@@ -605,13 +605,6 @@ cdef class LayerBits(GrainMap):
         """A bitmap sync failed: the fast path makes no more first writes into this layer."""
         self.failed = 1
 
-    def any_dirty(self):
-        cdef uint64_t i
-        for i in range((self.npages + 7) // 8):
-            if self.dirty[i]:
-                return True
-        return False
-
 
 # ---- the stack's index ------------------------------------------------------------------
 
@@ -660,10 +653,6 @@ cdef class OwnerIndex(GrainMap):
                     self.held[i] = self.held[self.nheld]
                     break
             pthread_mutex_unlock(&self.wlock)
-
-    @property
-    def holding(self):
-        return self.nheld
 
     cdef pthread_mutex_t *lock_ptr(self) noexcept nogil:
         return &self.lock

@@ -278,10 +278,6 @@ class Layer:
         """[(start, end)] of the grains in [g0, g1) this layer holds (data or zero), in order."""
         return _join([(a, b) for v, a, b in self.bits.pieces(g0, self.grains if g1 is None else g1) if v])
 
-    def may_have_zero(self, g0, g1):
-        """False if no grain in [g0, g1) reads as zeros (a cheap test before zero_runs)."""
-        return any(v == ZERO for v, _, _ in self.bits.pieces(g0, g1))
-
     def zero_runs(self, g0=0, g1=None):
         """[(start, end)] of the grains in [g0, g1) that read as zeros from this layer."""
         return [(a, b) for v, a, b in self.bits.pieces(g0, self.grains if g1 is None else g1) if v == ZERO]
