@@ -173,8 +173,9 @@ cdef int leaf_insert(RunMap *m, Py_ssize_t li, int pos, uint64_t s, uint64_t e, 
         if r == NULL:
             return -1
         r.n = 0
-        if li >= m.nleaf:  # a new last leaf
-            li = m.nleaf
+        if li >= m.nleaf or pos == LEAF:  # a new leaf after li: appending keeps leaves full
+            li = m.nleaf if li >= m.nleaf else li + 1
+            memmove(m.leaf + li + 1, m.leaf + li, (m.nleaf - li) * sizeof(Leaf *))
             m.leaf[li] = r
             m.nleaf += 1
             pos = 0
