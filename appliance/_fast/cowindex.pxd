@@ -19,6 +19,7 @@ cdef struct Leaf:
 
 cdef struct RunMap:
     Leaf **leaf
+    uint64_t *first         # first[i] == leaf[i].start[0]: the search over leaves stays in one array
     Py_ssize_t nleaf
     Py_ssize_t cap
     Py_ssize_t nruns

@@ -50,6 +50,7 @@ DATA, ZERO = V_DATA, V_ZERO
 
 cdef int map_init(RunMap *m) noexcept nogil:
     m.leaf = NULL
+    m.first = NULL
     m.nleaf = 0
     m.cap = 0
     m.nruns = 0
@@ -61,6 +62,7 @@ cdef void map_clear(RunMap *m) noexcept nogil:
     for i in range(m.nleaf):
         free(m.leaf[i])
     free(m.leaf)
+    free(m.first)
     map_init(m)
 
 
@@ -69,7 +71,7 @@ cdef Py_ssize_t find_leaf(RunMap *m, uint64_t g) noexcept nogil:
     cdef Py_ssize_t lo = 0, hi = m.nleaf - 1, mid
     while lo < hi:
         mid = (lo + hi + 1) >> 1
-        if m.leaf[mid].start[0] <= g:
+        if m.first[mid] <= g:
             lo = mid
         else:
             hi = mid - 1
@@ -161,6 +163,7 @@ cdef int leaf_insert(RunMap *m, Py_ssize_t li, int pos, uint64_t s, uint64_t e, 
     cdef Leaf *l
     cdef Leaf *r
     cdef Leaf **grown
+    cdef uint64_t *firsts
     cdef int half
     if li >= m.nleaf or m.leaf[li].n == LEAF:
         if m.nleaf == m.cap:
@@ -168,6 +171,10 @@ cdef int leaf_insert(RunMap *m, Py_ssize_t li, int pos, uint64_t s, uint64_t e, 
             if grown == NULL:
                 return -1
             m.leaf = grown
+            firsts = <uint64_t *>realloc(m.first, (m.cap * 2 + 8) * sizeof(uint64_t))
+            if firsts == NULL:
+                return -1
+            m.first = firsts
             m.cap = m.cap * 2 + 8
         r = <Leaf *>malloc(sizeof(Leaf))
         if r == NULL:
@@ -176,6 +183,7 @@ cdef int leaf_insert(RunMap *m, Py_ssize_t li, int pos, uint64_t s, uint64_t e, 
         if li >= m.nleaf or pos == LEAF:  # a new leaf after li: appending keeps leaves full
             li = m.nleaf if li >= m.nleaf else li + 1
             memmove(m.leaf + li + 1, m.leaf + li, (m.nleaf - li) * sizeof(Leaf *))
+            memmove(m.first + li + 1, m.first + li, (m.nleaf - li) * sizeof(uint64_t))
             m.leaf[li] = r
             m.nleaf += 1
             pos = 0
@@ -188,7 +196,9 @@ cdef int leaf_insert(RunMap *m, Py_ssize_t li, int pos, uint64_t s, uint64_t e, 
             memcpy(r.val, l.val + half, r.n * sizeof(uint16_t))
             l.n = half
             memmove(m.leaf + li + 2, m.leaf + li + 1, (m.nleaf - li - 1) * sizeof(Leaf *))
+            memmove(m.first + li + 2, m.first + li + 1, (m.nleaf - li - 1) * sizeof(uint64_t))
             m.leaf[li + 1] = r
+            m.first[li + 1] = r.start[0]
             m.nleaf += 1
             if pos > half:
                 li += 1
@@ -202,6 +212,7 @@ cdef int leaf_insert(RunMap *m, Py_ssize_t li, int pos, uint64_t s, uint64_t e, 
     l.val[pos] = v
     l.n += 1
     m.nruns += 1
+    m.first[li] = l.start[0]
     return 0
 
 
@@ -209,6 +220,7 @@ cdef void leaf_remove(RunMap *m, Py_ssize_t li, int i, int j) noexcept nogil:
     """Drop runs [i, j) of leaf li; a leaf left empty goes."""
     cdef Leaf *l = m.leaf[li]
     if j <= i:
+        m.first[li] = l.start[0]  # (a caller may have moved the first run's start)
         return
     memmove(l.start + i, l.start + j, (l.n - j) * sizeof(uint64_t))
     memmove(l.end + i, l.end + j, (l.n - j) * sizeof(uint64_t))
@@ -218,7 +230,10 @@ cdef void leaf_remove(RunMap *m, Py_ssize_t li, int i, int j) noexcept nogil:
     if l.n == 0:
         free(l)
         memmove(m.leaf + li, m.leaf + li + 1, (m.nleaf - li - 1) * sizeof(Leaf *))
+        memmove(m.first + li, m.first + li + 1, (m.nleaf - li - 1) * sizeof(uint64_t))
         m.nleaf -= 1
+    else:
+        m.first[li] = l.start[0]
 
 
 cdef void tidy(RunMap *m, Py_ssize_t li) noexcept nogil:
@@ -242,6 +257,7 @@ cdef void tidy(RunMap *m, Py_ssize_t li) noexcept nogil:
     l.n += r.n
     free(r)
     memmove(m.leaf + a + 1, m.leaf + a + 2, (m.nleaf - a - 2) * sizeof(Leaf *))
+    memmove(m.first + a + 1, m.first + a + 2, (m.nleaf - a - 2) * sizeof(uint64_t))
     m.nleaf -= 1
 
 
@@ -316,6 +332,7 @@ cdef int map_insert(RunMap *m, uint64_t a, uint64_t b, uint16_t v) noexcept nogi
         l.end[ri] = b
     elif right:
         m.leaf[rl].start[rr] = a
+        m.first[rl] = m.leaf[rl].start[0]
     else:
         return leaf_insert(m, li, ri + 1, a, b, v)
     return 0
@@ -414,7 +431,7 @@ cdef class GrainMap:
     @property
     def memory(self):
         """Bytes the runs take (the leaves and the array of them)."""
-        return self.m.nleaf * sizeof(Leaf) + self.m.cap * sizeof(Leaf *)
+        return self.m.nleaf * sizeof(Leaf) + self.m.cap * (sizeof(Leaf *) + sizeof(uint64_t))
 
 
 # ---- a layer's bitmap -------------------------------------------------------------------
