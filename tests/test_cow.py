@@ -161,7 +161,8 @@ def test_push_while_a_client_writes_loses_nothing(make_daemon, tmp_path):
     l1 = layer_create(tmp_path / "l1.layer")
     d = make_daemon(cow_device(base, [l1]))
     fio = subprocess.Popen(["fio", "--name=w", "--ioengine=nbd", f"--uri={d.uri('d')}", "--rw=randwrite", "--bs=4k",
-                            "--size=4m", "--iodepth=8", "--verify=crc32c", "--do_verify=1", "--loops=40",
+                            "--size=4m", "--iodepth=8", "--verify=crc32c", "--do_verify=1", "--loops=10",
+                            "--rate_iops=2000",  # ~10 s: the fast path would finish before the pushes
                             "--verify_state_save=0", f"--directory={tmp_path}"],
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
     pushed = []
