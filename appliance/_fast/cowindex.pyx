@@ -3,10 +3,11 @@
 
 A `GrainMap` holds sorted, disjoint runs [start, end) of grains with a small value (no run:
 value 0), coalesced so that touching runs of one value are one run. The runs sit in leaves of
-up to LEAF runs, the leaves in one sorted array of pointers: a lookup is two binary searches
-(O(log runs)), an update moves at most one leaf's runs and, when a leaf splits or goes, the
-array of leaf pointers. Memory is ~18-36 bytes per run, whatever the device's size: a 2 TiB
-device with a few runs costs a few KiB (a byte per grain would be 512 MiB).
+up to LEAF runs, the leaves in one sorted array of pointers (and one of their first grains,
+which the search runs over): a lookup is two binary searches (O(log runs)), an update moves at
+most one leaf's runs and, when a leaf splits or goes, the arrays of leaves. Memory is ~18-36
+bytes per run, whatever the device's size: a 2 TiB device with a few runs costs a few KiB (a
+byte per grain would be 512 MiB).
 
 Two kinds:
 - `LayerBits`: one layer's bitmap (layer.py has the on-disk format): value 1 data, 3 reads as

@@ -3,8 +3,8 @@
 Every grain is read from the topmost layer that holds it, or from the base; writes go to the
 last layer (the writable one). Which layer holds a grain is one lookup in the owner index
 (appliance/_fast/cowindex.pyx: runs of grains, O(log runs) a lookup), built from the layers'
-bitmaps when the table is loaded, so a read costs the same whatever the depth. The words and the chain: stack.py; the request path:
-requests.py; the messages: push.py, merge.py.
+bitmaps when the table is loaded, so a read costs the same whatever the depth. The words and
+the chain: stack.py; the request path: requests.py; the messages: push.py, merge.py.
 """
 
 from __future__ import annotations
