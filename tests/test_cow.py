@@ -161,7 +161,8 @@ def test_push_while_a_client_writes_loses_nothing(make_daemon, tmp_path):
     l1 = layer_create(tmp_path / "l1.layer")
     d = make_daemon(cow_device(base, [l1]))
     fio = subprocess.Popen(["fio", "--name=w", "--ioengine=nbd", f"--uri={d.uri('d')}", "--rw=randwrite", "--bs=4k",
-                            "--size=4m", "--iodepth=8", "--verify=crc32c", "--do_verify=1", "--loops=40",
+                            "--size=4m", "--iodepth=8", "--verify=crc32c", "--do_verify=1", "--loops=10",
+                            "--rate_iops=2000",  # ~10 s: the fast path would finish before the pushes
                             "--verify_state_save=0", f"--directory={tmp_path}"],
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
     pushed = []
@@ -437,3 +438,54 @@ def test_a_layer_put_under_a_new_one_by_config_is_sealed_like_a_push(make_daemon
     d.config.write_text(d.config.read_text().replace(f"0 {l1} {l2}", f"0 {l1}"))
     r = d.cli("check-config", check=False)  # back to the old table: l1 may not take writes again
     assert r.returncode != 0 and f"{l1}: sealed" in r.stderr
+
+
+def test_rewrites_of_grains_the_writable_layer_holds_take_the_fast_path(make_daemon, tmp_path):
+    base, l1 = make_base(tmp_path), layer_create(tmp_path / "l1.layer")
+    d = make_daemon(cow_device(base, [l1]))
+
+    def slow_ios():
+        return d.status("d")["devices"][0]["segments"][0]["status"]["slow_ios"]
+
+    qemu_io(d.uri("d"), "write -P 1 0 64k")  # first writes: their bits, on the Python path
+    before = slow_ios()
+    rewrites = [f"write -P {i + 2} {i * 4 * KiB} 4k" for i in range(16)] + ["write -P 0x77 1000 24"]
+    args = sum((["-c", c] for c in rewrites), [])
+    run("qemu-io", "-f", "raw", "-t", "writeback", *args, d.uri("d"))  # writeback: no FUA
+    slow = slow_ios() - before
+    assert slow <= 1, f"{slow} of 17 rewrites went through Python"  # (qemu-io's closing FLUSH does)
+    before = slow_ios()
+    qemu_io(d.uri("d"), "write -P 0x55 8k 4k")  # writethrough (FUA): the bitmap too, so the Python path
+    assert slow_ios() > before
+    qemu_io(d.uri("d"), "read -P 2 0 1000", "read -P 0x77 1000 24", "read -P 2 1024 3k", "read -P 3 4k 4k",
+            "read -P 0x55 8k 4k", "read -P 17 60k 4k", f"read -P {BASE} 64k 64k")
+
+
+def test_first_writes_of_whole_grains_take_the_fast_path_and_a_flush_makes_them_durable(make_daemon, tmp_path):
+    need("nbdsh")
+    base, l1 = make_base(tmp_path), layer_create(tmp_path / "l1.layer")
+    d = make_daemon(cow_device(base, [l1]))
+    p = subprocess.Popen(["nbdsh", "-u", d.uri("d"), "-c", """
+for g in range(0, 512, 2):  # whole fresh grains, over the base's data and its hole
+    h.pwrite(bytes([g % 250 + 1]) * 4096, g * 4096)
+h.pwrite(b"\\x33" * 65536, 2 * 1024 * 1024 + 8192)  # 16 grains, one request
+h.flush()
+print("flushed", flush=True)
+import time
+time.sleep(60)
+"""], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=nbdsh_env())
+    assert p.stdout.readline().strip() == "flushed", p.stderr.read()
+    st = d.status("d")["devices"][0]["segments"][0]["status"]
+    assert st["slow_ios"] <= 1, f"{st['slow_ios']} of 257 first writes went through Python (the FLUSH does)"
+    d.kill()
+    p.kill()
+    p.wait()
+    info = layer_info(l1)  # the layer file, with the daemon dead
+    assert info["allocated_bytes"] == (256 + 16) * 4096
+    with open(l1, "rb") as f:
+        f.seek(info["data_offset"] + 2 * MiB + 8192)
+        assert f.read(65536) == b"\x33" * 65536
+    d = make_daemon(cow_device(base, [l1]), name="after")
+    expect = ["read -P 1 0 4k", f"read -P {BASE} 4k 4k", "read -P 101 400k 4k", f"read -P {BASE} 404k 4k",
+              "read -P 0 2m 8k", "read -P 0x33 2056k 64k", "read -P 0 2120k 8k"]
+    qemu_io(d.uri("d"), *expect)

@@ -51,7 +51,6 @@ FLUSH, not two synchronous writes per request).
 from __future__ import annotations
 
 import errno
-import mmap
 import os
 import struct
 import threading
@@ -59,7 +58,7 @@ import uuid as uuidlib
 import zlib
 from dataclasses import dataclass, replace
 
-from .bits import popcount, runs, set_bits
+from ..._fast.cowindex import DATA, ZERO, LayerBits
 
 MAGIC = b"ACOWLAYR"
 VERSION = 1
@@ -69,8 +68,7 @@ _KNOWN_FLAGS = SEALED | SPLIT
 _HEADER = struct.Struct("<8sII16s16s16sIIQQQQ")
 _CRC = struct.Struct("<I")
 HEADER_AREA = 4096  # the bitmap starts here
-PAGE = 4096  # the bitmap is written in pages of this many bytes
-GRAINS_PER_PAGE = PAGE // 2 * 8
+PAGE = 4096  # the bitmap is written in pages of this many bytes (cowindex.pyx renders them)
 MIN_GRAIN, MAX_GRAIN, DEFAULT_GRAIN = 512, 1 << 20, 4096
 _NIL = uuidlib.UUID(int=0)
 
@@ -194,6 +192,17 @@ def pread_full(fd, length, offset):
     return buf
 
 
+def _join(runs):
+    """Touching runs as one (data next to zeros is one allocated run)."""
+    out = []
+    for a, b in runs:
+        if out and out[-1][1] == a:
+            out[-1] = (out[-1][0], b)
+        else:
+            out.append((a, b))
+    return out
+
+
 def pwrite_full(fd, buf, offset):
     view = memoryview(buf)
     while view:
@@ -202,17 +211,17 @@ def pwrite_full(fd, buf, offset):
 
 
 class Layer:
-    """One layer, attached: its header and its bitmap in memory (two plain bitmaps, "allocated"
-    and "zero", one bit per grain: 32 MiB each for 1 TiB in 4 KiB grains, in anonymous mappings,
-    which cost no page until a bit in it is set or read, so a new layer of any size attaches in
-    milliseconds).
+    """One layer, attached: its header, and its bitmap in memory as runs of grains (a C map,
+    appliance/_fast/cowindex.pyx: bytes per run of set bits, nothing per grain, so a 2 TiB
+    layer with a few writes costs a few KiB).
 
     The target's calls: `is_allocated(g)`, `is_zero(g)`, `allocated_runs(g0, g1)`,
     `zero_runs(g0, g1)`, `mark_allocated(g0, g1)` after the data of grains [g0, g1) was
-    written, `mark_zero(g0, g1)`, `sync_bitmap()` before a FLUSH completes, `seal(child)`,
-    `set_parent(uuid)`; `data_fd` and `data_offset` (grain g at data_offset + g * grain) for
-    the fast path. Bits may be marked and looked up from any thread; `seal` is for a layer
-    whose writes are quiesced (a push suspends the device first).
+    written, `mark_zero(g0, g1)` (both may update the stack's index in the same step),
+    `sync_bitmap()` before a FLUSH completes, `seal(child)`, `set_parent(uuid)`; `data_fd` and
+    `data_offset` (grain g at data_offset + g * grain) for the fast path. Bits may be marked and
+    looked up from any thread; `seal` is for a layer whose writes are quiesced (a push suspends
+    the device first).
     """
 
     def __init__(self, header, bitmap_fd, data_fd, *, name, writable, owns_fds=(), fresh=False):
@@ -223,16 +232,12 @@ class Layer:
         self.bitmap_fd = bitmap_fd
         self.data_fd = data_fd
         self._owned = list(owns_fds)
-        n = _ceil(header.grains, 8)
-        self._alloc = mmap.mmap(-1, n)
-        self._zero = mmap.mmap(-1, n)
-        self._dirty = set()  # bitmap pages changed in memory since the last sync_bitmap
-        self._lock = threading.Lock()  # the bits and _dirty
+        self.bits = LayerBits(header.grains)
         self._sync_lock = threading.Lock()  # one sync_bitmap at a time: an older page image never lands last
         self.failed = None  # the error of a failed sync: the layer takes no more bits
         self.folding = False  # a merge folds the layers above into this read-only layer
         self._load_bitmap()
-        if fresh and not (_all_zero(self._alloc) and _all_zero(self._zero)):
+        if fresh and (self.bits.runs or self.bits.stray >= 0 or self.bits.past):
             raise LayerError(f"{name}: unused bitmap device (no header) whose bitmap is not all zeros; zero it first")
 
     # geometry
@@ -258,91 +263,56 @@ class Layer:
 
     def reload_bitmap(self):
         """Read the bitmap from disk again (a table that replaces another one that synced its bits)."""
-        with self._lock:
-            for bits in (self._alloc, self._zero):  # in place: the fast path holds the zero bits
-                for i in range(0, len(bits), 1 << 22):
-                    bits[i:i + (1 << 22)] = bytes(min(1 << 22, len(bits) - i))
-            self._load_bitmap()
+        self._load_bitmap()
 
     def _load_bitmap(self):
-        """Into the (zeroed) bit arrays. Holes in a sparse file are skipped, not read: a new
-        layer of a TiB attaches in milliseconds (a push)."""
-        h, chunk = self.header, 1 << 22
-        off = 0
-        while off < h.bitmap_length:
-            data = _next_data(self.bitmap_fd, h.bitmap_offset + off, h.bitmap_offset + h.bitmap_length)
-            off = (data - h.bitmap_offset) & ~(PAGE - 1)  # whole pages: byte pairs stay together
-            if off >= h.bitmap_length:
-                break
-            raw = pread_full(self.bitmap_fd, min(chunk, h.bitmap_length - off), h.bitmap_offset + off)
-            a0 = off // 2
-            a1 = min(a0 + len(raw) // 2, len(self._alloc))
-            if a1 > a0:
-                self._alloc[a0:a1] = raw[0:2 * (a1 - a0):2]
-                self._zero[a0:a1] = raw[1:2 * (a1 - a0):2]
-            off += len(raw)
+        self.bits.load(self.bitmap_fd, self.header.bitmap_offset, self.header.bitmap_length)
 
     # lookups
     def is_allocated(self, grain):
-        return bool(self._alloc[grain >> 3] >> (grain & 7) & 1)
+        return self.bits.value(grain) != 0
 
     def is_zero(self, grain):
-        return bool((self._alloc[grain >> 3] & self._zero[grain >> 3]) >> (grain & 7) & 1)
+        return self.bits.value(grain) == ZERO
 
     def allocated_runs(self, g0=0, g1=None):
         """[(start, end)] of the grains in [g0, g1) this layer holds (data or zero), in order."""
-        return runs(self._alloc, g0, self.grains if g1 is None else g1)
-
-    @property
-    def zero_bits(self):
-        """The "zero" bitmap itself (a mapping that never moves: changes are made in place),
-        for the fast path's reads."""
-        return self._zero
-
-    def may_have_zero(self, g0, g1):
-        """False if no grain in [g0, g1) reads as zeros (a cheap test before zero_runs)."""
-        return any(self._zero[g0 >> 3:(g1 + 7) >> 3])
+        return _join([(a, b) for v, a, b in self.bits.pieces(g0, self.grains if g1 is None else g1) if v])
 
     def zero_runs(self, g0=0, g1=None):
         """[(start, end)] of the grains in [g0, g1) that read as zeros from this layer."""
-        return runs(self._zero, g0, self.grains if g1 is None else g1)
+        return [(a, b) for v, a, b in self.bits.pieces(g0, self.grains if g1 is None else g1) if v == ZERO]
 
     def empty(self):
-        """True if this layer holds no grain (cheaper than counting them): a layer whose bits are
-        all on disk (none dirty) and whose bitmap there is a hole holds none, unread."""
-        h = self.header
-        with self._lock:
-            if not self._dirty and _next_data(self.bitmap_fd, h.bitmap_offset,
-                                              h.bitmap_offset + h.bitmap_length) >= h.bitmap_offset + h.bitmap_length:
-                return True
-        return _all_zero(self._alloc)
+        """True if this layer holds no grain: its bits are runs in memory, so this costs nothing
+        whatever the layer's size (a push checks it)."""
+        return self.bits.runs == 0
 
     def allocated_grains(self):
-        return popcount(self._alloc)
+        t = self.bits.totals()
+        return t.get(DATA, 0) + t.get(ZERO, 0)
 
     def zero_grains(self):
-        return popcount(self._zero)
+        return self.bits.totals().get(ZERO, 0)
 
     # changes (in memory; sync_bitmap writes them)
-    def mark_allocated(self, g0, g1):
-        """Grains [g0, g1) hold data in this layer. Call only once that data write completed."""
-        self._mark(g0, g1, zero=False)
+    def mark_allocated(self, g0, g1, index=None, owner=0):
+        """Grains [g0, g1) hold data in this layer. Call only once that data write completed.
+        With `index` (the stack's OwnerIndex), it gives them to `owner` in the same step."""
+        self._mark(g0, g1, False, index, owner)
 
-    def mark_zero(self, g0, g1):
+    def mark_zero(self, g0, g1, index=None, owner=0):
         """Grains [g0, g1) read as zeros from this layer (no data written or needed)."""
-        self._mark(g0, g1, zero=True)
+        self._mark(g0, g1, True, index, owner)
 
-    def _mark(self, g0, g1, zero):
+    def _mark(self, g0, g1, zero, index, owner):
         if not self.folding and (not self.writable or self.header.sealed):
             raise LayerError(f"{self.name}: not the writable layer")
         if self.failed:
             raise LayerError(f"{self.name}: failed earlier ({self.failed}); its bitmap takes no more bits")
         if not 0 <= g0 <= g1 <= self.grains:
             raise LayerError(f"{self.name}: grains [{g0}, {g1}) outside 0..{self.grains}")
-        with self._lock:
-            set_bits(self._alloc, g0, g1, True)
-            set_bits(self._zero, g0, g1, zero)
-            self._dirty.update(range(g0 // GRAINS_PER_PAGE, (g1 - 1) // GRAINS_PER_PAGE + 1) if g1 > g0 else ())
+        self.bits.mark(g0, g1, zero, index, owner)
 
     def sync_bitmap(self):
         """Make every bit marked before this call durable, after the data it exposes: fdatasync
@@ -354,31 +324,21 @@ class Layer:
         with self._sync_lock:
             if self.failed:
                 raise LayerError(f"{self.name}: failed earlier ({self.failed}); its bitmap takes no more bits")
-            with self._lock:
-                pages = sorted(self._dirty)
-                self._dirty.clear()
-                images = [self._page_image(p) for p in pages]
+            pages = self.bits.take_dirty()  # the page images, taken together with the bits
             if not pages:
                 return 0
             try:
                 if self._fresh:
                     self._write_header(self.header)  # a bitmap never sits under a missing header
-                os.fdatasync(self.data_fd)  # the data under every bit in `images` was written before it was marked
-                for p, image in zip(pages, images):
+                os.fdatasync(self.data_fd)  # the data under every bit in `pages` was written before it was marked
+                for p, image in pages:
                     pwrite_full(self.bitmap_fd, image, self.header.bitmap_offset + p * PAGE)
                 os.fdatasync(self.bitmap_fd)
             except OSError as e:
                 self.failed = e.strerror or str(e)
+                self.bits.fail()  # the fast path's first writes stop too
                 raise
             return len(pages)
-
-    def _page_image(self, page):
-        a0 = page * (PAGE // 2)
-        image = bytearray(PAGE)
-        alloc = self._alloc[a0:a0 + PAGE // 2]
-        image[0:2 * len(alloc):2] = alloc
-        image[1:2 * len(alloc):2] = self._zero[a0:a0 + PAGE // 2]
-        return image
 
     # identity
     def set_parent(self, parent):
@@ -428,16 +388,9 @@ class Layer:
         """Bits no layer can have (`layer check`): zero but not allocated, or past the last grain,
         or anything in the bitmap area past the last grain's byte pair."""
         out = []
-        for i in range(0, len(self._alloc), 1 << 20):
-            a = int.from_bytes(self._alloc[i:i + (1 << 20)], "little")
-            stray = int.from_bytes(self._zero[i:i + (1 << 20)], "little") & ~a
-            if stray:
-                g = i * 8 + (stray & -stray).bit_length() - 1
-                out.append(f"{self.name}: bitmap damaged: grain {g} is marked zero but not allocated")
-                break
-        past = self.grains & 7 and (self._alloc[-1] | self._zero[-1]) >> (self.grains & 7)
-        h, used = self.header, 2 * len(self._alloc)
-        if past or any(pread_full(self.bitmap_fd, h.bitmap_length - used, h.bitmap_offset + used)):
+        if self.bits.stray >= 0:
+            out.append(f"{self.name}: bitmap damaged: grain {self.bits.stray} is marked zero but not allocated")
+        if self.bits.past:
             out.append(f"{self.name}: bitmap damaged: bits set past the last grain ({self.grains - 1})")
         return out
 
@@ -445,11 +398,6 @@ class Layer:
         for fd in self._owned:
             os.close(fd)
         self._owned = []
-
-
-def _all_zero(bits, step=1 << 20):
-    zero = bytes(step)
-    return all(bits[i:i + step] == zero[:min(step, len(bits) - i)] for i in range(0, len(bits), step))
 
 
 def _next_data(fd, pos, end):

@@ -503,12 +503,11 @@ class _Pending:
 def _split_zero(layer, a, b):
     """[(start, end, zero)] of grains [a, b) of `layer`: runs it holds as data or as zeros."""
     out, pos = [], a
-    if layer.may_have_zero(a, b):
-        for za, zb in layer.zero_runs(a, b):
-            if za > pos:
-                out.append((pos, za, False))
-            out.append((za, zb, True))
-            pos = zb
+    for za, zb in layer.zero_runs(a, b):
+        if za > pos:
+            out.append((pos, za, False))
+        out.append((za, zb, True))
+        pos = zb
     if pos < b:
         out.append((pos, b, False))
     return out

@@ -4,8 +4,11 @@ Reads: the owner index gives runs of grains owned by one layer (or by none: the 
 run is one I/O on that layer's data (or the base), and runs a layer holds as zeros are
 filled in memory. Writes: grains the writable layer holds as data are written in place;
 every other grain the write touches is locked (a per-grain lock, the seed's "lock around
-sect+doop?") so that two writes never race a copy-up; a partial grain is copied up first (read
-from its owner, merged, written whole). The bits go into the writable layer's bitmap once the
+sect+doop?", also held in the index so the fast path's first writes keep off it) so that two
+writes never race a copy-up; a partial grain is copied up first (read from its owner, merged,
+written whole). Most of this runs on the fast path (cowindex.pyx) when it can: reads, in-place
+writes and first writes of whole grains; this is the rest, and the path for every request
+when the fast path declines. The bits go into the writable layer's bitmap once the
 data is written, and into the index; a FLUSH (or a FUA write) syncs the bitmap after the data
 (layer.sync_bitmap). A write that finds a grain locked waits for that grain and starts again.
 """
@@ -61,39 +64,28 @@ class Requests:
         """Fill buf with [offset, offset+length) of the stack; done(error)."""
         end = offset + length
         s = self.shift
-        runs = self.index.owner_runs(offset >> s, ((end - 1) >> s) + 1)
-        if len(runs) == 1:  # the usual case: one layer (or the base) holds it all, as data
-            owner, a, b = runs[0]
-            if owner == 0:
-                self.base.submit(bio.IO(bio.READ, self.base_start + offset, length, buf, 0, lambda io: done(io.error)))
-                return
-            layer = self.layers[owner - 1]
-            if not layer.layer.may_have_zero(a, b):
-                layer.data.submit(bio.IO(bio.READ, layer.layer.data_offset + offset, length, buf, 0,
-                                         lambda io: done(io.error)))
-                return
+        runs = self.index.runs_with_zero(offset >> s, ((end - 1) >> s) + 1)
+        if len(runs) == 1 and not runs[0][1]:  # the usual case: one layer (or the base) holds it all, as data
+            dev, at = self._where(runs[0][0], offset)
+            dev.submit(bio.IO(bio.READ, at, length, buf, 0, lambda io: done(io.error)))
+            return
         join = Join(done)
         view = memoryview(buf)
-        for owner, a, b in runs:
+        for owner, zero, a, b in runs:
             lo, hi = max(a << s, offset), min(b << s, end)
-            part = view[lo - offset:hi - offset]
-            if owner == 0:
-                self._submit(self.base, bio.READ, self.base_start + lo, part, join)
-                continue
-            slot = self.layers[owner - 1]
-            if not slot.layer.may_have_zero(a, b):
-                self._submit(slot.data, bio.READ, slot.layer.data_offset + lo, part, join)
-                continue
-            pos = lo
-            for za, zb in slot.layer.zero_runs(a, b):
-                zlo, zhi = max(za << s, lo), min(zb << s, hi)
-                if zlo > pos:
-                    self._submit(slot.data, bio.READ, slot.layer.data_offset + pos, view[pos - offset:zlo - offset], join)
-                view[zlo - offset:zhi - offset] = bytes(zhi - zlo)
-                pos = zhi
-            if pos < hi:
-                self._submit(slot.data, bio.READ, slot.layer.data_offset + pos, view[pos - offset:hi - offset], join)
+            if zero:
+                view[lo - offset:hi - offset] = bytes(hi - lo)
+            else:
+                dev, at = self._where(owner, lo)
+                self._submit(dev, bio.READ, at, view[lo - offset:hi - offset], join)
         join.finish()
+
+    def _where(self, owner, offset):
+        """(device, offset on it) of the stack's byte `offset` in layer `owner` (0: the base)."""
+        if owner == 0:
+            return self.base, self.base_start + offset
+        slot = self.layers[owner - 1]
+        return slot.data, slot.layer.data_offset + offset
 
     def _submit(self, dev, op, offset, buf, join, flags=0):
         join.add()
@@ -109,14 +101,19 @@ class Requests:
         top = self.layers[-1]
         owner_top = len(self.layers)
         with self._lock:
-            locked = [g for g in range(g0, g1)
-                      if self.index.owners[g] != owner_top or top.layer.is_zero(g)]
+            # grains the writable layer does not hold as data: copied up or written first here.
+            # Looked up under the lock that _release takes, so a grain a write just made the
+            # top's is seen as such (and then written in place, as the fast path does)
+            locked = [g for owner, zero, a, b in self.index.runs_with_zero(g0, g1)
+                      if owner != owner_top or zero for g in range(a, b)]
             for g in locked:
                 if g in self._busy:  # a copy-up or first write of this grain is in flight
                     self._busy[g].append(lambda: self.write(offset, buf, flags, done))
                     return
             for g in locked:
                 self._busy[g] = []
+            for a, b in _runs(locked):  # and the fast path's first writes leave them alone
+                self.index.hold(a, b)
         view = memoryview(buf)
         end = offset + length
 
@@ -124,10 +121,7 @@ class Requests:
             if not error and locked:
                 try:
                     for a, b in _runs(locked):
-                        top.layer.mark_allocated(a, b)
-                    with self._lock:
-                        for a, b in _runs(locked):
-                            self.index.set(a, b, owner_top)
+                        top.layer.mark_allocated(a, b, self.index, owner_top)
                 except LayerError as e:
                     log.error("%s", e)
                     error = bio.error(errno.EIO)
@@ -178,6 +172,8 @@ class Requests:
     def _release(self, grains):
         waiters = []
         with self._lock:
+            for a, b in _runs(grains):
+                self.index.release(a, b)
             for g in grains:
                 waiters += self._busy.pop(g, ())
         for retry in waiters:
@@ -202,9 +198,7 @@ class Requests:
         join = Join(finished)
         if a < b:
             try:
-                top.layer.mark_zero(a, b)
-                with self._lock:
-                    self.index.set(a, b, len(self.layers))
+                top.layer.mark_zero(a, b, self.index, len(self.layers))
             except LayerError as e:
                 log.error("%s", e)
                 join.part_done(bio.error(errno.EIO))

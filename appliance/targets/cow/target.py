@@ -2,9 +2,9 @@
 
 Every grain is read from the topmost layer that holds it, or from the base; writes go to the
 last layer (the writable one). Which layer holds a grain is one lookup in the owner index
-(appliance/_fast/cowindex.pyx), built from the layers' bitmaps when the table is loaded, so a
-read costs the same whatever the depth. The words and the chain: stack.py; the request path:
-requests.py; the messages: push.py, merge.py.
+(appliance/_fast/cowindex.pyx: runs of grains, O(log runs) a lookup), built from the layers'
+bitmaps when the table is loaded, so a read costs the same whatever the depth. The words and
+the chain: stack.py; the request path: requests.py; the messages: push.py, merge.py.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from types import SimpleNamespace
 
 from ... import SECTOR_SIZE
 from ... import io as bio
-from ..._fast.cowindex import MAX_LAYERS, OwnerIndex, read_descriptor
+from ..._fast.cowindex import MAX_LAYERS, OwnerIndex, descriptor
 from .. import DeviceArg, Target, TargetError, _word, parse_int
 from . import merge, push
 from .layer import DEFAULT_GRAIN, LayerError, attach
@@ -74,10 +74,10 @@ class Cow(Requests, Target):
         self.check_fits(self.base, self.base_start, args[0])
         self.base_id = base_uuid(self.length, getattr(self.base, "path", None))
         self.layers = []
-        self._lock = threading.Lock()  # the index and the per-grain locks
+        self._lock = threading.Lock()  # the per-grain locks (the index has its own)
         self._busy = {}  # grain -> retries waiting for it (the per-grain lock)
         self.copy_ups = 0
-        self.ios = 0  # requests mapped: a merge backs off while this moves
+        self.ios = 0  # requests the Python path mapped (with the gate's fast_ios: a merge backs off while they move)
         self.merge = None
         self._started = False
         grain = None
@@ -138,15 +138,15 @@ class Cow(Requests, Target):
             self.ctx.put_device(dev)
 
     def build_index(self):
-        """The owner map from the bitmaps: bottom layer first, so the topmost holder wins. Rebuilt
-        in place (suspended: after a merge), so the array a fast path holds stays where it is."""
-        grains = -(-self.length // self.grain)
+        """The owner index from the layers' bits: bottom layer first, so the topmost holder
+        wins. Rebuilt in place (suspended: after a merge), so the map a fast path holds stays
+        where it is."""
         index = getattr(self, "index", None)
         if index is None:
-            index = self.index = OwnerIndex(grains)
-        index.set(0, grains, 0)
+            index = self.index = OwnerIndex(-(-self.length // self.grain))
+        index.clear()
         for n, slot in enumerate(self.layers, 1):
-            index.set_runs(n, slot.layer.allocated_runs())
+            index.overlay(n, slot.layer.bits)
 
     def dtr(self):
         if getattr(self, "merge", None) is not None:
@@ -189,16 +189,18 @@ class Cow(Requests, Target):
         return bio.SUBMITTED
 
     def fast_map(self):
-        """Reads without the GIL: the owner index and each layer's data fd and zero bitmap
-        (appliance/_fast/cowindex.pyx). Writes and FLUSH stay here (copy-up, the bitmap)."""
+        """Reads, writes in place to grains the writable layer holds as data, and first writes of
+        whole grains, without the GIL (appliance/_fast/cowindex.pyx). Copy-ups, FUA, zeroes and
+        FLUSH stay here."""
         devs = [s.data for s in self.layers]
         if any(getattr(d, "fd", None) is None for d in devs):
             return None
         base_fd = getattr(self.base, "fd", None)
         base = (base_fd, self.base_start, not self.base.direct) if base_fd is not None else (-1, 0, 0)
-        layers = [(s.data.fd, s.layer.data_offset, s.layer.zero_bits, not s.data.direct) for s in self.layers]
+        layers = [(s.data.fd, s.layer.data_offset, not s.data.direct) for s in self.layers]
+        top = self.layers[-1].layer.bits if self.layers and self.layers[-1].layer.writable and self.ctx.writable else None
         align = max([getattr(d, "align", 1) for d in devs + [self.base]])
-        return read_descriptor(self.index, self.shift, layers, base, align)
+        return descriptor(self.index, self.shift, self.length, layers, base, top, align)
 
     def refresh_fast_map(self):
         """The layers changed (push, merge) with the device suspended: a new descriptor now."""
@@ -267,20 +269,8 @@ class Cow(Requests, Target):
     def _extents(self, offset, length):
         """(owner, lo, hi, zero) byte runs of [offset, offset+length)."""
         end, s = offset + length, self.shift
-        for owner, a, b in self.index.owner_runs(offset >> s, ((end - 1) >> s) + 1):
-            lo, hi = max(a << s, offset), min(b << s, end)
-            if owner == 0:
-                yield 0, lo, hi, False
-                continue
-            pos = lo
-            for za, zb in self.layers[owner - 1].layer.zero_runs(a, b):
-                zlo, zhi = max(za << s, lo), min(zb << s, hi)
-                if zlo > pos:
-                    yield owner, pos, zlo, False
-                yield owner, zlo, zhi, True
-                pos = zhi
-            if pos < hi:
-                yield owner, pos, hi, False
+        for owner, zero, a, b in self.index.runs_with_zero(offset >> s, ((end - 1) >> s) + 1):
+            yield owner, max(a << s, offset), min(b << s, end), bool(zero)
 
     # reporting and control
 
@@ -297,6 +287,9 @@ class Cow(Requests, Target):
             "grain": self.grain,
             "allocated": ",".join(str(s.layer.allocated_grains() * self.grain) for s in self.layers) or "0",
             "copy_ups": self.copy_ups,
+            "slow_ios": self.ios,  # requests the Python path served (the rest: the fast path)
+            "index_runs": self.index.runs,
+            "index_bytes": self.index.memory,
         }
         if self.merge is not None:
             info.update(self.merge.status())
