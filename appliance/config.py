@@ -72,6 +72,7 @@ class DeviceConfig:
     export: bool
     direct: bool
     exclusive: bool
+    allowed_clients: tuple[str, ...] | None = None
 
     @property
     def refs(self) -> tuple[str, ...]:

@@ -29,6 +29,7 @@ from . import drain, engine, sdnotify, size_text, udev
 from .blockdev import DevicePool
 from .control import ControlError, ControlServer
 from .device import MappedDevice, Registry
+from .nbd.access import AllowedClients
 from .nbd.server import Catalog, Server
 from .power.monitor import Monitor as PowerMonitor
 from .schema import is_loopback
@@ -188,7 +189,8 @@ class Daemon:
 
     def _publish(self):
         exported = [self.registry.get(d.name) for d in self.config.devices if d.export]
-        self.catalog.set([d for d in exported if d is not None])
+        allowed = {d.name: AllowedClients(d.allowed_clients) for d in self.config.devices if d.allowed_clients}
+        self.catalog.set([d for d in exported if d is not None], allowed)
 
     def _tls(self, export):
         try:
@@ -500,6 +502,7 @@ class Daemon:
         self.endpoints = endpoints
         self.config = new
         self._publish()
+        self.server.disconnect_unallowed()  # allowed_clients may have shrunk
 
     def _bind(self, export):
         """Listen where `export` adds a listener, keeping those it keeps. -> (names bound now,

@@ -7,6 +7,9 @@ sender thread writes out, so a reply is never cut by another. A client that
 stops reading is dropped when its queued replies pass QUEUE_MAX (256 MiB), or
 when its socket takes no byte for SEND_STALL seconds (60, set by the loop);
 the daemon and the other clients carry on.
+
+With TLS (tls.pyx), a reply is encrypted into records as it is sent, under the same lock
+that keeps replies whole; queued replies are queued as records.
 """
 
 from libc.stdint cimport uint16_t, uint32_t, uint64_t
@@ -18,9 +21,17 @@ from appliance._fast.sync cimport (pthread_mutex_init, pthread_mutex_lock, pthre
 from appliance._fast.pagebuf cimport buf_alloc, buf_free
 from appliance._fast.wire cimport (put16, put32, put64, consumed, SIMPLE_REPLY_MAGIC,
     STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, REPLY_TYPE_ERROR)
+from appliance._fast.tls cimport TlsChan, tls_recv, tls_encrypt, tls_close, tls_sink_done
 
 cdef extern from "<pthread.h>" nogil:
     int pthread_mutex_trylock(pthread_mutex_t *)
+
+cdef extern from *:
+    """
+    #include <errno.h>
+    static inline void set_errno(int e) { errno = e; }
+    """
+    void set_errno(int) nogil
 
 cdef extern from "<sys/socket.h>" nogil:
     ctypedef int socklen_t
@@ -62,19 +73,38 @@ cdef void rq_free(Replies *q) noexcept nogil:
     q.qbytes = 0
 
 
+DEF DROP = -2  # push(): the client must be dropped (call rq_drop without qlock)
+
+
 cdef int rq_sendv(Replies *q, iovec *iov, int n) noexcept nogil:
     """Send one whole reply without waiting for the client, from any thread: what the
     socket takes now goes now, the rest (or all, if replies are queued already or the
     socket is in use) is copied to the sender thread's queue. -1: the client is gone."""
+    cdef int r
+    pthread_mutex_lock(&q.qlock)
+    if q.dead:
+        pthread_mutex_unlock(&q.qlock)
+        return -1
+    if q.tls == NULL:
+        r = push(q, iov, n)
+    elif tls_encrypt(q.tls, iov, n) < 0:
+        tls_sink_done(q.tls)
+        r = DROP  # a reply that cannot be encrypted whole breaks the stream
+    else:
+        r = push_sink(q)
+    pthread_mutex_unlock(&q.qlock)
+    if r == DROP:
+        rq_drop(q)
+    return -1 if r else 0
+
+
+cdef int push(Replies *q, iovec *iov, int n) noexcept nogil:
+    """rq_sendv's sending, qlock held: 0 sent or queued, -1 the client is gone, DROP."""
     cdef msghdr msg
     cdef ssize_t sent
     cdef size_t total = 0, off = 0
     cdef int i
     cdef OutMsg *m
-    pthread_mutex_lock(&q.qlock)
-    if q.dead:
-        pthread_mutex_unlock(&q.qlock)
-        return -1
     if q.qhead == NULL and not q.sender_busy and pthread_mutex_trylock(&q.send_lock) == 0:
         memset(&msg, 0, sizeof(msg))
         while n > 0:
@@ -90,20 +120,15 @@ cdef int rq_sendv(Replies *q, iovec *iov, int n) noexcept nogil:
             n = consumed(&iov, n, sent)
         pthread_mutex_unlock(&q.send_lock)
         if n == 0 or q.dead:
-            pthread_mutex_unlock(&q.qlock)
             return -1 if q.dead else 0
     # copy what is left; a partly sent reply goes first (the queue is empty then)
     for i in range(n):
         total += iov[i].iov_len
     if q.qbytes and q.qbytes + total > QUEUE_MAX:
-        pthread_mutex_unlock(&q.qlock)
-        rq_drop(q)
-        return -1
+        return DROP
     m = <OutMsg *>buf_alloc(sizeof(OutMsg) + total)
     if m == NULL:
-        pthread_mutex_unlock(&q.qlock)
-        rq_drop(q)  # cannot keep the stream whole: drop the client
-        return -1
+        return DROP  # cannot keep the stream whole: drop the client
     q.qbytes += total
     m.next = NULL
     m.length = total
@@ -118,8 +143,51 @@ cdef int rq_sendv(Replies *q, iovec *iov, int n) noexcept nogil:
         q.qtail.next = m
     q.qtail = m
     pthread_cond_broadcast(&q.qcond)
-    pthread_mutex_unlock(&q.qlock)
     return 0
+
+
+cdef int push_sink(Replies *q) noexcept nogil:
+    """The TLS records OpenSSL wrote (a reply, or its answer to a record it read) go out
+    as a reply would; qlock held."""
+    cdef iovec iov[1]
+    cdef int r = 0
+    if q.tls.sink_len:
+        iov[0].iov_base = q.tls.sink
+        iov[0].iov_len = q.tls.sink_len
+        r = push(q, iov, 1)
+    tls_sink_done(q.tls)
+    return r
+
+
+cdef int rq_recv(Replies *q, char *buf, size_t n) noexcept nogil:
+    """TLS: the loop's recv(), plaintext out of the client's records (tls_recv)."""
+    cdef int r, e, d = 0
+    pthread_mutex_lock(&q.qlock)
+    r = tls_recv(q.tls, buf, n)
+    e = errno
+    if q.tls.sink_len and not q.dead:  # e.g. a TLS 1.3 key update's answer
+        d = push_sink(q)
+    pthread_mutex_unlock(&q.qlock)
+    if d == DROP:
+        rq_drop(q)
+    set_errno(e)  # what tls_recv said, not what sending its answer did
+    return r
+
+
+cdef void rq_tls_close(Replies *q) noexcept nogil:
+    """After rq_drain: end TLS cleanly with close_notify, so the client knows its stream is
+    whole (the sender thread has ended: the record is sent here, within SEND_STALL)."""
+    cdef iovec iov[1]
+    pthread_mutex_lock(&q.qlock)
+    if q.tls != NULL and not q.dead and tls_close(q.tls) == 0 and q.tls.sink_len:
+        iov[0].iov_base = q.tls.sink
+        iov[0].iov_len = q.tls.sink_len
+        pthread_mutex_lock(&q.send_lock)
+        send_blocking(q, iov, 1)
+        pthread_mutex_unlock(&q.send_lock)
+    if q.tls != NULL:
+        tls_sink_done(q.tls)
+    pthread_mutex_unlock(&q.qlock)
 
 
 cdef void rq_drop(Replies *q) noexcept nogil:

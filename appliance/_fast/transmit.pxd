@@ -4,6 +4,7 @@ from appliance._fast.sync cimport pthread_mutex_t, pthread_cond_t
 from appliance._fast.gate cimport Gate
 from appliance._fast.uring cimport IoOp, Queue
 from appliance._fast.replies cimport Replies
+from appliance._fast.tls cimport TlsSession
 
 cdef enum:
     MAX_PIECES = 8      # engine I/Os one fast request may need
@@ -58,6 +59,7 @@ cdef class Connection:
     cdef uint64_t why_value
     cdef bint slow_since_wait
     cdef Replies out
+    cdef TlsSession tls     # None: plaintext
     cdef pthread_mutex_t lock
     cdef pthread_cond_t idle
     cdef int inflight   # slow-path requests not answered yet
@@ -65,6 +67,7 @@ cdef class Connection:
     cdef readonly unsigned long long requests
     cdef readonly unsigned long long fast_requests
 
+    cdef ssize_t recv_some(self, char *buf, size_t n) noexcept nogil
     cdef int take(self, char *dst, size_t length) noexcept nogil
     cdef int next_header(self) noexcept nogil
     cdef Req *get_req(self, size_t length) noexcept nogil

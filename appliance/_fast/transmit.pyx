@@ -29,6 +29,9 @@ completes, out of order as the protocol allows.
   thread that has it; the loop gathers the fast replies of one round into one
   sendmsg; a client that stops reading is dropped, SEND_STALL seconds (60) with
   no byte taken among the reasons).
+- TLS: with a `tls` session (tls.pyx, OpenSSL), the loop reads plaintext out of
+  the client's records (rq_recv) and replies are encrypted as they are sent,
+  all without the GIL; the loop ends with close_notify.
 - Memory: each request in flight has its own page-aligned buffer (O_DIRECT
   needs no bounce). Free requests keep buffers up to KEEP_BUF (1 MiB) for the
   next one, KEEP_BYTES (8 MiB) of them in all; a larger buffer is freed as soon
@@ -54,7 +57,8 @@ from appliance._fast.wire cimport (nbd_errno, put16, put32, put64, be16toh, be32
     CMD_BLOCK_STATUS, F_FUA, F_NO_HOLE, F_DF, F_REQ_ONE, F_FAST_ZERO, NBD_EPERM, NBD_ENOMEM,
     NBD_EINVAL, NBD_ENOSPC)
 from appliance._fast.replies cimport (Replies, rq_init, rq_free, rq_sendv, rq_drop, rq_sender,
-    rq_close, rq_drain, rq_simple, rq_data, rq_error)
+    rq_close, rq_drain, rq_simple, rq_data, rq_error, rq_recv, rq_tls_close)
+from appliance._fast.tls cimport TlsSession
 
 cdef extern from "<sys/uio.h>" nogil:
     ssize_t preadv2(int, const iovec *, int, long, int)
@@ -125,10 +129,11 @@ cdef class Connection:
     is called with the GIL for everything the fast path does not serve, and must
     arrange exactly one reply through reply()/reply_read()/send_raw(). `unplug()`, if
     given, is called with the GIL after slow requests were dispatched, before the loop
-    waits for the client."""
+    waits for the client. `tls`: the TlsSession the handshake established on fd."""
 
     def __cinit__(self, int fd, Gate gate, dispatch, uint64_t size, bint read_only, bint structured,
-                  uint32_t max_block=64 * 1024 * 1024, int depth=128, bytes initial=b"", unplug=None):
+                  uint32_t max_block=64 * 1024 * 1024, int depth=128, bytes initial=b"", unplug=None,
+                  TlsSession tls=None):
         cdef int i
         if depth < 1:
             raise ValueError("depth must be at least 1")
@@ -155,6 +160,9 @@ cdef class Connection:
         self.rstart = 0
         self.rend = len(initial)
         rq_init(&self.out, fd)
+        if tls is not None:
+            self.out.tls = tls.attach(fd)
+            self.tls = tls
         pthread_mutex_init(&self.lock, NULL)
         pthread_cond_init(&self.idle, NULL)
         self.q.efd = -1
@@ -176,6 +184,12 @@ cdef class Connection:
 
     # receiving
 
+    cdef inline ssize_t recv_some(self, char *buf, size_t n) noexcept nogil:
+        """recv() without waiting: plaintext, from the socket or out of its TLS records."""
+        if self.out.tls != NULL:
+            return rq_recv(&self.out, buf, n)
+        return recv(self.fd, buf, n, MSG_DONTWAIT)
+
     cdef int next_header(self) noexcept nogil:
         """A whole header at rbuf+rstart without waiting: 1 yes, 0 not yet, -1 EOF, -2 error."""
         cdef ssize_t n
@@ -186,7 +200,7 @@ cdef class Connection:
                 memmove(self.rbuf, self.rbuf + self.rstart, self.rend - self.rstart)
                 self.rend -= self.rstart
                 self.rstart = 0
-            n = recv(self.fd, self.rbuf + self.rend, self.rcap - self.rend, MSG_DONTWAIT)
+            n = self.recv_some(self.rbuf + self.rend, self.rcap - self.rend)
             if n > 0:
                 self.rend += n
             elif n == 0:
@@ -217,7 +231,7 @@ cdef class Connection:
             chunk = length
             if dst == NULL and chunk > sizeof(scratch):
                 chunk = sizeof(scratch)
-            n = recv(self.fd, dst if dst != NULL else scratch, chunk, MSG_DONTWAIT)
+            n = self.recv_some(dst if dst != NULL else scratch, chunk)
             if n > 0:
                 length -= n
                 if dst != NULL:
@@ -697,6 +711,7 @@ cdef class Connection:
             pthread_mutex_unlock(&self.lock)
             # and let the sender thread write out what is queued, then stop
             rq_drain(&self.out)
+            rq_tls_close(&self.out)
             pthread_mutex_lock(&self.lock)
             self.q_ready = 0
             queue_exit(&self.q)
@@ -731,5 +746,7 @@ cdef class Connection:
         self.unplug = None
         self.gate = None
         self.free_all()
+        self.out.tls = NULL
+        self.tls = None
 
 
