@@ -25,6 +25,7 @@ import threading
 import time
 
 from . import config as cfg
+from ._fast import budget
 from . import drain, engine, sdnotify, size_text, udev
 from .blockdev import DevicePool
 from .control import ControlError, ControlServer
@@ -592,6 +593,7 @@ class Daemon:
                 "uptime": round(time.time() - self.started, 1),
                 "exports": [f"{k}:{w}" for k, w in self.endpoints],
                 "insecure_exports": self.status_insecure(),
+                "buffer_memory": budget.stats(),
                 "last_reload": self.last_reload and {"time": self.last_reload[0], "error": self.last_reload[1]},
                 "summary": self.summary(),
                 "waiting": dict(self.waiting),
@@ -667,6 +669,8 @@ class Daemon:
         clients = len(self.server.clients())
         insecure = " (INSECURE: plaintext TCP other machines can reach)" if self.status_insecure() else ""
         parts.append(f"exports {', '.join(f'{k}:{w}' for k, w in self.endpoints) or 'none'}{insecure}, {clients} client{'s' if clients != 1 else ''}")
+        buffers = budget.stats()
+        parts.append(f"buffers {size_text(buffers['used'])} of {size_text(buffers['limit'])}")
         if self.config.power is not None and getattr(self, "power", None) is not None:
             try:
                 p = self.power.snapshot()

@@ -320,6 +320,10 @@ EXPORT = Section(
         Key("handshake_timeout", "number", 30,
             "seconds a client has for the whole handshake, from connect to export chosen (> 0)",
             number_range(0, lo_open=True)),
+        Key("buffer_memory", "integer", 1 << 30,
+            "bytes of request buffers (and replies waiting for slow clients) all connections hold at "
+            "most; past it, requests wait for room (>= 128 MiB: two of the largest requests)",
+            number_range(128 << 20)),
     ))
 
 DEVICE = Section("device", doc="a virtual block device (repeatable)", array=True, keys=(

@@ -304,3 +304,43 @@ def test_allowed_clients_by_address_without_tls(make_daemon, image):
     assert log_has(d, "127.0.0.1, no client certificate) is not in allowed_clients of export 'far'")
     # the unix socket's clients are who its mode lets in
     assert run("nbdinfo", "--size", d.uri("far")).stdout.strip() == "32768"
+
+
+PLAIN_CLIENT = """
+import os, sys
+h.connect_uri(os.environ["URI"])
+assert h.pread(512, 0) == bytes(512)
+print("connected", flush=True)
+sys.stdin.readline()
+try:
+    h.pread(512, 0)
+    print("still served", flush=True)
+except nbd.Error as e:
+    print("cut off", flush=True)
+"""
+
+
+def test_a_reload_that_drops_a_client_from_allowed_clients_disconnects_it(make_daemon, image):
+    need("nbdsh")
+    port = free_port()
+    d = make_daemon(device("near", "0 64 zero", allowed_clients=["127.0.0.1"])
+                    + device("other", "0 64 zero", allowed_clients=["127.0.0.1"]), tcp=port)
+    stay = {name: subprocess.Popen(["nbdsh", "-c", PLAIN_CLIENT], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                   text=True, env=dict(nbdsh_env(), URI=f"nbd://127.0.0.1:{port}/{name}"))
+            for name in ("near", "other")}
+    try:
+        for p in stay.values():
+            assert p.stdout.readline().strip() == "connected"
+        d.config.write_text(d.config.read_text().replace('allowed_clients = ["127.0.0.1"]',
+                                                         'allowed_clients = ["192.0.2.0/24"]', 1))
+        d.signal(signal.SIGHUP)
+        wait_for(lambda: "reloaded" in d.log.read_text(), what="the reload")
+        assert log_has(d, "disconnected by reload: client (127.0.0.1, no client certificate) is not in "
+                          "allowed_clients of export 'near'")
+        for name, want in (("near", "cut off"), ("other", "still served")):
+            stay[name].stdin.write("go\n")
+            stay[name].stdin.flush()
+            assert stay[name].stdout.readline().strip() == want, name
+    finally:
+        for p in stay.values():
+            p.kill()

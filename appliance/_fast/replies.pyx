@@ -22,6 +22,7 @@ from appliance._fast.pagebuf cimport buf_alloc, buf_free
 from appliance._fast.wire cimport (put16, put32, put64, consumed, SIMPLE_REPLY_MAGIC,
     STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, REPLY_TYPE_ERROR)
 from appliance._fast.tls cimport TlsChan, tls_recv, tls_encrypt, tls_close, tls_sink_done
+from appliance._fast.budget cimport budget_force, budget_give
 
 cdef extern from "<pthread.h>" nogil:
     int pthread_mutex_trylock(pthread_mutex_t *)
@@ -68,6 +69,7 @@ cdef void rq_free(Replies *q) noexcept nogil:
     while q.qhead != NULL:
         m = q.qhead
         q.qhead = m.next
+        budget_give(m.length)
         buf_free(<char *>m, sizeof(OutMsg) + m.length)
     q.qtail = NULL
     q.qbytes = 0
@@ -130,6 +132,7 @@ cdef int push(Replies *q, iovec *iov, int n) noexcept nogil:
     if m == NULL:
         return DROP  # cannot keep the stream whole: drop the client
     q.qbytes += total
+    budget_force(total)  # counted in the daemon's buffer memory until sent
     m.next = NULL
     m.length = total
     m.sent = 0
@@ -245,6 +248,7 @@ cdef void rq_sender(Replies *q) noexcept nogil:
         iov[0].iov_len = m.length
         r = send_blocking(q, iov, 1)
         pthread_mutex_unlock(&q.send_lock)
+        budget_give(m.length)
         buf_free(<char *>m, sizeof(OutMsg) + m.length)
         if r < 0:
             rq_drop(q)

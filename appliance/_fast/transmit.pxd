@@ -5,6 +5,7 @@ from appliance._fast.gate cimport Gate
 from appliance._fast.uring cimport IoOp, Queue
 from appliance._fast.replies cimport Replies
 from appliance._fast.tls cimport TlsSession
+from appliance._fast.budget cimport Waiter
 
 cdef enum:
     MAX_PIECES = 8      # engine I/Os one fast request may need
@@ -19,6 +20,7 @@ cdef struct Req:
     uint16_t flags
     char *buf           # page aligned, for O_DIRECT; kept for the next request if small
     size_t cap
+    size_t budget       # bytes of the daemon's buffer budget it holds while in flight
     int pending         # engine I/Os not finished
     int err             # the first error of any piece (host errno)
     int next_free
@@ -55,6 +57,13 @@ cdef class Connection:
     cdef Batch batch
     cdef bint q_ready
     cdef bint eof
+    # a request read and checked that waits for room in the daemon's buffer budget
+    cdef bint held
+    cdef uint16_t held_cmd, held_flags
+    cdef uint64_t held_cookie, held_offset
+    cdef uint32_t held_length, held_e
+    cdef bint starved   # get_req found no room in the budget
+    cdef Waiter waiter
     cdef int why        # why the loop stopped reading (a REASON_ code)
     cdef uint64_t why_value
     cdef bint slow_since_wait
@@ -81,6 +90,10 @@ cdef class Connection:
     cdef void piece_done(self, Req *r) noexcept nogil
     cdef void wait(self, bint want_socket) noexcept nogil
     cdef int one_request(self) noexcept nogil
+    cdef int start_request(self, uint16_t cmd, uint16_t flags, uint64_t cookie, uint64_t offset,
+                           uint32_t length, uint32_t e) noexcept nogil
+    cdef int hold(self, uint16_t cmd, uint16_t flags, uint64_t cookie, uint64_t offset,
+                  uint32_t length, uint32_t e) noexcept nogil
     cdef void dispatch_slow(self, uint16_t cmd, uint16_t flags, uint64_t cookie, uint64_t offset,
                             uint32_t length, Req *r) noexcept with gil
     cdef void free_all(self) noexcept nogil

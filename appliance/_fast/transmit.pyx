@@ -33,7 +33,9 @@ completes, out of order as the protocol allows.
   the client's records (rq_recv) and replies are encrypted as they are sent,
   all without the GIL; the loop ends with close_notify.
 - Memory: each request in flight has its own page-aligned buffer (O_DIRECT
-  needs no bounce). Free requests keep buffers up to KEEP_BUF (1 MiB) for the
+  needs no bounce), taken from the daemon's buffer budget (budget.pyx): a
+  request that finds no room is held, and the loop reads no further request
+  until a buffer is given back anywhere in the daemon. Free requests keep buffers up to KEEP_BUF (1 MiB) for the
   next one, KEEP_BYTES (8 MiB) of them in all; a larger buffer is freed as soon
   as its request is answered, and everything when the connection closes.
 """
@@ -59,6 +61,7 @@ from appliance._fast.wire cimport (nbd_errno, put16, put32, put64, be16toh, be32
 from appliance._fast.replies cimport (Replies, rq_init, rq_free, rq_sendv, rq_drop, rq_sender,
     rq_close, rq_drain, rq_simple, rq_data, rq_error, rq_recv, rq_tls_close)
 from appliance._fast.tls cimport TlsSession
+from appliance._fast.budget cimport budget_take, budget_give, budget_forget
 
 cdef extern from "<sys/uio.h>" nogil:
     ssize_t preadv2(int, const iovec *, int, long, int)
@@ -166,6 +169,7 @@ cdef class Connection:
         pthread_mutex_init(&self.lock, NULL)
         pthread_cond_init(&self.idle, NULL)
         self.q.efd = -1
+        self.waiter.q = &self.q
         self.close_reason = None
 
     def __dealloc__(self):
@@ -255,16 +259,24 @@ cdef class Connection:
         """A free request whose buffer holds `length` bytes; NULL if none is free or no memory."""
         cdef Req *r
         cdef void *p = NULL
-        cdef size_t cap
+        cdef size_t cap, need
+        self.starved = 0
         if self.free_head < 0:
             return NULL
         r = &self.reqs[self.free_head]
+        cap = r.cap
         if r.cap < length:
             cap = MIN_BUF
             while cap < length:
                 cap <<= 1
+        need = cap if length else 0
+        if need and not budget_take(need, &self.waiter):
+            self.starved = 1
+            return NULL
+        if r.cap < length:
             p = buf_alloc(cap)
             if p == NULL:
+                budget_give(need)
                 return NULL
             if r.buf != NULL:
                 self.ncached -= r.cap
@@ -274,11 +286,14 @@ cdef class Connection:
         elif r.buf != NULL:
             self.ncached -= r.cap
         self.free_head = r.next_free
+        r.budget = need
         r.pending = 0
         r.err = 0
         return r
 
     cdef void put_req(self, Req *r) noexcept nogil:
+        budget_give(r.budget)
+        r.budget = 0
         # a large buffer goes at once: one big request must not pin its size for the
         # connection's life (nor many of them, on a long-lived connection)
         if r.buf != NULL and (r.cap > KEEP_BUF or self.ncached + r.cap > KEEP_BYTES):
@@ -564,13 +579,12 @@ cdef class Connection:
 
     cdef int one_request(self) noexcept nogil:
         """Take one request whose header is at rbuf+rstart: check it, read its payload, then
-        serve it on the fast path or dispatch it. 0 go on, -1 stop reading (why is set)."""
+        serve it on the fast path or dispatch it. 0 go on, -1 stop reading (why is set), 1 held
+        for room in the buffer budget."""
         cdef uint32_t magic, length, e
         cdef uint16_t flags, cmd
         cdef uint64_t cookie, offset
         cdef char *h = self.rbuf + self.rstart
-        cdef Req *r = NULL
-        cdef int rc
         memcpy(&magic, h, 4)
         memcpy(&flags, h + 4, 2)
         memcpy(&cmd, h + 6, 2)
@@ -592,14 +606,25 @@ cdef class Connection:
             return -1
         self.requests += 1
         e = self.check(cmd, flags, offset, length)
+        if cmd == CMD_WRITE and length > HARD_MAX:
+            self.why = REASON_HARD
+            self.why_value = length
+            return -1
+        return self.start_request(cmd, flags, cookie, offset, length, e)
+
+    cdef int start_request(self, uint16_t cmd, uint16_t flags, uint64_t cookie, uint64_t offset,
+                           uint32_t length, uint32_t e) noexcept nogil:
+        """one_request's second half, and a held request's retry: 0 go on, -1 stop reading
+        (why is set), 1 no room in the buffer budget (the request is held, its payload unread)."""
+        cdef Req *r = NULL
+        cdef int rc
+        self.held = 0
         if cmd == CMD_WRITE:
-            if length > HARD_MAX:
-                self.why = REASON_HARD
-                self.why_value = length
-                return -1
             if not e:
                 r = self.get_req(length)
                 if r == NULL:
+                    if self.starved:
+                        return self.hold(cmd, flags, cookie, offset, length, e)
                     e = NBD_ENOMEM
             rc = self.take(r.buf if r != NULL else NULL, length)
             if rc <= 0:
@@ -615,6 +640,8 @@ cdef class Connection:
         if cmd == CMD_READ or cmd == CMD_FLUSH:
             r = self.get_req(length)
             if r == NULL:
+                if self.starved:
+                    return self.hold(cmd, flags, cookie, offset, length, e)
                 rq_error(&self.out, self.structured, cookie, NBD_ENOMEM, cmd == CMD_READ)
                 return 0
         if r != NULL:
@@ -633,6 +660,13 @@ cdef class Connection:
         self.slow_since_wait = 1
         self.dispatch_slow(cmd, flags, cookie, offset, length, r)
         return 0
+
+    cdef int hold(self, uint16_t cmd, uint16_t flags, uint64_t cookie, uint64_t offset,
+                         uint32_t length, uint32_t e) noexcept nogil:
+        self.held = 1
+        self.held_cmd, self.held_flags, self.held_cookie = cmd, flags, cookie
+        self.held_offset, self.held_length, self.held_e = offset, length, e
+        return 1
 
     cdef void unplug_slow(self) noexcept with gil:
         """Slow requests were dispatched and the loop is about to wait for the client: let
@@ -678,6 +712,16 @@ cdef class Connection:
             while True:
                 taken = 0
                 while not self.eof and taken < BATCH and self.nfast + self.inflight < self.depth:
+                    if self.held:
+                        rc = self.start_request(self.held_cmd, self.held_flags, self.held_cookie,
+                                                self.held_offset, self.held_length, self.held_e)
+                        if rc == 1:
+                            break  # still no room: budget_give wakes the loop
+                        if rc < 0:
+                            self.eof = 1
+                            break
+                        taken += 1
+                        continue
                     rc = self.next_header()
                     if rc == 0:
                         break
@@ -685,8 +729,11 @@ cdef class Connection:
                         self.eof = 1
                         self.why = REASON_EOF if rc == -1 else REASON_RECV
                         break
-                    if self.one_request() < 0:
+                    rc = self.one_request()
+                    if rc < 0:
                         self.eof = 1
+                        break
+                    if rc == 1:
                         break
                     taken += 1
                 if taken == BATCH:
@@ -703,7 +750,7 @@ cdef class Connection:
                 if self.slow_since_wait:
                     self.unplug_slow()
                     continue
-                self.wait(not self.eof and self.nfast + self.inflight < self.depth)
+                self.wait(not self.eof and not self.held and self.nfast + self.inflight < self.depth)
             # answer everything still in flight on the slow path before the socket goes
             pthread_mutex_lock(&self.lock)
             while self.inflight > 0:
@@ -712,6 +759,7 @@ cdef class Connection:
             # and let the sender thread write out what is queued, then stop
             rq_drain(&self.out)
             rq_tls_close(&self.out)
+            budget_forget(&self.waiter)
             pthread_mutex_lock(&self.lock)
             self.q_ready = 0
             queue_exit(&self.q)

@@ -20,6 +20,7 @@ import time
 
 from .. import io as bio
 from ..config import ExportConfig
+from .._fast import budget
 from .._fast.transmit import Connection
 from . import constants as C
 from . import tls as nbd_tls
@@ -283,8 +284,10 @@ class Server:
         return None if export.tls == "off" else nbd_tls.context(export.tls_certificates, export.tls_verify_peer)
 
     def set_export(self, export, tls_context):
-        """Limits and certificates for the connections to come; connected clients keep theirs."""
+        """Limits and certificates for the connections to come; connected clients keep theirs
+        (the buffer memory cap is the whole daemon's, at once)."""
         self.export, self.tls_context = export, tls_context
+        budget.set_limit(export.buffer_memory)
 
     # listening
 
