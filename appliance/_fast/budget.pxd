@@ -8,6 +8,7 @@ cdef struct Waiter:
     Waiter *prev
     Queue *q
     int listed
+    int woken           # set with the queue's wake: the loop must try again even if it reaped the wake
 
 cdef int budget_take(size_t n, Waiter *w) noexcept nogil
 cdef void budget_force(size_t n) noexcept nogil

@@ -36,6 +36,7 @@ cdef int budget_take(size_t n, Waiter *w) noexcept nogil:
     """1: n bytes are the caller's; 0: no room now, w is woken when there may be."""
     global used, peak, waits, waiting
     pthread_mutex_lock(&lock)
+    w.woken = 0
     if used == 0 or used + n <= limit:
         used += n
         if used > peak:
@@ -76,6 +77,7 @@ cdef void budget_give(size_t n) noexcept nogil:
         while waiting != NULL:  # every waiting loop tries again; the first ones get the room
             w = waiting
             unlink(w)
+            w.woken = 1
             queue_wake(w.q)
     pthread_mutex_unlock(&lock)
 

@@ -30,6 +30,7 @@ cdef struct Replies:
 cdef void rq_init(Replies *q, int fd) noexcept nogil
 cdef void rq_free(Replies *q) noexcept nogil
 cdef int rq_sendv(Replies *q, iovec *iov, int n) noexcept nogil
+cdef int rq_sendv_paid(Replies *q, iovec *iov, int n, size_t paid) noexcept nogil
 cdef void rq_drop(Replies *q) noexcept nogil
 cdef void rq_sender(Replies *q) noexcept nogil
 cdef void rq_close(Replies *q) noexcept nogil

@@ -82,26 +82,36 @@ cdef int rq_sendv(Replies *q, iovec *iov, int n) noexcept nogil:
     """Send one whole reply without waiting for the client, from any thread: what the
     socket takes now goes now, the rest (or all, if replies are queued already or the
     socket is in use) is copied to the sender thread's queue. -1: the client is gone."""
+    return rq_sendv_paid(q, iov, n, 0)
+
+
+cdef int rq_sendv_paid(Replies *q, iovec *iov, int n, size_t paid) noexcept nogil:
+    """rq_sendv, for a reply whose sender took `paid` bytes of the buffer budget for it: they
+    count for its copy in the queue, and what is sent at once is given back."""
     cdef int r
     pthread_mutex_lock(&q.qlock)
     if q.dead:
         pthread_mutex_unlock(&q.qlock)
+        budget_give(paid)
         return -1
     if q.tls == NULL:
-        r = push(q, iov, n)
+        r = push(q, iov, n, &paid)
     elif tls_encrypt(q.tls, iov, n) < 0:
         tls_sink_done(q.tls)
         r = DROP  # a reply that cannot be encrypted whole breaks the stream
     else:
-        r = push_sink(q)
+        r = push_sink(q, &paid)
     pthread_mutex_unlock(&q.qlock)
+    budget_give(paid)
     if r == DROP:
         rq_drop(q)
     return -1 if r else 0
 
 
-cdef int push(Replies *q, iovec *iov, int n) noexcept nogil:
-    """rq_sendv's sending, qlock held: 0 sent or queued, -1 the client is gone, DROP."""
+cdef int push(Replies *q, iovec *iov, int n, size_t *paid) noexcept nogil:
+    """rq_sendv's sending, qlock held: 0 sent or queued, -1 the client is gone, DROP. A copy
+    in the queue counts in the buffer budget: out of `paid` first (what is left of it is the
+    caller's to give back)."""
     cdef msghdr msg
     cdef ssize_t sent
     cdef size_t total = 0, off = 0
@@ -132,7 +142,11 @@ cdef int push(Replies *q, iovec *iov, int n) noexcept nogil:
     if m == NULL:
         return DROP  # cannot keep the stream whole: drop the client
     q.qbytes += total
-    budget_force(total)  # counted in the daemon's buffer memory until sent
+    if total > paid[0]:  # counted in the daemon's buffer memory until sent
+        budget_force(total - paid[0])
+        paid[0] = 0
+    else:
+        paid[0] -= total
     m.next = NULL
     m.length = total
     m.sent = 0
@@ -149,7 +163,7 @@ cdef int push(Replies *q, iovec *iov, int n) noexcept nogil:
     return 0
 
 
-cdef int push_sink(Replies *q) noexcept nogil:
+cdef int push_sink(Replies *q, size_t *paid) noexcept nogil:
     """The TLS records OpenSSL wrote (a reply, or its answer to a record it read) go out
     as a reply would; qlock held."""
     cdef iovec iov[1]
@@ -157,7 +171,7 @@ cdef int push_sink(Replies *q) noexcept nogil:
     if q.tls.sink_len:
         iov[0].iov_base = q.tls.sink
         iov[0].iov_len = q.tls.sink_len
-        r = push(q, iov, 1)
+        r = push(q, iov, 1, paid)
     tls_sink_done(q.tls)
     return r
 
@@ -165,11 +179,12 @@ cdef int push_sink(Replies *q) noexcept nogil:
 cdef int rq_recv(Replies *q, char *buf, size_t n) noexcept nogil:
     """TLS: the loop's recv(), plaintext out of the client's records (tls_recv)."""
     cdef int r, e, d = 0
+    cdef size_t paid = 0
     pthread_mutex_lock(&q.qlock)
     r = tls_recv(q.tls, buf, n)
     e = errno
     if q.tls.sink_len and not q.dead:  # e.g. a TLS 1.3 key update's answer
-        d = push_sink(q)
+        d = push_sink(q, &paid)
     pthread_mutex_unlock(&q.qlock)
     if d == DROP:
         rq_drop(q)

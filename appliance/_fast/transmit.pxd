@@ -20,7 +20,8 @@ cdef struct Req:
     uint16_t flags
     char *buf           # page aligned, for O_DIRECT; kept for the next request if small
     size_t cap
-    size_t budget       # bytes of the daemon's buffer budget it holds while in flight
+    size_t budget       # bytes of the daemon's buffer budget its buffer holds while in flight
+    size_t paid         # and a READ's for its reply, should the reply wait in the sender's queue
     int pending         # engine I/Os not finished
     int err             # the first error of any piece (host errno)
     int next_free
@@ -31,6 +32,7 @@ cdef struct Req:
 cdef struct Batch:
     int n
     int niov
+    size_t paid         # budget its READs took for their replies, should the socket not take them
     Req *reqs[BATCH_REPLIES]
     char hdr[BATCH_REPLIES][28]
     iovec iov[2 * BATCH_REPLIES]
@@ -79,7 +81,7 @@ cdef class Connection:
     cdef ssize_t recv_some(self, char *buf, size_t n) noexcept nogil
     cdef int take(self, char *dst, size_t length) noexcept nogil
     cdef int next_header(self) noexcept nogil
-    cdef Req *get_req(self, size_t length) noexcept nogil
+    cdef Req *get_req(self, size_t length, size_t reply) noexcept nogil
     cdef void put_req(self, Req *r) noexcept nogil
     cdef void done_one(self) noexcept nogil
     cdef int start_fast(self, Req *r) noexcept nogil

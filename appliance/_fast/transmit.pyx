@@ -58,7 +58,7 @@ from appliance._fast.wire cimport (nbd_errno, put16, put32, put64, be16toh, be32
     REPLY_TYPE_OFFSET_DATA, CMD_READ, CMD_WRITE, CMD_DISC, CMD_FLUSH, CMD_TRIM, CMD_WRITE_ZEROES,
     CMD_BLOCK_STATUS, F_FUA, F_NO_HOLE, F_DF, F_REQ_ONE, F_FAST_ZERO, NBD_EPERM, NBD_ENOMEM,
     NBD_EINVAL, NBD_ENOSPC)
-from appliance._fast.replies cimport (Replies, rq_init, rq_free, rq_sendv, rq_drop, rq_sender,
+from appliance._fast.replies cimport (Replies, rq_init, rq_free, rq_sendv, rq_sendv_paid, rq_drop, rq_sender,
     rq_close, rq_drain, rq_simple, rq_data, rq_error, rq_recv, rq_tls_close)
 from appliance._fast.tls cimport TlsSession
 from appliance._fast.budget cimport budget_take, budget_give, budget_forget
@@ -255,8 +255,11 @@ cdef class Connection:
 
     # requests and their buffers
 
-    cdef Req *get_req(self, size_t length) noexcept nogil:
-        """A free request whose buffer holds `length` bytes; NULL if none is free or no memory."""
+    cdef Req *get_req(self, size_t length, size_t reply) noexcept nogil:
+        """A free request whose buffer holds `length` bytes, with budget for it and for `reply`
+        bytes of its reply (a reply the socket does not take at once is copied to the sender's
+        queue: it must fit in the budget too). NULL if none is free, no memory, or (starved)
+        no room in the budget."""
         cdef Req *r
         cdef void *p = NULL
         cdef size_t cap, need
@@ -269,7 +272,7 @@ cdef class Connection:
             cap = MIN_BUF
             while cap < length:
                 cap <<= 1
-        need = cap if length else 0
+        need = (cap if length else 0) + reply
         if need and not budget_take(need, &self.waiter):
             self.starved = 1
             return NULL
@@ -286,14 +289,15 @@ cdef class Connection:
         elif r.buf != NULL:
             self.ncached -= r.cap
         self.free_head = r.next_free
-        r.budget = need
+        r.budget = need - reply
+        r.paid = reply
         r.pending = 0
         r.err = 0
         return r
 
     cdef void put_req(self, Req *r) noexcept nogil:
-        budget_give(r.budget)
-        r.budget = 0
+        budget_give(r.budget + r.paid)
+        r.budget = r.paid = 0
         # a large buffer goes at once: one big request must not pin its size for the
         # connection's life (nor many of them, on a long-lived connection)
         if r.buf != NULL and (r.cap > KEEP_BUF or self.ncached + r.cap > KEEP_BYTES):
@@ -477,6 +481,8 @@ cdef class Connection:
             b.iov[b.niov].iov_base = r.buf
             b.iov[b.niov].iov_len = r.length
             b.niov += 1
+            b.paid += r.paid  # the reply's budget goes with it
+            r.paid = 0
         b.reqs[b.n] = r
         b.n += 1
 
@@ -485,7 +491,8 @@ cdef class Connection:
         cdef int i
         if b.n == 0:
             return
-        rq_sendv(&self.out, b.iov, b.niov)
+        rq_sendv_paid(&self.out, b.iov, b.niov, b.paid)
+        b.paid = 0
         for i in range(b.n):
             self.put_req(b.reqs[i])
         b.n = 0
@@ -621,7 +628,7 @@ cdef class Connection:
         self.held = 0
         if cmd == CMD_WRITE:
             if not e:
-                r = self.get_req(length)
+                r = self.get_req(length, 0)
                 if r == NULL:
                     if self.starved:
                         return self.hold(cmd, flags, cookie, offset, length, e)
@@ -638,7 +645,7 @@ cdef class Connection:
             rq_error(&self.out, self.structured, cookie, e, cmd == CMD_READ or cmd == CMD_BLOCK_STATUS)
             return 0
         if cmd == CMD_READ or cmd == CMD_FLUSH:
-            r = self.get_req(length)
+            r = self.get_req(length, length if cmd == CMD_READ else 0)
             if r == NULL:
                 if self.starved:
                     return self.hold(cmd, flags, cookie, offset, length, e)
@@ -750,6 +757,8 @@ cdef class Connection:
                 if self.slow_since_wait:
                     self.unplug_slow()
                     continue
+                if self.held and self.waiter.woken:
+                    continue  # room was made (reap may have taken the wake itself)
                 self.wait(not self.eof and not self.held and self.nfast + self.inflight < self.depth)
             # answer everything still in flight on the slow path before the socket goes
             pthread_mutex_lock(&self.lock)
