@@ -29,10 +29,12 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+if __name__ == "__main__":  # run as a script: the checkout's appliance package
+    sys.path.insert(0, str(HERE.parent.parent))
 
-from appliance.nbd import constants as C
-from appliance.nbd import protocol
-from appliance.nbd.protocol import (NEED_DATA, ClientHandshake, ExportInfo, Negotiated,
+from appliance.nbd import constants as C  # noqa: E402
+from appliance.nbd import protocol  # noqa: E402
+from appliance.nbd.protocol import (NEED_DATA, ClientHandshake, ExportInfo, Negotiated,  # noqa: E402
                                     RemoteProtocolError, ServerHandshake)
 
 PROTOCOL_FILE = protocol.__file__
@@ -429,8 +431,9 @@ class TransmissionFuzzer:
             payload = os.urandom(16) * (length // 16) + os.urandom(length % 16)
             if r.random() < 0.03:
                 payload = payload[:r.randrange(len(payload) + 1)]  # cut short: the stream breaks
-        ends = magic != C.NBD_REQUEST_MAGIC or cmd == C.NBD_CMD_DISC or len(payload) < (length if cmd == C.NBD_CMD_WRITE else 0)
-        if not ends:
+        cut = len(payload) < (length if cmd == C.NBD_CMD_WRITE else 0)
+        ends = magic != C.NBD_REQUEST_MAGIC or cmd == C.NBD_CMD_DISC or cut
+        if not ends or cut:  # a cut write is answered if the bytes after it complete its payload
             sent[cookie] = length if cmd == C.NBD_CMD_READ else 0
         return head + payload, ends
 
