@@ -33,11 +33,13 @@ completes, out of order as the protocol allows.
   the client's records (rq_recv) and replies are encrypted as they are sent,
   all without the GIL; the loop ends with close_notify.
 - Memory: each request in flight has its own page-aligned buffer (O_DIRECT
-  needs no bounce), taken from the daemon's buffer budget (budget.pyx): a
+  needs no bounce), taken from the daemon's buffer budget (budget.pyx; a READ
+  takes room for its reply too, should it wait in the sender's queue): a
   request that finds no room is held, and the loop reads no further request
-  until a buffer is given back anywhere in the daemon. Free requests keep buffers up to KEEP_BUF (1 MiB) for the
-  next one, KEEP_BYTES (8 MiB) of them in all; a larger buffer is freed as soon
-  as its request is answered, and everything when the connection closes.
+  until room is given back anywhere in the daemon. Free requests keep buffers
+  up to KEEP_BUF (1 MiB) for the next one, KEEP_BYTES (8 MiB) of them in all;
+  a larger buffer is freed as soon as its request is answered, and everything
+  when the connection closes.
 """
 
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
@@ -669,7 +671,7 @@ cdef class Connection:
         return 0
 
     cdef int hold(self, uint16_t cmd, uint16_t flags, uint64_t cookie, uint64_t offset,
-                         uint32_t length, uint32_t e) noexcept nogil:
+                  uint32_t length, uint32_t e) noexcept nogil:
         self.held = 1
         self.held_cmd, self.held_flags, self.held_cookie = cmd, flags, cookie
         self.held_offset, self.held_length, self.held_e = offset, length, e

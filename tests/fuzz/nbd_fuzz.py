@@ -412,8 +412,9 @@ class TransmissionFuzzer:
         self.streams = self.requests = self.replies = 0
 
     def _one(self, sent):
-        """One request (and its payload): -> (bytes, whether the stream ends with it); what a
-        reply to it may carry goes into `sent` (cookie -> READ length, or 0)."""
+        """One request (and its payload): -> (bytes, whether the stream ends with it, whether its
+        payload is cut short); what a reply to it may carry goes into `sent` (cookie -> READ
+        length, or 0)."""
         r = self.rng
         cmd = r.choice(self.CMDS) if r.random() < 0.3 else r.choice((C.NBD_CMD_READ, C.NBD_CMD_WRITE))
         flags = r.choice((0, 0, 0, C.NBD_CMD_FLAG_FUA, C.NBD_CMD_FLAG_DF, C.NBD_CMD_FLAG_REQ_ONE,
@@ -435,7 +436,7 @@ class TransmissionFuzzer:
         ends = magic != C.NBD_REQUEST_MAGIC or cmd == C.NBD_CMD_DISC or cut
         if not ends or cut:  # a cut write is answered if the bytes after it complete its payload
             sent[cookie] = length if cmd == C.NBD_CMD_READ else 0
-        return head + payload, ends
+        return head + payload, ends, cut
 
     def stream(self):
         """One connection: a burst of requests, maybe garbage or a hang-up, then the replies."""
@@ -444,15 +445,16 @@ class TransmissionFuzzer:
         self.streams += 1
         sent = {}
         out = bytearray()
+        cut = False
         for _ in range(r.randint(1, 24)):
-            piece, ends = self._one(sent)
+            piece, ends, cut = self._one(sent)
             out += piece
             self.requests += 1
             if ends:
                 break
         if r.random() < 0.05:
             out += os.urandom(r.randint(1, 200))  # garbage after the requests
-        hang_up = r.random() < 0.15
+        hang_up = cut or r.random() < 0.15  # a cut payload would keep the server waiting for it
         try:
             s.sendall(bytes(out) if not hang_up else bytes(out[:r.randrange(len(out) + 1)]))
             if hang_up:
