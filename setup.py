@@ -3,14 +3,14 @@
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
-MODULES = ["sync", "fastops", "uring", "chunkstate", "gate", "transmit", "cowindex", "wire", "replies", "pagebuf"]
+MODULES = ["sync", "fastops", "uring", "chunkstate", "gate", "transmit", "cowindex", "wire", "replies", "pagebuf", "tls", "budget"]
 
 extensions = [
     Extension(
         f"appliance._fast.{name}",
         [f"appliance/_fast/{name}.pyx"],
         extra_compile_args=["-O2"],
-        libraries=["uring"] if name == "uring" else [],
+        libraries={"uring": ["uring"], "tls": ["ssl", "crypto"]}.get(name, []),
     )
     for name in MODULES
     if name not in ("sync", "pagebuf")  # declarations only

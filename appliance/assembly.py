@@ -10,6 +10,7 @@ import ssl
 
 from . import sdnotify, size_text, udev
 from .device import MappedDevice
+from .nbd.access import AllowedClients
 from .nbd.server import Server
 from .schema import is_loopback
 from .table import TableError
@@ -124,7 +125,8 @@ class Assembly:
 
     def _publish(self):
         exported = [self.registry.get(d.name) for d in self.config.devices if d.export]
-        self.catalog.set([d for d in exported if d is not None])
+        allowed = {d.name: AllowedClients(d.allowed_clients) for d in self.config.devices if d.allowed_clients}
+        self.catalog.set([d for d in exported if d is not None], allowed)
 
     def _tls(self, export):
         try:

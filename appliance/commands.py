@@ -11,6 +11,7 @@ import shlex
 import time
 
 from . import drain, engine, size_text
+from ._fast import budget
 from .control import ControlError
 from .schema import is_loopback
 from .table import TableError
@@ -77,6 +78,7 @@ class Commands:
                 "uptime": round(time.time() - self.started, 1),
                 "exports": [f"{k}:{w}" for k, w in self.endpoints],
                 "insecure_exports": self.status_insecure(),
+                "buffer_memory": budget.stats(),
                 "last_reload": self.last_reload and {"time": self.last_reload[0], "error": self.last_reload[1]},
                 "summary": self.summary(),
                 "waiting": dict(self.waiting),
@@ -155,6 +157,8 @@ class Commands:
         clients = len(self.server.clients())
         insecure = " (INSECURE: plaintext TCP other machines can reach)" if self.status_insecure() else ""
         parts.append(f"exports {', '.join(f'{k}:{w}' for k, w in self.endpoints) or 'none'}{insecure}, {clients} client{'s' if clients != 1 else ''}")
+        buffers = budget.stats()
+        parts.append(f"buffers {size_text(buffers['used'])} of {size_text(buffers['limit'])}")
         if self.config.power is not None and getattr(self, "power", None) is not None:
             try:
                 p = self.power.snapshot()

@@ -59,6 +59,7 @@ class ExportConfig:
     max_connections: int = 512
     max_connections_per_client: int = 0
     handshake_timeout: float = 30
+    buffer_memory: int = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,7 @@ class DeviceConfig:
     export: bool
     direct: bool
     exclusive: bool
+    allowed_clients: tuple[str, ...] | None = None
 
     @property
     def refs(self) -> tuple[str, ...]:

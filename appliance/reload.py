@@ -169,6 +169,7 @@ class Reload:
         self.endpoints = endpoints
         self.config = new
         self._publish()
+        self.server.disconnect_unallowed()  # allowed_clients may have shrunk
 
     def _disconnect_made_read_only(self, was_writable, by):
         """What a client negotiated no longer holds: it must reconnect to learn it. A device

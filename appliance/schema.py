@@ -167,6 +167,26 @@ def device_name(v: str) -> str:
     return v
 
 
+def client_list(v: str | list) -> tuple[str, ...]:
+    """allowed_clients: certificate names (CN), addresses, networks."""
+    entries = [v] if isinstance(v, str) else v
+    if not entries:
+        raise Invalid("allowed_clients is empty, which would refuse everyone; leave it out to allow every client")
+    out = []
+    for i, e in enumerate(entries):
+        if not isinstance(e, str):
+            raise Invalid(f"expected string, got {toml_type_name(e)}", index=i)
+        if not e.strip():
+            raise Invalid("empty entry", index=i)
+        if "/" in e:  # meant as a network: say what is wrong with it
+            try:
+                ipaddress.ip_network(e.strip(), strict=False)
+            except ValueError as ex:
+                raise Invalid(f"{e!r} is not a network: {ex}", index=i) from None
+        out.append(e.strip())
+    return tuple(out)
+
+
 def table_lines(v: str | list) -> tuple[str, ...]:
     lines = [v] if isinstance(v, str) else v
     if not lines:
@@ -300,6 +320,10 @@ EXPORT = Section(
         Key("handshake_timeout", "number", 30,
             "seconds a client has for the whole handshake, from connect to export chosen (> 0)",
             number_range(0, lo_open=True)),
+        Key("buffer_memory", "integer", 1 << 30,
+            "bytes of request buffers (and replies waiting for slow clients) all connections hold at "
+            "most; past it, requests wait for room (>= 128 MiB: two of the largest requests)",
+            number_range(128 << 20)),
     ))
 
 DEVICE = Section("device", doc="a virtual block device (repeatable)", array=True, keys=(
@@ -312,6 +336,9 @@ DEVICE = Section("device", doc="a virtual block device (repeatable)", array=True
     Key("export", "boolean", True, "export over NBD; false = building block only"),
     Key("direct", "boolean", False, "open underlying files/devices with O_DIRECT"),
     Key("exclusive", "boolean", True, "open underlying block devices with O_EXCL"),
+    Key("allowed_clients", "lines", None,
+        "TCP clients that may use the export: certificate names (CN) under TLS, "
+        "addresses or networks (unset: every client)", client_list),
 ))
 
 POWER = Section("power", doc="UPS monitoring (optional)", keys=(

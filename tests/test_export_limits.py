@@ -144,3 +144,62 @@ def test_out_of_descriptors_the_listener_backs_off_and_recovers(make_daemon, dis
     resource.prlimit(pid, resource.RLIMIT_NOFILE, old)
     assert nbdinfo(d.uri("data0"))
     assert d.proc.poll() is None
+
+
+def test_200_clients_reading_32_mib_at_once_stay_under_buffer_memory_and_all_complete(make_daemon, image):
+    """With buffer_memory = 256 MiB, requests wait for room, none fails, and the daemon's
+    memory stays within its start plus the cap."""
+    import selectors
+    import struct
+
+    from appliance.nbd import constants as C
+    from test_hostile import request
+
+    big = 32 * MiB
+    disk = image("big.img", big)
+    with open(disk, "r+b") as f:
+        for i in range(0, big, MiB):
+            f.seek(i)
+            f.write(struct.pack(">Q", i) * 8)  # each MiB says where it is
+    d = make_daemon(device("data0", f"0 {big // 512} linear {disk} 0"), extra="buffer_memory = 268435456\n")
+    rss = lambda what: int(next(line.split()[1] for line in open(f"/proc/{d.proc.pid}/status")  # noqa: E731
+                                if line.startswith(what + ":"))) * 1024
+    socks = [handshake(d)[0] for _ in range(200)]
+    base = rss("VmRSS")
+    for i, s in enumerate(socks):
+        s.sendall(request(C.NBD_CMD_READ, 0, big, cookie=i))
+    sel = selectors.DefaultSelector()
+    want = {s: 16 + big for s in socks}
+    head = {s: b"" for s in socks}
+    checked = {s: b"" for s in socks}
+    for s in socks:
+        s.setblocking(False)
+        sel.register(s, selectors.EVENT_READ)
+    scratch = bytearray(4 * MiB)
+    deadline = time.monotonic() + 120
+    while want and time.monotonic() < deadline:
+        for key, _ in sel.select(timeout=5):
+            s = key.fileobj
+            n = s.recv_into(scratch, min(len(scratch), want[s]))
+            assert n, "the daemon closed a connection"
+            got = 16 + big - want[s]
+            if got < 16 + 64:  # the reply header and the first MiB's marker
+                take = min(n, 16 + 64 - got)
+                head[s] += bytes(scratch[:take])
+            want[s] -= n
+            if not want[s]:
+                sel.unregister(s)
+                del want[s]
+                checked[s] = head[s]
+    assert not want, f"{len(want)} clients still waiting for their reply"
+    for i, s in enumerate(socks):
+        magic, error, cookie = struct.unpack(">IIQ", checked[s][:16])
+        assert (magic, error, cookie) == (C.NBD_SIMPLE_REPLY_MAGIC, 0, i)
+        assert checked[s][16:] == struct.pack(">Q", 0) * 8
+        s.close()
+    mem = d.status()["daemon"]["buffer_memory"]
+    assert mem["limit"] == 256 * MiB and mem["waits"] > 0  # requests did wait for room
+    # without the cap: 200 x 32 MiB of buffers, and as much again of replies queued for clients
+    assert mem["peak"] <= 256 * MiB, mem
+    assert rss("VmHWM") - base < 256 * MiB + 128 * MiB, (rss("VmHWM"), base)  # threads' stacks, Python
+    wait_for(lambda: d.status()["daemon"]["buffer_memory"]["used"] == 0, what="the buffers given back")

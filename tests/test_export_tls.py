@@ -7,8 +7,10 @@ from __future__ import annotations
 import shutil
 import signal
 import socket
+import ssl
 import struct
 import subprocess
+import time
 
 import pytest
 
@@ -16,7 +18,7 @@ import certs
 from appliance.nbd import constants as C
 from conftest import device, need, nbdsh_env, run, wait_for
 from nut import free_port
-from test_hostile import greeting, option, recv_exact
+from test_hostile import greeting, log_has, option, recv_exact, request
 
 SIZE = 8 << 20
 
@@ -152,3 +154,193 @@ def test_reload_swaps_the_certificate_while_a_client_stays_connected(make_daemon
         assert stay.wait(30) == 0
     finally:
         stay.kill()
+
+
+# the transmission phase's TLS, byte by byte: a client over ssl.MemoryBIO on a raw socket
+
+
+class RawTLS:
+    """STARTTLS, the TLS handshake and NBD_OPT_GO with Python's TLS client, records under the
+    test's control (`records()` what to send, `send()` when)."""
+
+    def __init__(self, port, certdir, export="data0"):
+        self.s = socket.create_connection(("127.0.0.1", port), timeout=10)
+        greeting(self.s)
+        self.s.sendall(struct.pack(">I", C.NBD_FLAG_C_FIXED_NEWSTYLE | C.NBD_FLAG_C_NO_ZEROES)
+                       + option(C.NBD_OPT_STARTTLS))
+        magic, opt, rtype, length = struct.unpack(">QIII", recv_exact(self.s, 20))
+        assert (opt, rtype, length) == (C.NBD_OPT_STARTTLS, C.NBD_REP_ACK, 0)
+        ctx = ssl.create_default_context(cafile=str(certdir / "ca-cert.pem"))
+        ctx.load_cert_chain(str(certdir / "client-cert.pem"), str(certdir / "client-key.pem"))
+        self.cin, self.cout = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.tls = ctx.wrap_bio(self.cin, self.cout, server_hostname="127.0.0.1")
+        while True:
+            try:
+                self.tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                self.send(self.records())
+                self._fill()
+        self.send(self.records())
+        self.export = export
+
+    def records(self):
+        return self.cout.read()
+
+    def send(self, raw):
+        if raw:
+            self.s.sendall(raw)
+
+    def _fill(self):
+        data = self.s.recv(65536)
+        if not data:
+            raise EOFError("server closed")
+        self.cin.write(data)
+
+    def read(self, n):
+        """n bytes of plaintext; fewer at close_notify; EOFError if TCP ends without it."""
+        out = b""
+        while len(out) < n:
+            try:
+                chunk = self.tls.read(n - len(out))
+            except ssl.SSLWantReadError:
+                self._fill()
+                continue
+            except ssl.SSLZeroReturnError:
+                return out
+            if not chunk:
+                return out
+            out += chunk
+        return out
+
+    def go_record(self):
+        name = self.export.encode()
+        self.tls.write(option(C.NBD_OPT_GO, struct.pack(">I", len(name)) + name + struct.pack(">H", 0)))
+        return self.records()
+
+    def go_replies(self):
+        """The replies to GO up to its ACK: -> the last reply's type and payload."""
+        while True:
+            magic, opt, rtype, length = struct.unpack(">QIII", self.read(20))
+            payload = self.read(length)
+            if rtype != C.NBD_REP_INFO:
+                return rtype, payload
+
+
+def test_requests_in_the_records_after_go_are_served_even_a_record_cut_in_two(make_daemon, image, pki):
+    """The GO and the first requests come together, the last record cut where the handshake
+    ends: the loop goes on with what the handshake received, then the socket."""
+    d, port = tls_daemon(make_daemon, image, pki)
+    c = RawTLS(port, pki["client"])
+    go = c.go_record()
+    c.tls.write(request(C.NBD_CMD_WRITE, 4096, 4096, cookie=7) + b"\x42" * 4096)
+    first = c.records()
+    c.tls.write(request(C.NBD_CMD_READ, 4096, 4096, cookie=8))
+    second = c.records()
+    c.send(go + first + second[:11])
+    assert c.go_replies() == (C.NBD_REP_ACK, b"")
+    time.sleep(0.2)  # the loop has started on the 11 bytes before the rest arrives
+    c.send(second[11:])
+    assert struct.unpack(">IIQ", c.read(16)) == (C.NBD_SIMPLE_REPLY_MAGIC, 0, 7)
+    assert struct.unpack(">IIQ", c.read(16)) == (C.NBD_SIMPLE_REPLY_MAGIC, 0, 8)
+    assert c.read(4096) == b"\x42" * 4096
+
+
+def test_disc_closes_tls_with_close_notify_after_the_replies(make_daemon, image, pki):
+    d, port = tls_daemon(make_daemon, image, pki)
+    c = RawTLS(port, pki["client"])
+    c.send(c.go_record())
+    assert c.go_replies() == (C.NBD_REP_ACK, b"")
+    # pipelined: 32 reads of 1 MiB (records far beyond what the socket takes at once), then DISC
+    for i in range(32):
+        c.tls.write(request(C.NBD_CMD_READ, (i % 8) << 20, 1 << 20, cookie=i))
+    c.tls.write(request(C.NBD_CMD_DISC))
+    c.send(c.records())
+    got = set()
+    for _ in range(32):
+        magic, error, cookie = struct.unpack(">IIQ", c.read(16))
+        assert (magic, error) == (C.NBD_SIMPLE_REPLY_MAGIC, 0)
+        assert len(c.read(1 << 20)) == 1 << 20
+        got.add(cookie)
+    assert got == set(range(32))
+    # then close_notify: a clean end of the TLS stream (a bare TCP close is an EOFError here)
+    assert c.read(1) == b""
+    assert log_has(d, "client sent NBD_CMD_DISC")
+
+
+# allowed_clients
+
+
+def test_allowed_clients_by_certificate_name(make_daemon, image, pki, tmp_path):
+    need("nbdinfo", "qemu-img")
+    port = free_port()
+    extra = f'tls = "require"\ntls_certificates = "{pki["server"]}"\ntls_verify_peer = true\n'
+    d = make_daemon(device("data0", f"0 {SIZE // 512} linear {image()} 0", allowed_clients=["client1"])
+                    + device("data1", f"0 {SIZE // 512} linear {image('b.img')} 0", allowed_clients=["stranger"]),
+                    extra=extra, tcp=port)
+    assert run("nbdinfo", "--size", nbds(port, pki["client"])).stdout.strip() == str(SIZE)
+    # the same client, another export that does not name it: GO gets NBD_REP_ERR_POLICY
+    r = run("nbdinfo", "--size", nbds(port, pki["client"]).replace("/data0", "/data1"), check=False)
+    assert r.returncode != 0 and "server policy prevents NBD_OPT_GO" in r.stderr
+    assert log_has(d, "certificate CN 'client1') is not in allowed_clients of export 'data1'")
+    creds = f"tls-creds-x509,id=tls0,dir={pki['client']},endpoint=client"
+    opts = f"driver=nbd,server.type=inet,server.host=127.0.0.1,server.port={port},tls-creds=tls0,export="
+    assert "virtual size: 8 MiB" in run("qemu-img", "info", "--object", creds, "--image-opts", opts + "data0").stdout
+    r = run("qemu-img", "info", "--object", creds, "--image-opts", opts + "data1", check=False)
+    assert r.returncode != 0 and "is not in allowed_clients of export 'data1'" in r.stderr  # qemu shows why
+
+
+def test_allowed_clients_by_address_without_tls(make_daemon, image):
+    need("nbdinfo", "qemu-img")
+    port = free_port()
+    d = make_daemon(device("near", "0 64 zero", allowed_clients=["127.0.0.0/8"])
+                    + device("far", "0 64 zero", allowed_clients=["192.0.2.0/24", "client1"]),
+                    tcp=port)
+    assert run("nbdinfo", "--size", f"nbd://127.0.0.1:{port}/near").stdout.strip() == "32768"
+    r = run("nbdinfo", "--size", f"nbd://127.0.0.1:{port}/far", check=False)
+    assert r.returncode != 0 and "server policy prevents NBD_OPT_GO" in r.stderr
+    r = run("qemu-img", "info", f"nbd://127.0.0.1:{port}/far", check=False)
+    assert r.returncode != 0 and "is not in allowed_clients of export 'far'" in r.stderr
+    assert log_has(d, "127.0.0.1, no client certificate) is not in allowed_clients of export 'far'")
+    # the unix socket's clients are who its mode lets in
+    assert run("nbdinfo", "--size", d.uri("far")).stdout.strip() == "32768"
+
+
+PLAIN_CLIENT = """
+import os, sys
+h.connect_uri(os.environ["URI"])
+assert h.pread(512, 0) == bytes(512)
+print("connected", flush=True)
+sys.stdin.readline()
+try:
+    h.pread(512, 0)
+    print("still served", flush=True)
+except nbd.Error as e:
+    print("cut off", flush=True)
+"""
+
+
+def test_a_reload_that_drops_a_client_from_allowed_clients_disconnects_it(make_daemon, image):
+    need("nbdsh")
+    port = free_port()
+    d = make_daemon(device("near", "0 64 zero", allowed_clients=["127.0.0.1"])
+                    + device("other", "0 64 zero", allowed_clients=["127.0.0.1"]), tcp=port)
+    stay = {name: subprocess.Popen(["nbdsh", "-c", PLAIN_CLIENT], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                   text=True, env=dict(nbdsh_env(), URI=f"nbd://127.0.0.1:{port}/{name}"))
+            for name in ("near", "other")}
+    try:
+        for p in stay.values():
+            assert p.stdout.readline().strip() == "connected"
+        d.config.write_text(d.config.read_text().replace('allowed_clients = ["127.0.0.1"]',
+                                                         'allowed_clients = ["192.0.2.0/24"]', 1))
+        d.signal(signal.SIGHUP)
+        wait_for(lambda: "reloaded" in d.log.read_text(), what="the reload")
+        assert log_has(d, "disconnected by reload: client (127.0.0.1, no client certificate) is not in "
+                          "allowed_clients of export 'near'")
+        for name, want in (("near", "cut off"), ("other", "still served")):
+            stay[name].stdin.write("go\n")
+            stay[name].stdin.flush()
+            assert stay[name].stdout.readline().strip() == want, name
+    finally:
+        for p in stay.values():
+            p.kill()

@@ -7,6 +7,9 @@ sender thread writes out, so a reply is never cut by another. A client that
 stops reading is dropped when its queued replies pass QUEUE_MAX (256 MiB), or
 when its socket takes no byte for SEND_STALL seconds (60, set by the loop);
 the daemon and the other clients carry on.
+
+With TLS (tls.pyx), a reply is encrypted into records as it is sent, under the same lock
+that keeps replies whole; queued replies are queued as records.
 """
 
 from libc.stdint cimport uint16_t, uint32_t, uint64_t
@@ -18,9 +21,18 @@ from appliance._fast.sync cimport (pthread_mutex_init, pthread_mutex_lock, pthre
 from appliance._fast.pagebuf cimport buf_alloc, buf_free
 from appliance._fast.wire cimport (put16, put32, put64, consumed, SIMPLE_REPLY_MAGIC,
     STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, REPLY_TYPE_ERROR)
+from appliance._fast.tls cimport TlsChan, tls_recv, tls_encrypt, tls_close, tls_sink_done
+from appliance._fast.budget cimport budget_force, budget_give
 
 cdef extern from "<pthread.h>" nogil:
     int pthread_mutex_trylock(pthread_mutex_t *)
+
+cdef extern from *:
+    """
+    #include <errno.h>
+    static inline void set_errno(int e) { errno = e; }
+    """
+    void set_errno(int) nogil
 
 cdef extern from "<sys/socket.h>" nogil:
     ctypedef int socklen_t
@@ -57,24 +69,54 @@ cdef void rq_free(Replies *q) noexcept nogil:
     while q.qhead != NULL:
         m = q.qhead
         q.qhead = m.next
+        budget_give(m.length)
         buf_free(<char *>m, sizeof(OutMsg) + m.length)
     q.qtail = NULL
     q.qbytes = 0
+
+
+DEF DROP = -2  # push(): the client must be dropped (call rq_drop without qlock)
 
 
 cdef int rq_sendv(Replies *q, iovec *iov, int n) noexcept nogil:
     """Send one whole reply without waiting for the client, from any thread: what the
     socket takes now goes now, the rest (or all, if replies are queued already or the
     socket is in use) is copied to the sender thread's queue. -1: the client is gone."""
+    return rq_sendv_paid(q, iov, n, 0)
+
+
+cdef int rq_sendv_paid(Replies *q, iovec *iov, int n, size_t paid) noexcept nogil:
+    """rq_sendv, for a reply whose sender took `paid` bytes of the buffer budget for it: they
+    count for its copy in the queue, and what is sent at once is given back."""
+    cdef int r
+    pthread_mutex_lock(&q.qlock)
+    if q.dead:
+        pthread_mutex_unlock(&q.qlock)
+        budget_give(paid)
+        return -1
+    if q.tls == NULL:
+        r = push(q, iov, n, &paid)
+    elif tls_encrypt(q.tls, iov, n) < 0:
+        tls_sink_done(q.tls)
+        r = DROP  # a reply that cannot be encrypted whole breaks the stream
+    else:
+        r = push_sink(q, &paid)
+    pthread_mutex_unlock(&q.qlock)
+    budget_give(paid)
+    if r == DROP:
+        rq_drop(q)
+    return -1 if r else 0
+
+
+cdef int push(Replies *q, iovec *iov, int n, size_t *paid) noexcept nogil:
+    """rq_sendv's sending, qlock held: 0 sent or queued, -1 the client is gone, DROP. A copy
+    in the queue counts in the buffer budget: out of `paid` first (what is left of it is the
+    caller's to give back)."""
     cdef msghdr msg
     cdef ssize_t sent
     cdef size_t total = 0, off = 0
     cdef int i
     cdef OutMsg *m
-    pthread_mutex_lock(&q.qlock)
-    if q.dead:
-        pthread_mutex_unlock(&q.qlock)
-        return -1
     if q.qhead == NULL and not q.sender_busy and pthread_mutex_trylock(&q.send_lock) == 0:
         memset(&msg, 0, sizeof(msg))
         while n > 0:
@@ -90,21 +132,21 @@ cdef int rq_sendv(Replies *q, iovec *iov, int n) noexcept nogil:
             n = consumed(&iov, n, sent)
         pthread_mutex_unlock(&q.send_lock)
         if n == 0 or q.dead:
-            pthread_mutex_unlock(&q.qlock)
             return -1 if q.dead else 0
     # copy what is left; a partly sent reply goes first (the queue is empty then)
     for i in range(n):
         total += iov[i].iov_len
     if q.qbytes and q.qbytes + total > QUEUE_MAX:
-        pthread_mutex_unlock(&q.qlock)
-        rq_drop(q)
-        return -1
+        return DROP
     m = <OutMsg *>buf_alloc(sizeof(OutMsg) + total)
     if m == NULL:
-        pthread_mutex_unlock(&q.qlock)
-        rq_drop(q)  # cannot keep the stream whole: drop the client
-        return -1
+        return DROP  # cannot keep the stream whole: drop the client
     q.qbytes += total
+    if total > paid[0]:  # counted in the daemon's buffer memory until sent
+        budget_force(total - paid[0])
+        paid[0] = 0
+    else:
+        paid[0] -= total
     m.next = NULL
     m.length = total
     m.sent = 0
@@ -118,8 +160,52 @@ cdef int rq_sendv(Replies *q, iovec *iov, int n) noexcept nogil:
         q.qtail.next = m
     q.qtail = m
     pthread_cond_broadcast(&q.qcond)
-    pthread_mutex_unlock(&q.qlock)
     return 0
+
+
+cdef int push_sink(Replies *q, size_t *paid) noexcept nogil:
+    """The TLS records OpenSSL wrote (a reply, or its answer to a record it read) go out
+    as a reply would; qlock held."""
+    cdef iovec iov[1]
+    cdef int r = 0
+    if q.tls.sink_len:
+        iov[0].iov_base = q.tls.sink
+        iov[0].iov_len = q.tls.sink_len
+        r = push(q, iov, 1, paid)
+    tls_sink_done(q.tls)
+    return r
+
+
+cdef int rq_recv(Replies *q, char *buf, size_t n) noexcept nogil:
+    """TLS: the loop's recv(), plaintext out of the client's records (tls_recv)."""
+    cdef int r, e, d = 0
+    cdef size_t paid = 0
+    pthread_mutex_lock(&q.qlock)
+    r = tls_recv(q.tls, buf, n)
+    e = errno
+    if q.tls.sink_len and not q.dead:  # e.g. a TLS 1.3 key update's answer
+        d = push_sink(q, &paid)
+    pthread_mutex_unlock(&q.qlock)
+    if d == DROP:
+        rq_drop(q)
+    set_errno(e)  # what tls_recv said, not what sending its answer did
+    return r
+
+
+cdef void rq_tls_close(Replies *q) noexcept nogil:
+    """After rq_drain: end TLS cleanly with close_notify, so the client knows its stream is
+    whole (the sender thread has ended: the record is sent here, within SEND_STALL)."""
+    cdef iovec iov[1]
+    pthread_mutex_lock(&q.qlock)
+    if q.tls != NULL and not q.dead and tls_close(q.tls) == 0 and q.tls.sink_len:
+        iov[0].iov_base = q.tls.sink
+        iov[0].iov_len = q.tls.sink_len
+        pthread_mutex_lock(&q.send_lock)
+        send_blocking(q, iov, 1)
+        pthread_mutex_unlock(&q.send_lock)
+    if q.tls != NULL:
+        tls_sink_done(q.tls)
+    pthread_mutex_unlock(&q.qlock)
 
 
 cdef void rq_drop(Replies *q) noexcept nogil:
@@ -177,6 +263,7 @@ cdef void rq_sender(Replies *q) noexcept nogil:
         iov[0].iov_len = m.length
         r = send_blocking(q, iov, 1)
         pthread_mutex_unlock(&q.send_lock)
+        budget_give(m.length)
         buf_free(<char *>m, sizeof(OutMsg) + m.length)
         if r < 0:
             rq_drop(q)

@@ -4,6 +4,8 @@ from appliance._fast.sync cimport pthread_mutex_t, pthread_cond_t
 from appliance._fast.gate cimport Gate
 from appliance._fast.uring cimport IoOp, Queue
 from appliance._fast.replies cimport Replies
+from appliance._fast.tls cimport TlsSession
+from appliance._fast.budget cimport Waiter
 
 cdef enum:
     MAX_PIECES = 8      # engine I/Os one fast request may need
@@ -18,6 +20,8 @@ cdef struct Req:
     uint16_t flags
     char *buf           # page aligned, for O_DIRECT; kept for the next request if small
     size_t cap
+    size_t budget       # bytes of the daemon's buffer budget its buffer holds while in flight
+    size_t paid         # and a READ's for its reply, should the reply wait in the sender's queue
     int pending         # engine I/Os not finished
     int err             # the first error of any piece (host errno)
     int next_free
@@ -28,6 +32,7 @@ cdef struct Req:
 cdef struct Batch:
     int n
     int niov
+    size_t paid         # budget its READs took for their replies, should the socket not take them
     Req *reqs[BATCH_REPLIES]
     char hdr[BATCH_REPLIES][28]
     iovec iov[2 * BATCH_REPLIES]
@@ -54,10 +59,18 @@ cdef class Connection:
     cdef Batch batch
     cdef bint q_ready
     cdef bint eof
+    # a request read and checked that waits for room in the daemon's buffer budget
+    cdef bint held
+    cdef uint16_t held_cmd, held_flags
+    cdef uint64_t held_cookie, held_offset
+    cdef uint32_t held_length, held_e
+    cdef bint starved   # get_req found no room in the budget
+    cdef Waiter waiter
     cdef int why        # why the loop stopped reading (a REASON_ code)
     cdef uint64_t why_value
     cdef bint slow_since_wait
     cdef Replies out
+    cdef TlsSession tls     # None: plaintext
     cdef pthread_mutex_t lock
     cdef pthread_cond_t idle
     cdef int inflight   # slow-path requests not answered yet
@@ -65,9 +78,10 @@ cdef class Connection:
     cdef readonly unsigned long long requests
     cdef readonly unsigned long long fast_requests
 
+    cdef ssize_t recv_some(self, char *buf, size_t n) noexcept nogil
     cdef int take(self, char *dst, size_t length) noexcept nogil
     cdef int next_header(self) noexcept nogil
-    cdef Req *get_req(self, size_t length) noexcept nogil
+    cdef Req *get_req(self, size_t length, size_t reply) noexcept nogil
     cdef void put_req(self, Req *r) noexcept nogil
     cdef void done_one(self) noexcept nogil
     cdef int start_fast(self, Req *r) noexcept nogil
@@ -78,6 +92,10 @@ cdef class Connection:
     cdef void piece_done(self, Req *r) noexcept nogil
     cdef void wait(self, bint want_socket) noexcept nogil
     cdef int one_request(self) noexcept nogil
+    cdef int start_request(self, uint16_t cmd, uint16_t flags, uint64_t cookie, uint64_t offset,
+                           uint32_t length, uint32_t e) noexcept nogil
+    cdef int hold(self, uint16_t cmd, uint16_t flags, uint64_t cookie, uint64_t offset,
+                  uint32_t length, uint32_t e) noexcept nogil
     cdef void dispatch_slow(self, uint16_t cmd, uint16_t flags, uint64_t cookie, uint64_t offset,
                             uint32_t length, Req *r) noexcept with gil
     cdef void free_all(self) noexcept nogil

@@ -29,10 +29,17 @@ completes, out of order as the protocol allows.
   thread that has it; the loop gathers the fast replies of one round into one
   sendmsg; a client that stops reading is dropped, SEND_STALL seconds (60) with
   no byte taken among the reasons).
+- TLS: with a `tls` session (tls.pyx, OpenSSL), the loop reads plaintext out of
+  the client's records (rq_recv) and replies are encrypted as they are sent,
+  all without the GIL; the loop ends with close_notify.
 - Memory: each request in flight has its own page-aligned buffer (O_DIRECT
-  needs no bounce). Free requests keep buffers up to KEEP_BUF (1 MiB) for the
-  next one, KEEP_BYTES (8 MiB) of them in all; a larger buffer is freed as soon
-  as its request is answered, and everything when the connection closes.
+  needs no bounce), taken from the daemon's buffer budget (budget.pyx; a READ
+  takes room for its reply too, should it wait in the sender's queue): a
+  request that finds no room is held, and the loop reads no further request
+  until room is given back anywhere in the daemon. Free requests keep buffers
+  up to KEEP_BUF (1 MiB) for the next one, KEEP_BYTES (8 MiB) of them in all;
+  a larger buffer is freed as soon as its request is answered, and everything
+  when the connection closes.
 """
 
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
@@ -53,8 +60,10 @@ from appliance._fast.wire cimport (nbd_errno, put16, put32, put64, be16toh, be32
     REPLY_TYPE_OFFSET_DATA, CMD_READ, CMD_WRITE, CMD_DISC, CMD_FLUSH, CMD_TRIM, CMD_WRITE_ZEROES,
     CMD_BLOCK_STATUS, F_FUA, F_NO_HOLE, F_DF, F_REQ_ONE, F_FAST_ZERO, NBD_EPERM, NBD_ENOMEM,
     NBD_EINVAL, NBD_ENOSPC)
-from appliance._fast.replies cimport (Replies, rq_init, rq_free, rq_sendv, rq_drop, rq_sender,
-    rq_close, rq_drain, rq_simple, rq_data, rq_error)
+from appliance._fast.replies cimport (Replies, rq_init, rq_free, rq_sendv, rq_sendv_paid, rq_drop, rq_sender,
+    rq_close, rq_drain, rq_simple, rq_data, rq_error, rq_recv, rq_tls_close)
+from appliance._fast.tls cimport TlsSession
+from appliance._fast.budget cimport budget_take, budget_give, budget_forget
 
 cdef extern from "<sys/uio.h>" nogil:
     ssize_t preadv2(int, const iovec *, int, long, int)
@@ -125,10 +134,11 @@ cdef class Connection:
     is called with the GIL for everything the fast path does not serve, and must
     arrange exactly one reply through reply()/reply_read()/send_raw(). `unplug()`, if
     given, is called with the GIL after slow requests were dispatched, before the loop
-    waits for the client."""
+    waits for the client. `tls`: the TlsSession the handshake established on fd."""
 
     def __cinit__(self, int fd, Gate gate, dispatch, uint64_t size, bint read_only, bint structured,
-                  uint32_t max_block=64 * 1024 * 1024, int depth=128, bytes initial=b"", unplug=None):
+                  uint32_t max_block=64 * 1024 * 1024, int depth=128, bytes initial=b"", unplug=None,
+                  TlsSession tls=None):
         cdef int i
         if depth < 1:
             raise ValueError("depth must be at least 1")
@@ -155,9 +165,13 @@ cdef class Connection:
         self.rstart = 0
         self.rend = len(initial)
         rq_init(&self.out, fd)
+        if tls is not None:
+            self.out.tls = tls.attach(fd)
+            self.tls = tls
         pthread_mutex_init(&self.lock, NULL)
         pthread_cond_init(&self.idle, NULL)
         self.q.efd = -1
+        self.waiter.q = &self.q
         self.close_reason = None
 
     def __dealloc__(self):
@@ -176,6 +190,12 @@ cdef class Connection:
 
     # receiving
 
+    cdef inline ssize_t recv_some(self, char *buf, size_t n) noexcept nogil:
+        """recv() without waiting: plaintext, from the socket or out of its TLS records."""
+        if self.out.tls != NULL:
+            return rq_recv(&self.out, buf, n)
+        return recv(self.fd, buf, n, MSG_DONTWAIT)
+
     cdef int next_header(self) noexcept nogil:
         """A whole header at rbuf+rstart without waiting: 1 yes, 0 not yet, -1 EOF, -2 error."""
         cdef ssize_t n
@@ -188,13 +208,14 @@ cdef class Connection:
                 self.rend -= self.rstart
                 self.rstart = 0
             want = self.rcap - self.rend
-            n = recv(self.fd, self.rbuf + self.rend, want, MSG_DONTWAIT)
+            n = self.recv_some(self.rbuf + self.rend, want)
             if n > 0:
                 self.rend += n
-                if <size_t>n < want:
+                if <size_t>n < want and self.out.tls == NULL:
                     # the socket had less than we asked for, so it is empty now: the next
                     # look goes through the poll (which fires at once if more came in since)
-                    # rather than a recv that would only say EAGAIN, one syscall per wake
+                    # rather than a recv that would only say EAGAIN, one syscall per wake.
+                    # Not under TLS: OpenSSL may hold decrypted bytes the poll cannot see
                     self.q.sock_ready = 0
             elif n == 0:
                 return -1
@@ -224,7 +245,7 @@ cdef class Connection:
             chunk = length
             if dst == NULL and chunk > sizeof(scratch):
                 chunk = sizeof(scratch)
-            n = recv(self.fd, dst if dst != NULL else scratch, chunk, MSG_DONTWAIT)
+            n = self.recv_some(dst if dst != NULL else scratch, chunk)
             if n > 0:
                 length -= n
                 if dst != NULL:
@@ -244,20 +265,31 @@ cdef class Connection:
 
     # requests and their buffers
 
-    cdef Req *get_req(self, size_t length) noexcept nogil:
-        """A free request whose buffer holds `length` bytes; NULL if none is free or no memory."""
+    cdef Req *get_req(self, size_t length, size_t reply) noexcept nogil:
+        """A free request whose buffer holds `length` bytes, with budget for it and for `reply`
+        bytes of its reply (a reply the socket does not take at once is copied to the sender's
+        queue: it must fit in the budget too). NULL if none is free, no memory, or (starved)
+        no room in the budget."""
         cdef Req *r
         cdef void *p = NULL
-        cdef size_t cap
+        cdef size_t cap, need
+        self.starved = 0
         if self.free_head < 0:
             return NULL
         r = &self.reqs[self.free_head]
+        cap = r.cap
         if r.cap < length:
             cap = MIN_BUF
             while cap < length:
                 cap <<= 1
+        need = (cap if length else 0) + reply
+        if need and not budget_take(need, &self.waiter):
+            self.starved = 1
+            return NULL
+        if r.cap < length:
             p = buf_alloc(cap)
             if p == NULL:
+                budget_give(need)
                 return NULL
             if r.buf != NULL:
                 self.ncached -= r.cap
@@ -267,11 +299,15 @@ cdef class Connection:
         elif r.buf != NULL:
             self.ncached -= r.cap
         self.free_head = r.next_free
+        r.budget = need - reply
+        r.paid = reply
         r.pending = 0
         r.err = 0
         return r
 
     cdef void put_req(self, Req *r) noexcept nogil:
+        budget_give(r.budget + r.paid)
+        r.budget = r.paid = 0
         # a large buffer goes at once: one big request must not pin its size for the
         # connection's life (nor many of them, on a long-lived connection)
         if r.buf != NULL and (r.cap > KEEP_BUF or self.ncached + r.cap > KEEP_BYTES):
@@ -455,6 +491,8 @@ cdef class Connection:
             b.iov[b.niov].iov_base = r.buf
             b.iov[b.niov].iov_len = r.length
             b.niov += 1
+            b.paid += r.paid  # the reply's budget goes with it
+            r.paid = 0
         b.reqs[b.n] = r
         b.n += 1
 
@@ -463,7 +501,8 @@ cdef class Connection:
         cdef int i
         if b.n == 0:
             return
-        rq_sendv(&self.out, b.iov, b.niov)
+        rq_sendv_paid(&self.out, b.iov, b.niov, b.paid)
+        b.paid = 0
         for i in range(b.n):
             self.put_req(b.reqs[i])
         b.n = 0
@@ -557,13 +596,12 @@ cdef class Connection:
 
     cdef int one_request(self) noexcept nogil:
         """Take one request whose header is at rbuf+rstart: check it, read its payload, then
-        serve it on the fast path or dispatch it. 0 go on, -1 stop reading (why is set)."""
+        serve it on the fast path or dispatch it. 0 go on, -1 stop reading (why is set), 1 held
+        for room in the buffer budget."""
         cdef uint32_t magic, length, e
         cdef uint16_t flags, cmd
         cdef uint64_t cookie, offset
         cdef char *h = self.rbuf + self.rstart
-        cdef Req *r = NULL
-        cdef int rc
         memcpy(&magic, h, 4)
         memcpy(&flags, h + 4, 2)
         memcpy(&cmd, h + 6, 2)
@@ -585,14 +623,25 @@ cdef class Connection:
             return -1
         self.requests += 1
         e = self.check(cmd, flags, offset, length)
+        if cmd == CMD_WRITE and length > HARD_MAX:
+            self.why = REASON_HARD
+            self.why_value = length
+            return -1
+        return self.start_request(cmd, flags, cookie, offset, length, e)
+
+    cdef int start_request(self, uint16_t cmd, uint16_t flags, uint64_t cookie, uint64_t offset,
+                           uint32_t length, uint32_t e) noexcept nogil:
+        """one_request's second half, and a held request's retry: 0 go on, -1 stop reading
+        (why is set), 1 no room in the buffer budget (the request is held, its payload unread)."""
+        cdef Req *r = NULL
+        cdef int rc
+        self.held = 0
         if cmd == CMD_WRITE:
-            if length > HARD_MAX:
-                self.why = REASON_HARD
-                self.why_value = length
-                return -1
             if not e:
-                r = self.get_req(length)
+                r = self.get_req(length, 0)
                 if r == NULL:
+                    if self.starved:
+                        return self.hold(cmd, flags, cookie, offset, length, e)
                     e = NBD_ENOMEM
             rc = self.take(r.buf if r != NULL else NULL, length)
             if rc <= 0:
@@ -606,8 +655,10 @@ cdef class Connection:
             rq_error(&self.out, self.structured, cookie, e, cmd == CMD_READ or cmd == CMD_BLOCK_STATUS)
             return 0
         if cmd == CMD_READ or cmd == CMD_FLUSH:
-            r = self.get_req(length)
+            r = self.get_req(length, length if cmd == CMD_READ else 0)
             if r == NULL:
+                if self.starved:
+                    return self.hold(cmd, flags, cookie, offset, length, e)
                 rq_error(&self.out, self.structured, cookie, NBD_ENOMEM, cmd == CMD_READ)
                 return 0
         if r != NULL:
@@ -626,6 +677,13 @@ cdef class Connection:
         self.slow_since_wait = 1
         self.dispatch_slow(cmd, flags, cookie, offset, length, r)
         return 0
+
+    cdef int hold(self, uint16_t cmd, uint16_t flags, uint64_t cookie, uint64_t offset,
+                  uint32_t length, uint32_t e) noexcept nogil:
+        self.held = 1
+        self.held_cmd, self.held_flags, self.held_cookie = cmd, flags, cookie
+        self.held_offset, self.held_length, self.held_e = offset, length, e
+        return 1
 
     cdef void unplug_slow(self) noexcept with gil:
         """Slow requests were dispatched and the loop is about to wait for the client: let
@@ -671,6 +729,16 @@ cdef class Connection:
             while True:
                 taken = 0
                 while not self.eof and taken < BATCH and self.nfast + self.inflight < self.depth:
+                    if self.held:
+                        rc = self.start_request(self.held_cmd, self.held_flags, self.held_cookie,
+                                                self.held_offset, self.held_length, self.held_e)
+                        if rc == 1:
+                            break  # still no room: budget_give wakes the loop
+                        if rc < 0:
+                            self.eof = 1
+                            break
+                        taken += 1
+                        continue
                     rc = self.next_header()
                     if rc == 0:
                         break
@@ -678,8 +746,11 @@ cdef class Connection:
                         self.eof = 1
                         self.why = REASON_EOF if rc == -1 else REASON_RECV
                         break
-                    if self.one_request() < 0:
+                    rc = self.one_request()
+                    if rc < 0:
                         self.eof = 1
+                        break
+                    if rc == 1:
                         break
                     taken += 1
                 if taken == BATCH:
@@ -696,7 +767,9 @@ cdef class Connection:
                 if self.slow_since_wait:
                     self.unplug_slow()
                     continue
-                self.wait(not self.eof and self.nfast + self.inflight < self.depth)
+                if self.held and self.waiter.woken:
+                    continue  # room was made (reap may have taken the wake itself)
+                self.wait(not self.eof and not self.held and self.nfast + self.inflight < self.depth)
             # answer everything still in flight on the slow path before the socket goes
             pthread_mutex_lock(&self.lock)
             while self.inflight > 0:
@@ -704,6 +777,8 @@ cdef class Connection:
             pthread_mutex_unlock(&self.lock)
             # and let the sender thread write out what is queued, then stop
             rq_drain(&self.out)
+            rq_tls_close(&self.out)
+            budget_forget(&self.waiter)
             pthread_mutex_lock(&self.lock)
             self.q_ready = 0
             queue_exit(&self.q)
@@ -738,5 +813,7 @@ cdef class Connection:
         self.unplug = None
         self.gate = None
         self.free_all()
+        self.out.tls = NULL
+        self.tls = None
 
 

@@ -17,10 +17,10 @@ Every event is terminal: the handshake is one negotiation, and the intermediate
 options are answered internally.  A RemoteProtocolError means the peer broke
 the protocol (or, for the server, asked for something that can only be refused
 by hanging up); its ``reason`` is meant for the log line written on close.
-The server speaks fixed newstyle, with TLS when given an ssl.SSLContext: after
-NBD_OPT_STARTTLS the TLS records run through ssl.MemoryBIO, so receive_data() and
-data_to_send() carry ciphertext and the caller's loop stays the same; `tls` is then
-the SSLObject the transmission phase goes on with.
+The server speaks fixed newstyle, with TLS when given a TLS context (_fast.tls.TlsContext,
+OpenSSL's): after NBD_OPT_STARTTLS the records go through the session's memory BIOs, so
+receive_data() and data_to_send() carry ciphertext and the caller's loop stays the same;
+`tls` is then the session (_fast.tls.TlsSession) the transmission phase goes on with.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from __future__ import annotations
 import ssl
 import struct
 from dataclasses import dataclass
-from typing import Callable, NoReturn, Protocol
+from typing import Any, Callable, NoReturn, Protocol
 
 from .constants import (
     IHAVEOPT, NBD_CLISERV_MAGIC, NBD_FLAG_C_FIXED_NEWSTYLE, NBD_FLAG_C_NO_ZEROES,
@@ -336,17 +336,21 @@ def _match_meta_contexts(queries: list[str], listing: bool) -> list[str]:
 
 
 class ServerHandshake(_Handshake):
-    """`tls`: an SSLContext to offer NBD_OPT_STARTTLS with (None: NOTLS mode);
-    `tls_required`: every option but STARTTLS and ABORT before it gets TLS_REQD."""
+    """`tls`: a TlsContext to offer NBD_OPT_STARTTLS with (None: NOTLS mode);
+    `tls_required`: every option but STARTTLS and ABORT before it gets TLS_REQD.
+    `authorize(export name, certificate CN or None)`: None if this client may use the
+    export, else why not (NBD_OPT_GO and INFO get NBD_REP_ERR_POLICY saying so;
+    NBD_OPT_EXPORT_NAME, which has no error reply, is hung up on)."""
 
     def __init__(self, catalog: Catalog, *, default_export: str = "",
                  max_option_length: int = DEFAULT_MAX_OPTION_LENGTH,
-                 tls: ssl.SSLContext | None = None, tls_required: bool = False) -> None:
+                 tls: Any = None, tls_required: bool = False,
+                 authorize: Callable[[str, str | None], str | None] | None = None) -> None:
         super().__init__()
         self._tls_context = tls
         self._tls_required = tls is not None and tls_required
-        self.tls: ssl.SSLObject | None = None  # after STARTTLS
-        self._tls_in = self._tls_out = None
+        self._authorize = authorize
+        self.tls: Any = None  # the TlsSession, after STARTTLS
         self._clear_out = b""  # the STARTTLS ACK: plaintext, ahead of the first TLS record
         self._catalog = catalog
         self._default_export = default_export
@@ -410,6 +414,11 @@ class ServerHandshake(_Handshake):
     def _lookup(self, name: str) -> ExportInfo | None:
         return self._catalog.lookup(name or self._default_export)  # "" = default export
 
+    def _refused(self, export: ExportInfo) -> str | None:
+        if self._authorize is None:
+            return None
+        return self._authorize(export.name, self.tls.peer_cn if self.tls is not None else None)
+
     def _select(self, export: ExportInfo) -> ExportSelected:
         # BLOCK_STATUS is only allowed if the final SET_META_CONTEXT named the
         # export that is finally selected; otherwise no contexts are active.
@@ -427,6 +436,9 @@ class ServerHandshake(_Handshake):
         if export is None:  # this option cannot fail; the spec says terminate
             raise RemoteProtocolError(f"client requested unknown export {name!r} "
                                       "with NBD_OPT_EXPORT_NAME")
+        refused = self._refused(export)
+        if refused:
+            raise RemoteProtocolError(f"NBD_OPT_EXPORT_NAME {export.name!r}: {refused}")
         self._out += struct.pack(">QH", export.size, export.transmission_flags(self._structured))
         if not self._no_zeroes:
             self._out += bytes(NBD_HANDSHAKE_ZEROES)
@@ -455,6 +467,9 @@ class ServerHandshake(_Handshake):
         export = self._lookup(name)
         if export is None:
             return self._refuse(opt, NBD_REP_ERR_UNKNOWN, f"unknown export {name!r}")
+        refused = self._refused(export)
+        if refused:
+            return self._refuse(opt, NBD_REP_ERR_POLICY, refused)
 
         def info(itype: int, payload: bytes) -> None:
             self._send_option_reply(opt, NBD_REP_INFO, struct.pack(">H", itype) + payload)
@@ -517,17 +532,11 @@ class ServerHandshake(_Handshake):
             raise _Invalid("TLS is already negotiated")
         self._send_option_reply(opt, NBD_REP_ACK)
         self._clear_out, self._out = bytes(self._out), bytearray()
-        self._tls_in, self._tls_out = ssl.MemoryBIO(), ssl.MemoryBIO()
-        self.tls = self._tls_context.wrap_bio(self._tls_in, self._tls_out, server_side=True)
+        self.tls = self._tls_context.server_session()
         # whatever came after the option (the ClientHello, typically) is TLS already
-        self._tls_in.write(bytes(self._in))
+        self.tls.feed(bytes(self._in))
         self._in.clear()
         self._state = "tls_handshake"
-
-    @property
-    def tls_bios(self) -> tuple[ssl.MemoryBIO, ssl.MemoryBIO]:
-        """(incoming, outgoing) records of `tls`, for the transmission phase to go on with."""
-        return self._tls_in, self._tls_out
 
     def _tls_handshake(self) -> object:
         try:
@@ -571,7 +580,7 @@ class ServerHandshake(_Handshake):
         if not data:
             self._eof = True
             return
-        self._tls_in.write(data)
+        self.tls.feed(data)
         if self._state != "tls_handshake":
             self._decrypt()
 
@@ -581,7 +590,7 @@ class ServerHandshake(_Handshake):
         if self._out and self._state != "tls_handshake":
             self.tls.write(bytes(self._out))
             self._out.clear()
-        out, self._clear_out = self._clear_out + self._tls_out.read(), b""
+        out, self._clear_out = self._clear_out + self.tls.outgoing(), b""
         return out
 
     def _opt_unsupported(self, opt: int, data: bytes) -> None:

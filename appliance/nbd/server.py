@@ -4,7 +4,8 @@ A thin adapter. The handshake is protocol.ServerHandshake fed from the
 socket; the transmission phase is _fast.transmit.Connection (a loop thread
 and a sender thread per connection), which serves the fast map itself with
 up to DEPTH requests in flight and hands everything else to
-`Session.dispatch` here.
+`Session.dispatch` here. A TLS connection's session (OpenSSL's, set up by the
+handshake) goes to the Connection, which reads and writes its records itself.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import time
 
 from .. import io as bio
 from ..config import ExportConfig
+from .._fast import budget
 from .._fast.transmit import Connection
 from . import constants as C
 from . import tls as nbd_tls
@@ -45,11 +47,18 @@ class Catalog:
 
     def __init__(self):
         self._devices = {}
+        self._allowed = {}
         self._lock = threading.Lock()
 
-    def set(self, devices):
+    def set(self, devices, allowed=None):
+        """`allowed`: {device name: AllowedClients} for the devices that restrict their clients."""
         with self._lock:
             self._devices = {d.name: d for d in devices}
+            self._allowed = dict(allowed or {})
+
+    def allowed_clients(self, name):
+        with self._lock:
+            return self._allowed.get(name)
 
     def device(self, name):
         with self._lock:
@@ -89,8 +98,9 @@ class Session:
 
     _unplugs = False
     _plug = ()
+    address = cn = None  # a TCP client's address and certificate name
 
-    def __init__(self, server, sock, device, selected, trailing):
+    def __init__(self, server, sock, device, selected, trailing, tls=None):
         self.server = server
         self.sock = sock
         self.device = device
@@ -108,6 +118,7 @@ class Session:
             depth=DEPTH,
             initial=trailing,
             unplug=self.unplug,
+            tls=tls,
         )
 
     def dispatch(self, conn, cmd, flags, cookie, offset, length, payload):
@@ -273,8 +284,10 @@ class Server:
         return None if export.tls == "off" else nbd_tls.context(export.tls_certificates, export.tls_verify_peer)
 
     def set_export(self, export, tls_context):
-        """Limits and certificates for the connections to come; connected clients keep theirs."""
+        """Limits and certificates for the connections to come; connected clients keep theirs
+        (the buffer memory cap is the whole daemon's, at once)."""
         self.export, self.tls_context = export, tls_context
+        budget.set_limit(export.buffer_memory)
 
     # listening
 
@@ -392,27 +405,28 @@ class Server:
 
     def _serve(self, sock, counted):
         peer = _peer(sock)
-        relay = None
         try:
             result = self._handshake(sock, peer)
             if result is None:
                 return
             selected, trailing, hs = result
-            if hs.tls is not None:
-                relay = nbd_tls.Relay(sock, hs.tls, *hs.tls_bios, trailing)
-                trailing = b""
             device = self.catalog.device(selected.export.name)
             if device is None:
                 log.warning("%s: export %s went away during the handshake", peer, selected.export.name)
                 return
-            session = Session(self, relay.inner if relay else sock, device, selected, trailing)
+            session = Session(self, sock, device, selected, trailing, hs.tls)
             session.peer = peer
+            if sock.family != socket.AF_UNIX:  # who it is, for allowed_clients on reload
+                session.address = peer.rsplit(":", 1)[0]
+                session.cn = hs.tls.peer_cn if hs.tls is not None else None
             with self._lock:
                 if self._stopping:
                     session.conn.release()
                     return
                 self.sessions.add(session)
-            log.info("%s: %s: connected%s", device.name, peer, " (structured replies)" if selected.structured_replies else "")
+            log.info("%s: %s: connected%s%s", device.name, peer,
+                     f" ({hs.tls.version}, {hs.tls.cipher})" if hs.tls is not None else "",
+                     " (structured replies)" if selected.structured_replies else "")
             try:
                 session.run()
             finally:
@@ -421,9 +435,6 @@ class Server:
         except Exception:
             log.exception("%s: connection failed", peer)
         finally:
-            if relay is not None:
-                relay.inner.close()
-                relay.join()
             try:
                 sock.close()
             except OSError:
@@ -432,7 +443,8 @@ class Server:
 
     def _handshake(self, sock, peer):
         ctx = self.tls_context if sock.family != socket.AF_UNIX else None  # TLS is for TCP listeners
-        hs = ServerHandshake(self.catalog, tls=ctx, tls_required=self.export.tls == "require")
+        hs = ServerHandshake(self.catalog, tls=ctx, tls_required=self.export.tls == "require",
+                             authorize=self._authorizer(sock, peer))
         limit = self.export.handshake_timeout
         deadline = time.monotonic() + limit
 
@@ -468,7 +480,7 @@ class Server:
             log.warning("%s: closing: %s", peer, e.reason if hasattr(e, "reason") else e)
             if hs.tls is not None:  # a TLS alert says why, to a client that can read it
                 try:
-                    sock.sendall(hs.tls_bios[1].read())
+                    sock.sendall(hs.tls.outgoing())
                 except OSError:
                     pass
         except socket.timeout:
@@ -476,6 +488,22 @@ class Server:
         except OSError as e:
             log.info("%s: handshake ended: %s", peer, e)
         return None
+
+    def _authorizer(self, sock, peer):
+        """The handshake's check of the export's allowed_clients (TCP clients only: a unix
+        socket's mode and group say who reaches it)."""
+        if sock.family == socket.AF_UNIX:
+            return None
+        address = peer.rsplit(":", 1)[0]
+
+        def authorize(name, cn):
+            allowed = self.catalog.allowed_clients(name)
+            why = allowed.refusal(name, address, cn) if allowed is not None else None
+            if why:
+                log.warning("%s: refused: %s", peer, why)
+            return why
+
+        return authorize
 
     # control
 
@@ -486,6 +514,16 @@ class Server:
     def disconnect(self, device_name, reason):
         for s in self.clients(device_name):
             s.conn.abort(reason)
+
+    def disconnect_unallowed(self):
+        """After a reload: the clients the allowed_clients of their export no longer name."""
+        for s in self.clients():
+            allowed = self.catalog.allowed_clients(s.device.name)
+            if allowed is not None and s.address is not None:
+                why = allowed.refusal(s.device.name, s.address, s.cn)
+                if why:
+                    log.warning("%s: disconnected by reload: %s", s.peer, why)
+                    s.conn.abort(why)
 
     def close_listener(self, name):
         """Stop accepting on one listener (a reload dropped it); sessions and other listeners stay."""

@@ -1,0 +1,151 @@
+#!/usr/bin/env python3
+"""Soak: many clients against several exports for a given time, while the daemon reloads.
+
+    python bench/soak.py [--minutes M] [--churn N] [--reload-every S] [--sample-every S]
+
+One daemon, three exports over files, a TCP listener with tls = "on" and its unix socket:
+  - verifying clients (one per export, in clear and over TLS) write a pattern and read it
+    back, over and over: any error or wrong byte fails the run;
+  - `--churn` threads connect, send request streams (valid, odd and broken), hang up in the
+    middle of requests or send garbage (tests/fuzz/nbd_fuzz.py's TransmissionFuzzer), in
+    clear and over TLS;
+  - a SIGHUP (reload) every `--reload-every` seconds.
+Every `--sample-every` seconds the daemon's resident memory, descriptors and threads are
+sampled; the report gives the curve's start and end. Neither may grow: the verdict compares
+the last quarter of the run with the first quarter after warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import ssl
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(REPO), str(REPO / "tests")]
+
+import certs  # noqa: E402
+from conftest import Daemon, config_text, device  # noqa: E402
+from fuzz.nbd_fuzz import Canary, TransmissionFuzzer  # noqa: E402
+from nut import free_port  # noqa: E402
+
+EXPORTS = ("a", "b", "c")
+SIZE = 64 << 20
+
+
+def sample(pid):
+    status = Path(f"/proc/{pid}/status").read_text()
+    field = {line.split(":")[0]: line.split(":")[1].strip() for line in status.splitlines() if ":" in line}
+    return {"rss_mib": int(field["VmRSS"].split()[0]) / 1024, "fds": len(os.listdir(f"/proc/{pid}/fd")),
+            "threads": int(field["Threads"])}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--minutes", type=float, default=10)
+    p.add_argument("--churn", type=int, default=4, help="threads of churning clients (default 4)")
+    p.add_argument("--reload-every", type=float, default=15, help="seconds between reloads (default 15)")
+    p.add_argument("--sample-every", type=float, default=10, help="seconds between samples (default 10)")
+    args = p.parse_args(argv)
+
+    work = Path(tempfile.mkdtemp(prefix="soak-"))
+    ca = certs.make_ca(work / "ca")
+    server, client = certs.server_dir(ca, work / "server"), certs.client_dir(ca, work / "client")
+    cctx = ssl.create_default_context(cafile=str(client / "ca-cert.pem"))
+    cctx.load_cert_chain(str(client / "client-cert.pem"), str(client / "client-key.pem"))
+    devices = ""
+    for name in EXPORTS:
+        with open(work / f"{name}.img", "wb") as f:
+            f.truncate(SIZE)
+        devices += device(name, f"0 {SIZE // 512} linear {work}/{name}.img 0")
+    # each export has a verifying client on a region the churn does not write: a device of its own
+    for name in EXPORTS:
+        with open(work / f"v{name}.img", "wb") as f:
+            f.truncate(SIZE)
+        devices += device(f"v{name}", f"0 {SIZE // 512} linear {work}/v{name}.img 0")
+    port = free_port()
+    d = Daemon(work, config_text(work, devices, extra=f'tls = "on"\ntls_certificates = "{server}"\n', tcp=port))
+    d.start()
+    tcp = ("127.0.0.1", port)
+    canaries = [Canary(d.socket, "va", SIZE), Canary(tcp, "vb", SIZE, tls=cctx), Canary(tcp, "vc", SIZE)]
+    for c in canaries:
+        c.start()
+    end = time.monotonic() + args.minutes * 60
+    stop = threading.Event()
+    fuzzers = []
+
+    def churn(i):
+        f = TransmissionFuzzer(d.socket if i % 2 == 0 else tcp, EXPORTS[i % len(EXPORTS)], SIZE,
+                               tls=cctx if i % 4 == 1 else None, seed=i)
+        fuzzers.append(f)
+        while not stop.is_set():
+            f.run(streams=1)
+
+    threads = [threading.Thread(target=churn, args=(i,), daemon=True) for i in range(args.churn)]
+    for t in threads:
+        t.start()
+    samples = []
+    t0 = time.monotonic()
+    next_reload = t0 + args.reload_every
+    reloads = 0
+    try:
+        while time.monotonic() < end:
+            time.sleep(min(args.sample_every, max(0, end - time.monotonic())))
+            if d.proc.poll() is not None:
+                raise SystemExit(f"the daemon died:\n{d.log.read_text()[-3000:]}")
+            if time.monotonic() >= next_reload:
+                d.signal(signal.SIGHUP)
+                reloads += 1
+                next_reload += args.reload_every
+            s = sample(d.proc.pid)
+            s["t"] = round(time.monotonic() - t0)
+            s["streams"] = sum(f.streams for f in fuzzers)
+            s["verified"] = sum(c.rounds for c in canaries)
+            samples.append(s)
+            print(f"{s['t']:>5}s  rss {s['rss_mib']:7.1f} MiB  fds {s['fds']:4}  threads {s['threads']:4}  "
+                  f"streams {s['streams']:6}  verified {s['verified']:7}", flush=True)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+        failures = []
+        for c in canaries:
+            try:
+                c.stop()
+            except AssertionError as e:
+                failures.append(str(e))
+        settled = sample(d.proc.pid) if d.proc.poll() is None else None
+        d.stop()
+    if failures:
+        print("FAIL: " + "; ".join(failures))
+        return 1
+    if "Traceback" in d.log.read_text():
+        print(f"FAIL: the daemon logged a traceback (log: {d.log})")
+        return 1
+    q = max(1, len(samples) // 4)
+    first, last = samples[q:2 * q] or samples[:1], samples[-q:]
+
+    def mean(rows, k):
+        return sum(r[k] for r in rows) / len(rows)
+
+    print(f"{reloads} reloads, {samples[-1]['streams']} churn streams, {samples[-1]['verified']} verified rounds")
+    grew = []
+    for k, slack in (("rss_mib", 16), ("fds", 4), ("threads", 4)):
+        a, b = mean(first, k), mean(last, k)
+        print(f"{k:>8}: start {samples[0][k]:.1f}, after warm-up {a:.1f}, end {b:.1f}"
+              + (f", all clients gone {settled[k]:.1f}" if settled else ""))
+        if b > a * 1.1 + slack:
+            grew.append(k)
+    print("FAIL: grew: " + ", ".join(grew) if grew else "PASS: memory, descriptors and threads flat")
+    return 1 if grew else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
