@@ -667,8 +667,11 @@ cdef class Connection:
             pos, end = r.offset, r.offset + r.length
         if i < 0:
             return 0
+        r.seg = i
+        r.retry = 0
         while pos < end:
             seg = &self.gate.segs[i]
+            r.retry = r.retry or seg.desc.errors_slow
             n = (seg.end if seg.end < end else end) - pos
             fn = seg.desc.flush if flush else (seg.desc.read if r.cmd == CMD_READ else seg.desc.write)
             k = -1 if fn == NULL else fn(&seg.desc, 0 if flush else pos - seg.start, p, 0 if flush else n,
@@ -723,10 +726,17 @@ cdef class Connection:
         return 1
 
     cdef void finish(self, Req *r) noexcept nogil:
-        """Answer a fast request: an error at once, a success into the batch."""
+        """Answer a fast request: an error at once, a success into the batch; an error of a
+        descriptor with errors_slow makes it a slow request instead."""
         cdef Batch *b = &self.batch
         cdef char *h
+        cdef FastSeg *seg = &self.gate.segs[r.seg]
+        if r.cmd == CMD_WRITE and seg.desc.write_done != NULL:  # alone: the one segment
+            seg.desc.write_done(&seg.desc, r.offset - seg.start, r.length, r.err)
         self.gate.exit()
+        if r.err and r.retry:
+            self.redo_slow(r)
+            return
         if r.err:
             self.send_error(r.cookie, nbd_errno(r.err), r.cmd == CMD_READ)
             self.put_req(r)
@@ -754,6 +764,15 @@ cdef class Connection:
             b.niov += 1
         b.reqs[b.n] = r
         b.n += 1
+
+    cdef void redo_slow(self, Req *r) noexcept nogil:
+        """A fast request that failed goes to the slow path whole, with its payload (the
+        target maps it again and decides what the error means)."""
+        pthread_mutex_lock(&self.lock)
+        self.inflight += 1
+        pthread_mutex_unlock(&self.lock)
+        self.slow_since_wait = 1
+        self.dispatch_slow(r.cmd, r.flags, r.cookie, r.offset, r.length, r)
 
     cdef void flush_replies(self) noexcept nogil:
         cdef Batch *b = &self.batch

@@ -10,6 +10,10 @@ retried on another leg (a fresh clone through the core), and a leg that answered
 error has that region rewritten from a good leg (read repair). The resync (resync.py) copies
 stale regions from a good leg in the background. The table, log types and messages are dm's;
 see README "Mirrors".
+
+When every leg is a file or disk, writes to regions whose marks are durable do not come here:
+the NBD loop fans them out to the legs' fds itself (fast_map, _fast/regionmap.pyx); the first
+error of such a write brings it here whole, to be written again and judged (handle_errors).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import logging
 import threading
 
 from ... import io as bio
+from ..._fast.regionmap import RegionMap
 from .. import Target, TargetError
 from . import table
 from .control import Control
@@ -84,7 +89,22 @@ class Mirror(Control, Target):
         self.client_ios = 0
         self.started = False
         self.regions = RegionHash(self, self.log, durable_marks=self.log.durable_marks)
+        self.regions.fast = self.fastmap = self._region_map()
         self.resync = Resync(self)
+
+    def _region_map(self):
+        """The fast path's region map, if every leg is an fd the NBD loop can write."""
+        fds = [getattr(leg.dev, "fd", None) for leg in self.legs]
+        if None in fds or len(self.legs) > 8:
+            return None
+        self.fast_align = max(getattr(leg.dev, "align", 1) for leg in self.legs)
+        if any(leg.offset % self.fast_align for leg in self.legs):
+            return None
+        return RegionMap(self.region_size, self.region_count,
+                         [(fd, leg.offset, not getattr(leg.dev, "direct", False)) for fd, leg in zip(fds, self.legs)])
+
+    def fast_map(self):
+        return self.fastmap.fast_ops(self.fast_align) if self.fastmap is not None else None
 
     def dtr(self):
         if getattr(self, "started", False):
@@ -363,6 +383,8 @@ class Mirror(Control, Target):
             if leg.dead:
                 return False
             leg.fail(why, path)
+            if self.fastmap is not None:
+                self.fastmap.enabled = False  # the slow path marks what a dead leg misses
             self.log.set_leg_dead(leg.index, True)
             log.error("mirror: leg %s is dead: %s", leg.word, why)
             live = [x for x in self.legs if not x.dead]
@@ -379,6 +401,8 @@ class Mirror(Control, Target):
             if not leg.dead:
                 return False
             leg.dead, leg.why = False, None
+            if self.fastmap is not None:
+                self.fastmap.enabled = not any(x.dead for x in self.legs)
             self.log.set_leg_dead(leg.index, False)
             self.regions.after_flush(lambda e: None)
             self.log.resume()  # the resync looks at every region again
