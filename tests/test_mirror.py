@@ -20,7 +20,7 @@ S = 512
 REGION = MiB  # the tests' region size
 
 
-def mirror_line(size, legs, log="core 2 2048 nosync", features="1 handle_errors"):
+def mirror_line(size, legs, log="core 2 2048 nosync", features="2 handle_errors keep_log"):
     words = " ".join(f"{leg} 0" for leg in legs)
     return f"0 {size // S} mirror {log} {len(legs)} {words} {features}".rstrip()
 
@@ -175,6 +175,19 @@ def test_fail_and_reinstate_by_message(make_daemon, image):
     assert "1 regions to resync" in d.cli("message", "m", "0", "reinstate_leg", b).stdout
     wait_for(lambda: in_sync(d), 20, "the resync")
     assert read_file(a) == read_file(b) and mstatus(d)["resynced_regions"] == 1
+
+
+def test_without_keep_log_a_leg_that_comes_back_is_copied_whole(make_daemon, image):
+    """dm's keep_log: only with it does the log keep, for a dead leg, which regions it missed."""
+    a, b = image("a.img", 8 * MiB), image("b.img", 8 * MiB)
+    d = make_daemon(device("m", mirror_line(8 * MiB, [a, b], features="1 handle_errors")))
+    d.cli("message", "m", "0", "fail_leg", b)
+    qemu_io(d.uri("m"), f"write -P 0x45 {5 * MiB} 64k")
+    st = mstatus(d)
+    assert st["legs"][1]["stale_regions"] == 8 and st["in_sync_regions"] == 0, st
+    assert "8 regions to resync" in d.cli("message", "m", "0", "reinstate_leg", b).stdout
+    wait_for(lambda: in_sync(d), 20, "the resync")
+    assert read_file(a) == read_file(b) and mstatus(d)["resynced_regions"] == 8
 
 
 def test_daemon_killed_mid_write_resyncs_only_the_dirty_regions(make_daemon, image, tmp_path):

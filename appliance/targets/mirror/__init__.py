@@ -67,6 +67,7 @@ class Mirror(Control, Target):
         self.region_size = p.region_size
         self.region_count = table.region_count(self.length, p.region_size)
         self.handle_errors = "handle_errors" in p.features
+        self.keep_log = "keep_log" in p.features
         self.features = p.features
         self.lock = threading.RLock()
         self.legs = []
@@ -383,6 +384,12 @@ class Mirror(Control, Target):
             if leg.dead:
                 return False
             leg.fail(why, path)
+            if not self.keep_log:
+                # dm without keep_log: no record is kept of what the leg misses from now on, so
+                # when it comes back it is copied whole (the log says so too, for a restart)
+                leg.stale = set(range(self.region_count))
+                for r in range(self.region_count):
+                    self.log.set_region_sync(r, False)
             if self.fastmap is not None:
                 self.fastmap.enabled = False  # the slow path marks what a dead leg misses
             self.log.set_leg_dead(leg.index, True)
