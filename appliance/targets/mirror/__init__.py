@@ -6,10 +6,11 @@ Writes go to every live leg in parallel, after their regions are marked in the l
 and complete when every leg answered. A leg that fails a write is dead (with handle_errors; the
 client's write succeeds if one leg took it) and the regions it missed are stale on it. Reads go
 to one leg that is not stale there, the one with the fewest I/Os in flight; a read error is
-retried on another leg (a fresh clone through the core), and a leg that answered with a medium
-error has that region rewritten from a good leg (read repair). The resync (resync.py) copies
-stale regions from a good leg in the background. The table, log types and messages are dm's;
-see README "Mirrors".
+retried on another leg (a fresh clone through the core), and the leg that failed has that
+region rewritten from a good leg (read repair): at once after an error of the `target` class
+(the storage answered), when it is back after a `path` error (the leg is failed then). The
+resync (resync.py) copies stale regions from a good leg in the background. The table, log types
+and messages are dm's; see README "Mirrors".
 
 When every leg is a file or disk, writes to regions whose marks are durable do not come here:
 the NBD loop fans them out to the legs' fds itself (fast_map, _fast/regionmap.pyx); the first
@@ -229,11 +230,15 @@ class Mirror(Control, Target):
             return bio.DONE
         p["tried"].add(leg.index)
         p["error"] = p["error"] or error
-        if bio.error_class(error) == bio.PATH:
-            if self.handle_errors:
-                self.fail_leg(leg, f"read failed: {bio.error_name(error)}", path=True)
-        elif leg not in p["bad"]:
-            p["bad"].append(leg)  # a medium error: rewrite it from the leg that answers
+        if bio.error_class(error) == bio.PATH and self.handle_errors:
+            # the leg is gone (or its transport says so): it is failed, and reinstated when its
+            # device is back
+            self.fail_leg(leg, f"read failed: {bio.error_name(error)}", path=True)
+        if leg not in p["bad"]:
+            # either way the region is rewritten on it from the leg that answers: at once for an
+            # error the storage answered (read repair), when it is back for a failed leg (a
+            # remote server's EIO may come classed as a path error; its data is suspect too)
+            p["bad"].append(leg)
         with self.lock:
             others = any(not x.dead and x.index not in p["tried"] for x in self.legs)
         if not others:
@@ -243,11 +248,10 @@ class Mirror(Control, Target):
 
     def _repair(self, legs, regions):
         """Legs that failed a read there take the region again from a good leg (the resync
-        copies it; the region's writes wait meanwhile, so the copy cannot undo a newer write)."""
+        copies it, to a dead leg once it is back; the region's writes wait meanwhile, so the
+        copy cannot undo a newer write)."""
         with self.lock:
             for leg in legs:
-                if leg.dead:
-                    continue
                 for r in regions:
                     leg.stale.add(r)
                     self.log.set_region_sync(r, False)
