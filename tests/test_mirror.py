@@ -4,6 +4,8 @@ clients (fio, qemu-io), real crashes (SIGKILL of nbdkit and of the daemon)."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -356,6 +358,32 @@ def test_a_leg_the_log_does_not_know_is_fully_resynced_and_a_log_of_other_legs_i
     x, y = image("x.img", 8 * MiB), image("y.img", 8 * MiB)
     d.config.write_text(d.config.read_text().replace(a, x).replace(c, y))
     with pytest.raises(RuntimeError, match=f"the log device {logdev} is the log of a mirror of other legs"):
+        d.restart()
+
+
+def test_a_leg_replaced_under_its_name_is_fully_resynced_and_all_legs_replaced_are_refused(
+        make_daemon, image):
+    """The log keeps what stood behind each leg's name (a file's inode, a disk's WWN): another
+    file under the same name (an old copy, another mirror's leg) is never trusted."""
+    a, b = image("a.img", 8 * MiB), image("b.img", 8 * MiB)
+    logdev = image("log.img", MiB)
+    d = make_daemon(device("m", mirror_line(8 * MiB, [a, b], log=f"disk 3 {logdev} 2048 nosync")))
+    qemu_io(d.uri("m"), "write -P 0x3c 0 8M")
+    d.stop()
+    with open(b + ".other", "wb") as f:
+        f.write(b"\x99" * (8 * MiB))
+    os.replace(b + ".other", b)
+    d.restart()
+    wait_for(lambda: in_sync(d), 20, "the replaced leg's full resync")
+    st = mstatus(d)
+    assert st["legs"][1]["note"] == "another file or disk than the log recorded under this name: fully resynced"
+    assert "note" not in st["legs"][0] and st["resynced_regions"] == 8, st
+    assert read_file(b) == read_file(a) == b"\x3c" * (8 * MiB)
+    d.stop()
+    for leg in (a, b):
+        shutil.copyfile(leg, leg + ".copy")
+        os.replace(leg + ".copy", leg)
+    with pytest.raises(RuntimeError, match="is the log of other files or disks than the legs now at"):
         d.restart()
 
 

@@ -84,6 +84,10 @@ class Mirror(Control, Target):
         if known and not known & {leg.word for leg in self.legs}:
             raise TargetError(f"the log device {p.log_dev} is the log of a mirror of other legs "
                               f"({', '.join(sorted(known))})")
+        if known and not [leg for leg in self.legs if self._known(leg)]:
+            raise TargetError(f"the log device {p.log_dev} is the log of other files or disks than "
+                              f"the legs now at {', '.join(sorted(known))} (copies, or other disks under "
+                              "those names); zero the log device to start this mirror over")
         self.log.set_legs([(leg.word, False) for leg in self.legs])  # refused now if they do not fit
         self.primary = 0
         self.repairs = 0
@@ -133,6 +137,13 @@ class Mirror(Control, Target):
         self.regions.start()
         self.resync.resume()
 
+    def _known(self, leg):
+        """The log records this leg: its word, and the same file or disk behind it (a log or a
+        leg that keeps no identity compares by word)."""
+        recorded = dict(self.log.recorded or ())
+        was = self.log.recorded_ids.get(leg.word)
+        return leg.word in recorded and (not was or not leg.identity or was == leg.identity)
+
     def _first_resume(self):
         """What each leg holds, from the log (lock held). Where the legs may differ (the regions
         out of sync) only the primary is trusted; a leg the log records as dead missed writes
@@ -142,18 +153,19 @@ class Mirror(Control, Target):
         recorded = dict(log_.recorded or ())
         words = [w for w, _ in log_.recorded or ()]
         want = words[log_.primary] if log_.primary < len(words) else None
-        trusted = [leg for leg in self.legs if not recorded or (leg.word in recorded and not recorded[leg.word])]
+        trusted = [leg for leg in self.legs if not recorded or (self._known(leg) and not recorded[leg.word])]
         by_word = {leg.word: leg for leg in self.legs}
         if want in by_word and by_word[want] in trusted:
             self.primary = by_word[want].index
         elif recorded:
-            self.primary = (trusted or [leg for leg in self.legs if leg.word in recorded])[0].index
+            self.primary = (trusted or [leg for leg in self.legs if self._known(leg)])[0].index
         else:
             self.primary = log_.primary if log_.primary < len(self.legs) else 0
         for leg in self.legs:
-            if recorded and leg.word not in recorded:
+            if recorded and not self._known(leg):
                 leg.stale = set(everything)
-                leg.note = "not a leg of this mirror's log: fully resynced"
+                leg.note = ("not a leg of this mirror's log: fully resynced" if leg.word not in recorded else
+                            "another file or disk than the log recorded under this name: fully resynced")
                 for r in everything:
                     log_.set_region_sync(r, False)
             elif recorded.get(leg.word):
@@ -164,6 +176,7 @@ class Mirror(Control, Target):
             if leg.note:
                 log.warning("mirror: leg %s: %s", leg.word, leg.note)
         log_.set_legs([(leg.word, False) for leg in self.legs])
+        log_.set_identities({leg.word: leg.identity for leg in self.legs})
         log_.set_primary(self.primary)
 
     # the request path

@@ -31,6 +31,9 @@ class CoreLog:
         self.primary = 0  # the leg that is the source for regions out of sync
         self.legs = []  # [(word, dead)]: which legs the log is about, and which are dead
         self.recorded = None  # the legs a log that survives restarts found on its device
+        self.recorded_ids = {}  # and what stood behind each leg's word then (legs.identity)
+        self.identities = {}  # leg word -> identity, kept with the legs' records
+        self.uuid = None  # the mirror's, for a log that keeps one
         self.failed = None  # why the log device cannot be written
 
     def dtr(self):
@@ -95,6 +98,9 @@ class CoreLog:
 
     def set_leg_dead(self, index, dead):
         self.legs[index] = (self.legs[index][0], dead)
+
+    def set_identities(self, ids):
+        self.identities = dict(ids)
 
     # reporting
     def status(self):
