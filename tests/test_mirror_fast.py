@@ -51,15 +51,14 @@ def test_a_leg_that_fails_a_fast_write_is_failed_and_the_write_succeeds(make_dae
     with open(b, "wb") as f:
         f.truncate(8 * MiB)  # sparse: a write to a new block needs room the tmpfs will not have
     d = make_daemon(device("m", mirror_line(8 * MiB, [a, b])))
-    nbdsh(d.uri("m"), "h.pwrite(b'\\x01' * 4096, 0)")  # region 0 is marked: granted to the fast path
-    try:
-        with open(small_tmpfs / "filler", "wb") as f:
-            f.write(bytes(4 * MiB))
-    except OSError:
-        pass  # full
-    nbdsh(d.uri("m"), f"h.pwrite(b'\\x02' * 4096, {512 * 1024})")  # fast, ENOSPC on b, then slow
+    filler = small_tmpfs / "filler"
+    # region 0's first write marks it (the slow path), the second is fast; then b's file system
+    # is full, and the third, fast too, fails on b
+    nbdsh(d.uri("m"), "h.pwrite(b'\\x01' * 4096, 0); h.pwrite(b'\\x01' * 4096, 4096)\n"
+          f"try:\n    open('{filler}', 'wb').write(bytes({4 * MiB}))\nexcept OSError:\n    pass\n"
+          f"h.pwrite(b'\\x02' * 4096, {512 * 1024})")
     st = mstatus(d)
-    assert st["fast_writes_failed"] == 1, st
+    assert st["fast_writes"] == 1 and st["fast_writes_failed"] == 1, st
     assert st["legs"][1]["state"] == "dead" and st["legs"][1]["why"] == "write failed: ENOSPC", st["legs"]
     assert read_file(a, 512 * 1024, 4096) == b"\x02" * 4096
     assert st["legs"][0]["state"] == "alive"

@@ -146,6 +146,7 @@ cdef class RegionMap:
             raise IndexError(r)
         pthread_mutex_lock(&self.c.lock)
         self.c.granted[r] = 1
+        self.c.touched[r] = 1  # kept for a whole sweep at least
         pthread_mutex_unlock(&self.c.lock)
 
     def is_granted(self, uint64_t r):

@@ -8,6 +8,7 @@ from __future__ import annotations
 class CoreLog:
     name = "core"
     durable_marks = False  # a mark must reach the log before its write goes to the legs
+    uuid = None  # the mirror's, for a log that keeps one (disk's header, clustered's name)
 
     def attach(self, mirror, parsed):
         """What a log kept outside the mirror needs from it before ctr (clustered's uuid,
@@ -33,7 +34,6 @@ class CoreLog:
         self.recorded = None  # the legs a log that survives restarts found on its device
         self.recorded_ids = {}  # and what stood behind each leg's word then (legs.identity)
         self.identities = {}  # leg word -> identity, kept with the legs' records
-        self.uuid = None  # the mirror's, for a log that keeps one
         self.failed = None  # why the log device cannot be written
 
     def dtr(self):
