@@ -27,7 +27,7 @@ ctypedef int (*fast_fn)(FastDesc *d, uint64_t off, char *buf, uint64_t n, int fu
 # A write whose pieces `write` returned is done on all of them (err: the first error, a host
 # errno, or 0), before it is answered. For descriptors that are `alone` (their state counts the
 # writes in flight: a region map that must know when none is). A write returning several
-# pieces of one buffer on several fds is a fan-out (a mirror's legs).
+# pieces of one buffer on several fds is a fan-out (copies of the data).
 ctypedef void (*fast_done_fn)(FastDesc *d, uint64_t off, uint64_t n, int err) noexcept nogil
 
 cdef struct FastDesc:
@@ -42,8 +42,8 @@ cdef struct FastDesc:
     int buffered        # fd is not O_DIRECT
     fast_done_fn write_done  # NULL: nothing to tell
     int errors_slow     # a piece's error is not the reply: the request is served again by the
-                        # slow path (map()), which decides (a mirror fails the leg, the write
-                        # succeeds on the others)
+                        # slow path (map()), which decides what the error means (a fan-out
+                        # may succeed on the other copies)
 
 cdef class FastOps:
     cdef FastDesc desc

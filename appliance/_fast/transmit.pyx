@@ -14,9 +14,13 @@ completes, out of order as the protocol allows.
   is unavailable. On a buffered (not O_DIRECT) fd, a read the page cache holds
   is served inline (preadv2 RWF_NOWAIT; what is not cached goes to the ring),
   and a write is copied into the page cache inline, which is cheaper than the
-  kernel worker io_uring would hand it to. FUA is the write, then fdatasync once it is done. A FLUSH
-  on a device whose descriptors can all flush is an fdatasync of each fd in
-  the engine too, so it never holds up the connection's other requests.
+  kernel worker io_uring would hand it to. A write may be several pieces of one
+  buffer on several fds (a fan-out): it is answered when all are done, after the
+  descriptor's write_done; a failed piece of a descriptor with errors_slow sends
+  the request to the slow path whole. FUA is the write, then fdatasync once it
+  is done. A FLUSH on a device whose descriptors can all flush is an fdatasync
+  of each fd in the engine too, so it never holds up the connection's other
+  requests.
 - The slow path: everything else goes to `dispatch` in Python (with the GIL),
   which maps it through the target stack and replies later, from whatever
   thread completes it, through reply()/reply_read()/send_raw(). `unplug()` is
