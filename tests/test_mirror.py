@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -116,6 +117,28 @@ def test_a_new_mirror_copies_the_first_leg_to_the_others(make_daemon, image):
     assert read_file(a) == read_file(b)
     assert mstatus(d)["resynced_regions"] == 8
     assert "read 5000/5000" in qemu_io(d.uri("m"), f"read -P 0x5a {3 * MiB + 100} 5000").stdout
+
+
+def test_the_resync_copies_in_1_mib_pieces_several_at_once(make_daemon, image, nbdkit, tmp_path):
+    a, b = image("a.img", 16 * MiB), image("b.img", 16 * MiB)
+    poke(a, 9 * MiB, b"\x42" * 4096)
+    kitlog = tmp_path / "kit.log"
+    kit = nbdkit("--filter=log", "--filter=delay", "file", b, f"logfile={kitlog}", "wdelay=200ms")
+    d = make_daemon(device("m", mirror_line(16 * MiB, [a, remote(kit.sock)], log="core 1 8192")))
+    wait_for(lambda: in_sync(d), 30, "the initial sync")
+    assert read_file(a) == read_file(b)
+    inflight, most, sizes = set(), 0, []
+    for line in kitlog.read_text().splitlines():
+        m = re.search(r"(connection=\d+) Write id=(\d+) (offset=\S+ count=(0x[0-9a-f]+))?", line)
+        if not m:
+            continue
+        if "return" in line:
+            inflight.discard(m.group(1, 2))
+        else:
+            inflight.add(m.group(1, 2))
+            sizes.append(int(m.group(4), 16))
+            most = max(most, len(inflight))
+    assert sizes == [MiB] * 16 and most >= 4, (sizes, most)  # 0.2 s each: one at a time would take 3 s
 
 
 def test_a_region_being_resynced_holds_writes_to_it_only(make_daemon, image, nbdkit):
