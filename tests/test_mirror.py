@@ -436,11 +436,15 @@ def test_a_log_device_that_fails_fails_the_writes_it_cannot_mark(make_daemon, im
     logimg = image("log.img", MiB)
     # the log device takes writes for 3 s, then fails them for a minute
     d = make_daemon(device("mlog", f"0 {MiB // S} flakey {logimg} 0 3 60 1 error_writes")
-                    + device("m", mirror_line(8 * MiB, [a, b], log="disk 3 @mlog 2048 nosync")))
+                    + device("m", mirror_line(8 * MiB, [a, b], log="disk 3 @mlog 128 nosync")))
     assert "wrote 4096/4096" in qemu_io(d.uri("m"), "write -P 0x21 0 4k").stdout
-    wait_for(lambda: mstatus(d)["log"]["state"] == "failed" or
-          "Input/output error" in qemu_io(d.uri("m"), f"write -P 0x22 {6 * MiB} 4k", check=False).stdout,
-          20, "the log device to fail")
+    fresh = iter(range(1, 100))  # 64 KiB regions never written: each write needs its mark
+
+    def write_fails():
+        off = next(fresh) * 65536
+        return "Input/output error" in qemu_io(d.uri("m"), f"write -P 0x22 {off} 4k", check=False).stdout
+
+    wait_for(lambda: mstatus(d)["log"]["state"] == "failed" or write_fails(), 20, "the log device to fail")
     out = qemu_io(d.uri("m"), f"write -P 0x23 {7 * MiB} 4k", check=False).stdout
     assert "Input/output error" in out, out  # never written to a leg without its mark on the log
     assert read_file(a, 7 * MiB, 4096) == read_file(b, 7 * MiB, 4096) == bytes(4096)
