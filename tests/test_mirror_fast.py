@@ -40,7 +40,9 @@ def small_tmpfs(tmp_path):
         pytest.skip("mounting a tmpfs needs root")
     mnt = tmp_path / "small"
     mnt.mkdir()
-    run("mount", "-t", "tmpfs", "-o", "size=2M", "tmpfs", str(mnt))
+    r = run("mount", "-t", "tmpfs", "-o", "size=2M", "tmpfs", str(mnt), check=False)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
     yield mnt
     run("umount", "-l", str(mnt), check=False)  # lazily: the daemon may still hold a leg there
 
