@@ -3,7 +3,7 @@
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
-MODULES = ["sync", "fastops", "uring", "chunkstate", "gate", "transmit", "cowindex", "regionmap"]
+MODULES = ["sync", "fastops", "uring", "chunkstate", "gate", "transmit", "cowindex", "wire", "replies", "pagebuf", "regionmap"]
 
 extensions = [
     Extension(
@@ -13,7 +13,7 @@ extensions = [
         libraries=["uring"] if name == "uring" else [],
     )
     for name in MODULES
-    if name != "sync"  # declarations only
+    if name not in ("sync", "pagebuf")  # declarations only
 ]
 
 setup(ext_modules=cythonize(extensions, compiler_directives={"language_level": 3}, include_path=["."]))

@@ -42,7 +42,8 @@ def _control_in_broken_config(path):
 
 
 def cmd_serve(args):
-    from .daemon import AssemblyError, Daemon
+    from .assembly import AssemblyError
+    from .daemon import Daemon
     from .logsetup import setup_logging
 
     try:
@@ -133,8 +134,9 @@ def cmd_status(args):
             print(prefix + line)
         if dev.get("table_differs_from_config"):
             print(f"{prefix}live table differs from the config: `appliance table {dev['name']}` prints it")
-        if dev["suspended"] and not args.name:
-            print(f"{prefix}(suspended)")
+        if dev["suspended"]:
+            waits = "; a loaded table goes live at resume" if dev.get("inactive_table") else ""
+            print(f"{prefix}(suspended{waits})")
     for name, words in (st["daemon"].get("waiting") or {}).items():
         if args.name in (None, name):
             prefix = "" if args.name else f"{name}: "

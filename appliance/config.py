@@ -95,6 +95,8 @@ class MultipathConfig:
     queue_max_bytes: int = 64 << 20
     marginal_window: float = 5
     failback: str = "manual"
+    fast_io_fail_tmo: float = 5
+    checker_timeout: float = 5
 
 
 @dataclass(frozen=True)
@@ -104,6 +106,9 @@ class ClusterConfig:
     lease_ttl: int
     etcd_timeout: float
     socket: str | None
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
 
 
 @dataclass(frozen=True)

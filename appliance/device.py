@@ -23,6 +23,12 @@ log = logging.getLogger(__name__)
 
 
 
+def _writable(dev):
+    """A device below a table: a file opened read-write (writable), a mapped device (writable:
+    its own table decides), a remote export (read_only: the server's NBD_FLAG_READ_ONLY)."""
+    return getattr(dev, "writable", True) and not getattr(dev, "read_only", False)
+
+
 class DeviceBusy(RuntimeError):
     pass
 
@@ -30,9 +36,10 @@ class DeviceBusy(RuntimeError):
 class Table:
     """A constructed table: segments with their live targets."""
 
-    def __init__(self, segments, targets, dispatch=None):
+    def __init__(self, segments, targets, dispatch=None, read_only=False):
         self.segments = segments
         self.targets = targets
+        self.read_only = read_only  # what the device is while this table is live (dm's table mode)
         self.size = table_size(segments)
         self.starts = [s.offset for s in segments]
         # dispatch(members, segment, table): the device maps what the queue lets go
@@ -162,6 +169,18 @@ class MappedDevice(RequestPath):
         return a
 
     @property
+    def writable(self):
+        """False if the device is read_only, or its live table reaches only devices that refuse
+        writes (a read-only file, a read_only device, a read-only NBD export): every write would
+        fail below it, so the handshake says read-only, as a disk whose every member is read-only
+        is. A table of no devices (zero, error) is writable, as before."""
+        if self.read_only:
+            return False
+        table = self.table
+        below = [d for t in table.targets for d in t.iterate_devices()] if table else []
+        return not below or any(_writable(d) for d in below)
+
+    @property
     def control_lock(self):
         """Held while the table changes (suspend, load, resume, clear): whoever acts on the live
         table's targets from outside (the power monitor) holds it, so the table stays live meanwhile."""
@@ -194,7 +213,7 @@ class MappedDevice(RequestPath):
         with self._control:
             if self.inactive is not None:
                 self.inactive.destroy()
-            self.inactive = Table(segments, targets, self._dispatch_queued)
+            self.inactive = Table(segments, targets, self._dispatch_queued, read_only=not writable)
 
     def clear(self):
         with self._control:
@@ -224,6 +243,7 @@ class MappedDevice(RequestPath):
                 if not self.suspended and self.table is not None:
                     self.suspend()
                 old, self.table, self.inactive = self.table, self.inactive, None
+                self.read_only = self.table.read_only
                 self.gate.close()  # a fresh device's gate was never closed
                 self.gate.set_fastmap(self.table.fastmap())
                 if old is not None:
@@ -273,7 +293,7 @@ class MappedDevice(RequestPath):
         return {
             "name": self.name,
             "size": self.size,
-            "read_only": self.read_only,
+            "read_only": not self.writable,  # set, or every device below refuses writes
             "description": self.description,
             "suspended": self.suspended,
             "inactive_table": self.inactive is not None,

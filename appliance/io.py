@@ -60,7 +60,7 @@ ERROR_CLASSES = {
     errno.EROFS: TARGET,
     errno.EINVAL: TARGET,
     errno.EPERM: TARGET,
-    errno.EIO: TARGET,  # the storage's own medium error; a lost disk says PATH explicitly
+    errno.EIO: TARGET,  # the storage's own medium error; a lost disk and an NBD server's EIO reply say PATH
     errno.EAGAIN: RESOURCE,
     errno.ENOMEM: RESOURCE,
 }

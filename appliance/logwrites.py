@@ -14,7 +14,8 @@ Entry flags: FLUSH 1, FUA 2, DISCARD 4, MARK 8, ZEROES 16 (dm has METADATA at 16
 a write-zeroes is ours). A write has none of FLUSH/DISCARD/MARK/ZEROES.
 
 The superblock's entry count is rewritten after each entry, so a log read at any
-moment (or after a kill -9) holds whole entries only.
+moment (or after a kill -9) holds whole entries only. That is also why a new table
+can continue a log after a crash: its end is where the counted entries end.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ _ENTRY = struct.Struct("<QQQQ")
 FLUSH, FUA, DISCARD, MARK, ZEROES = 1, 2, 4, 8, 16
 SUPER_FULL = 1
 MAX_MARK = 255  # bytes of a mark's name
+SESSION_MARK = "session-"  # the mark a table logs before it appends to a log that has entries
 
 
 class LogError(ValueError):
@@ -79,9 +81,13 @@ class LogWriter:
         self.full = False
 
     def start(self):
-        """A new, empty log (dm starts one at every table load)."""
+        """A new, empty log."""
         self.entries, self.next, self.full = 0, SECTOR, False
         self._super()
+
+    def follow(self, log):
+        """Append after the entries of `log`, the one already on this device (a Log read whole)."""
+        self.entries, self.next, self.full = len(log.entries), log.end, log.full
 
     def append(self, flags, offset, length, data=b""):
         """Write one entry. Returns False, and marks the log full, when it does not fit."""
@@ -164,7 +170,7 @@ class Log:
         if sector != SECTOR:
             raise LogError(f"{path}: sector size {sector}, expected {SECTOR}")
         self.full = bool(sflags & SUPER_FULL)
-        size = os.fstat(self.f.fileno()).st_size
+        size = self.f.seek(0, os.SEEK_END)  # st_size is 0 for a disk; through f, which buffers
         self.entries = []
         pos = SECTOR
         for i in range(count):
@@ -179,6 +185,7 @@ class Log:
                 raise LogError(f"{path}: entry {i} is a write of {length} bytes with {data_len} bytes of data")
             self.entries.append(Entry(i, flags, offset, length, pos + SECTOR, data_len))
             pos += entry_size(data_len)
+        self.end = pos  # where the next entry goes
 
     def data(self, e):
         self.f.seek(e.data_pos)
@@ -195,6 +202,24 @@ class Log:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def existing(path):
+    """The log already on the file or disk at `path` (a Log: close it), or None if it holds none
+    (no superblock magic: a new file, a zeroed disk). Raises LogError for a log that is there but
+    cannot be read whole (another version, entries cut short)."""
+    try:
+        with open(path, "rb") as f:
+            if f.read(len(MAGIC)) != MAGIC:
+                return None
+    except OSError as e:
+        raise LogError(f"{path}: cannot read: {e.strerror}") from None
+    return Log(path)
+
+
+def sessions(log):
+    """How many times a table started logging on `log`: 1, plus one per session mark."""
+    return 1 + sum(1 for e in log.entries if e.kind == "mark" and log.mark_name(e).startswith(SESSION_MARK))
 
 
 def select(log, *, limit=None, end_mark=None, to_flush=None, last_flush=False, durable=False):

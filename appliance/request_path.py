@@ -6,7 +6,9 @@ piece (in segment coordinates), so a retry starts from the original offset: `pre
 chooses the device below, `map` translates the clone onto it, `end_io` sees the result
 first and may take the clone back (`remap` now, `requeue` until a resume or a kick). A
 request completes once, with the first error of any piece; pieces that completed are never
-re-run, and a request whose unfinished pieces are all parked holds no suspend.
+re-run, and a request whose unfinished pieces are all parked holds no suspend. A piece parked
+under a table that a reload replaced is split again on the new one (dm's noflush reload
+requeues into the new table).
 """
 
 from __future__ import annotations
@@ -47,15 +49,16 @@ class _Request:
 class _Piece:
     """One segment's part of a request, kept across map attempts: each attempt maps a fresh clone."""
 
-    __slots__ = ("request", "target", "offset", "length", "buf", "private")
+    __slots__ = ("request", "target", "offset", "length", "buf", "private", "start")
 
-    def __init__(self, request, target, offset, length, buf):
+    def __init__(self, request, target, offset, length, buf, start):
         self.request = request
         self.target = target
         self.offset = offset  # in the segment, as the target's map() sees it
         self.length = length
         self.buf = buf
         self.private = None
+        self.start = start  # in the device: where it lands in another table
 
 
 class RequestPath:
@@ -139,7 +142,7 @@ class RequestPath:
         for i, pos, n in pieces:
             seg = table.segments[i]
             buf = view[pos - io.offset : pos - io.offset + n] if split else io.buf
-            self._map(_Piece(req, table.targets[i], pos - seg.offset, n, buf))
+            self._map(_Piece(req, table.targets[i], pos - seg.offset, n, buf, pos))
 
     def _map(self, piece, private=None):
         """One map attempt: a fresh clone of the piece, so a retry starts from its own offset."""
@@ -224,6 +227,9 @@ class RequestPath:
             holds = req.holds if idle else 0
             if idle:
                 req.holds = 0
+            queue, req.queue = req.queue, None
+        if queue is not None:  # parked, it is in flight no more: what waits behind it may go
+            queue.done(req.segment, req.io, len(req.members))
         with self._requeue_lock:
             self._requeued[req] = True
         self._leave(holds)  # nothing of it is in flight: a suspend need not wait for it
@@ -236,10 +242,43 @@ class RequestPath:
                 return  # suspended meanwhile: resume() hands it back
             with req.lock:
                 req.holds = 1
+        table = self.table
         with req.lock:
             pieces, req.parked = req.parked, []
-        for piece in pieces:
-            self._map(piece, piece.private)
+            again = []
+            for piece in pieces:
+                if table is None or any(t is piece.target for t in table.targets):
+                    again.append((piece, piece.private))
+                else:  # its table was replaced: the new one's targets take its range
+                    new = self._split_again(piece, table)
+                    req.pending += len(new) - 1
+                    again += [(p, None) for p in new]
+        for piece, private in again:
+            if piece.target is None:
+                self._piece_done(piece, errno.ENOSPC if req.io.is_write else errno.EINVAL)
+            else:
+                self._map(piece, private)
+
+    @staticmethod
+    def _split_again(piece, table):
+        """A parked piece's range as pieces of another table (a FLUSH: one for each target)."""
+        req = piece.request
+        if req.io.op == bio.FLUSH:
+            return [_Piece(req, t, 0, 0, None, 0) for t in table.targets]
+        out = []
+        pos, end = piece.start, min(piece.start + piece.length, table.size)
+        view = memoryview(piece.buf) if piece.buf is not None else None
+        i = table.find(pos) if pos < end else 0
+        while pos < end:
+            seg = table.segments[i]
+            n = min(seg.offset + seg.size, end) - pos
+            buf = view[pos - piece.start : pos - piece.start + n] if view is not None else None
+            out.append(_Piece(req, table.targets[i], pos - seg.offset, n, buf, pos))
+            pos += n
+            i += 1
+        if end < piece.start + piece.length:  # past the new table's end: no target (it fails)
+            out.append(_Piece(req, None, 0, piece.start + piece.length - end, None, end))
+        return out
 
     def _piece_done(self, piece, error):
         req = piece.request
@@ -266,7 +305,7 @@ class RequestPath:
         for io in members:
             io.complete(error)
         if req.queue is not None:  # before leaving the gate: the table is live until then
-            req.queue.done(req.segment)
+            req.queue.done(req.segment, req.io, len(req.members))
         self._leave(req.holds)
 
     def _leave(self, n):

@@ -9,18 +9,69 @@ contiguous requests of the same operation and flags merge into one, up to
 MAX_MERGE bytes, as Linux's elevator back-merges bios; the core completes
 each of them separately after.
 
+For a target that wants merged requests, a run that continues one still in
+flight (it starts where that one ends) waits for it to complete, unless it
+is MAX_MERGE already: a client streams its requests in a few at a time, as
+it hears of completions, and dispatching each few at once would send the
+target a stream of small pieces however busy it is. Waiting costs the
+stream nothing, as one run of it is always in flight. When that run
+completes, the next one, if it holds fewer requests than the one that
+completed, waits up to REFILL more for the client to answer the completion
+with new requests (CFQ's slice_idle, for a stream that merged): without it,
+runs alternate between the many that came while one was away and the few
+that came after.
+
 Requests in other segments never enter the queue (and the fast path never
 leaves C), so the queue costs only the targets that ask for it.
 """
 
 from __future__ import annotations
 
+import heapq
+import logging
 import threading
+import time
 
 from . import io as bio
 
 MAX_MERGE = 1 << 20
 MERGEABLE = (bio.READ, bio.WRITE, bio.WRITE_ZEROES, bio.TRIM)
+# seconds a stream's next run, smaller than the one that just completed, may wait for the client
+# to answer that completion with more (as CFQ's slice_idle waits for a process's next request)
+REFILL = 0.002
+
+
+class _Clock:
+    """One thread for the process that calls queues' run() at their deadlines (REFILL)."""
+
+    def __init__(self):
+        self.cond = threading.Condition()
+        self.heap = []  # (deadline, n, queue)
+        self.n = 0
+        self.thread = None
+
+    def at(self, deadline, queue):
+        with self.cond:
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._run, name="request-queue-clock", daemon=True)
+                self.thread.start()
+            self.n += 1
+            heapq.heappush(self.heap, (deadline, self.n, queue))
+            self.cond.notify()
+
+    def _run(self):
+        while True:
+            with self.cond:
+                while not self.heap or self.heap[0][0] > time.monotonic():
+                    self.cond.wait(self.heap[0][0] - time.monotonic() if self.heap else None)
+                _, _, queue = heapq.heappop(self.heap)
+            try:
+                queue.run()
+            except Exception:  # a held run must never be left waiting: the clock goes on
+                logging.getLogger("appliance.device").exception("request queue run failed")
+
+
+_clock = _Clock()
 
 
 class RequestQueue:
@@ -32,6 +83,8 @@ class RequestQueue:
         self.depth = [t.queue_depth or 0 for t in targets]
         self.queues = [bool(m or d) for m, d in zip(self.merge, self.depth)]
         self.busy = [0] * len(targets)
+        self.tails = [{} for _ in targets]  # per segment: (op, end offset) -> runs in flight ending there
+        self.ended = [{} for _ in targets]  # per segment: (op, end offset) -> (requests, refill deadline)
         self.waiting = []  # [(io, segment)] in arrival order
         self.running = False  # a thread is dispatching
         self.lock = threading.Lock()
@@ -67,10 +120,23 @@ class RequestQueue:
             for members, segment in batches:
                 self.dispatch(members, segment)
 
-    def done(self, segment):
-        """A request the queue dispatched has completed: its target has room again."""
+    def done(self, segment, io, merged=1):
+        """A request (`io`: one, or the one `merged` requests merged into) the queue dispatched
+        has completed, or was parked (a requeue gives its place back, as dm's): its target has
+        room again."""
         with self.lock:
             self.busy[segment] -= 1
+            tails = self.tails[segment]
+            end = (io.op, io.offset + io.length)
+            if tails.get(end, 0) > 1:
+                tails[end] -= 1
+            else:
+                tails.pop(end, None)
+            if self.merge[segment]:
+                ended = self.ended[segment]
+                if len(ended) > 64:
+                    ended.clear()  # streams that did not go on
+                ended[end] = (merged, time.monotonic() + REFILL)
             more = bool(self.waiting)
         if more:
             self.run()
@@ -78,6 +144,7 @@ class RequestQueue:
     def _take(self):
         """Under the lock: the (merged) requests whose targets have room, oldest first."""
         out = []
+        now = wake = None
         by_segment = {}
         for io, seg in self.waiting:
             by_segment.setdefault(seg, []).append(io)
@@ -88,13 +155,34 @@ class RequestQueue:
                 left += [(io, seg) for io in ios]
                 continue
             runs = _merge(ios) if self.merge[seg] and len(ios) > 1 else [[io] for io in ios]
-            for members in runs[:room]:
+            tails, ended = self.tails[seg], self.ended[seg]
+            for members in runs:
+                first, last = members[0], members[-1]
+                key, size = (first.op, first.offset), last.offset + last.length - first.offset
+                if room <= 0 or (self.merge[seg] and key in tails and first.op in MERGEABLE and size < MAX_MERGE):
+                    left += [(io, seg) for io in members]  # no room, or it grows behind its predecessor
+                    continue
+                before = ended.pop(key, None) if self.merge[seg] else None
+                # a client that sends one request at a time never waits here: only a stream that
+                # merged, and whose next run has fewer requests so far
+                if before is not None and len(members) < before[0] and size < MAX_MERGE:
+                    if now is None:
+                        now = time.monotonic()
+                    if now < before[1]:  # its predecessor just ended: the client's answer comes
+                        ended[key] = before
+                        left += [(io, seg) for io in members]
+                        wake = min(wake or before[1], before[1])
+                        continue
+                room -= 1
+                end = (first.op, last.offset + last.length)
+                tails[end] = tails.get(end, 0) + 1
                 out.append((members, seg))
                 self.busy[seg] += 1
                 self.dispatched += 1
                 self.merged += len(members) - 1
-            left += [(io, seg) for members in runs[room:] for io in members]
         self.waiting = left
+        if wake is not None:
+            _clock.at(wake, self)
         return out
 
     def status(self):

@@ -341,6 +341,11 @@ MULTIPATH = Section("multipath", doc="multipath maps (multipath.conf's defaults)
         number_range(0)),
     Key("failback", "word_or_integer", "manual",
         "back to a better path group: immediate|manual|followover|seconds", failback),
+    Key("fast_io_fail_tmo", "number", 5,
+        "seconds a path may hold a request unanswered before it fails and its requests go to "
+        "another path (0: never)", number_range(0)),
+    Key("checker_timeout", "number", 5,
+        "seconds a checker probe waits for its read (> 0)", number_range(0, lo_open=True)),
 ))
 
 def endpoints(v: str | list) -> tuple[str, ...]:
@@ -353,7 +358,25 @@ def endpoints(v: str | list) -> tuple[str, ...]:
     return urls
 
 
-CLUSTER = Section("cluster", doc="clustered mirror logs: this node in an etcd cluster (optional)", keys=(
+def pem_file(v: str) -> str:
+    abs_path(v)
+    if not os.path.isfile(v):
+        raise Invalid(f"{v} does not exist (or is not a file)")
+    return v
+
+
+def _check_cluster(values) -> None:
+    if values.get("cert") or values.get("key"):
+        if not (values.get("cert") and values.get("key")):
+            raise Invalid("an etcd client certificate needs both cert and key")
+        if not values.get("ca"):
+            raise Invalid("cert and key are for etcd over https: give ca too (the CA that signed etcd's certificate)")
+    if values.get("ca") and not any(u.startswith("https:") for u in values["endpoints"]):
+        raise Invalid("ca is set but no endpoint is https://")
+
+
+CLUSTER = Section("cluster", doc="clustered mirror logs: this node in an etcd cluster (optional)",
+                  check=_check_cluster, keys=(
     Key("endpoints", "lines", REQUIRED, 'etcd client URLs, ["http://127.0.0.1:2379", ...]', endpoints),
     Key("node", "string", REQUIRED, "this node's name, unique in the cluster", device_name),
     Key("lease_ttl", "integer", 5, "seconds a node that stopped answering stays alive (>= 1)",
@@ -361,6 +384,9 @@ CLUSTER = Section("cluster", doc="clustered mirror logs: this node in an etcd cl
     Key("etcd_timeout", "number", 10, "seconds to retry etcd before writes fail", number_range(0)),
     Key("socket", "string", None, "the log service's socket; the daemon runs the service there "
         "unless an `appliance logd` listens (default: state_dir/cluster-log.sock)", unix_socket_path),
+    Key("ca", "string", None, "PEM CA that signed etcd's certificate (https endpoints)", pem_file),
+    Key("cert", "string", None, "PEM client certificate for etcd's --client-cert-auth", pem_file),
+    Key("key", "string", None, "the client certificate's PEM key", pem_file),
 ))
 
 SECTIONS: tuple[Section, ...] = (DAEMON, EXPORT, DEVICE, POWER, MULTIPATH, CLUSTER)

@@ -15,6 +15,8 @@ depth 1's. See bench/README.md.
 from __future__ import annotations
 
 import argparse
+import json
+import mmap
 import os
 import sys
 import time
@@ -147,9 +149,197 @@ def main(argv=None) -> int:
     return 0
 
 
+# ---- merge and push: `python bench/cow.py merge` ----------------------------------------------
+
+MERGE_DOC = """cow's merge and push: the merge's bandwidth with idle clients against the backing's own
+sequential write bandwidth (fio, O_DIRECT, on the same filesystem, in the same run); what a
+client keeps of its 4 KiB random-read IOPS while a merge runs; a push at a large device size.
+
+    python bench/cow.py merge [--size MiB] [--runtime S] [--push-size 1T] [--dir DIR]
+
+The merge folds one read-only layer holding --size MiB (every grain) into the base (`merge 1 1
+base`), once with the device's default buffered I/O and once with direct = true (O_DIRECT); the
+time runs from the message to status saying done, the base's FLUSH included, so what is
+measured reached the disk. The merge reads every byte from the same disk it writes, so the
+table also gives the disk's copy limit, 1 / (1/read + 1/write) from fio's sequential reads and
+writes. The client's runs are short enough to end before the merge does (the table says how
+far the merge was when the client's run ended). The push is timed as the control message's
+round trip and as the time the device was suspended (the push's own reply), on a stack of two
+layers of --push-size. Bars (issue 10): merge >= 70% of fio's sequential write, client >= 50%
+of its IOPS, push < 50 ms."""
+
+
+def merge_stack(wd: Path, name: str, size: int, fill: bytes) -> tuple[str, list[str]]:
+    """A hole of a base, a read-only layer holding `fill` in every grain, a writable one on it."""
+    from appliance.targets.cow.layer import open_layer as _open
+
+    base = str(wd / f"{name}-base.img")
+    with open(base, "wb") as f:
+        f.truncate(size)
+    lower, upper = str(wd / f"{name}-l1.layer"), str(wd / f"{name}-l2.layer")
+    offline.create(lower, size, GRAIN)
+    offline.create(upper, size, GRAIN)
+    low, up = _open([lower], writable=True), _open([upper], writable=True)
+    chunk = mmap.mmap(-1, 4 * MiB)  # page aligned, for O_DIRECT: written at the disk's speed, not cached
+    chunk[:] = bytes(fill) * (4 * MiB // len(fill))
+    fd = os.open(lower, os.O_RDWR | os.O_DIRECT)
+    try:
+        for off in range(0, size, len(chunk)):
+            os.pwritev(fd, [memoryview(chunk)[:min(len(chunk), size - off)]], low.data_offset + off)
+    finally:
+        os.close(fd)
+    low.mark_allocated(0, size // GRAIN)
+    low.set_parent(base_uuid(size, base))
+    up.set_parent(low.uuid)
+    low.seal(up.uuid)
+    os.fsync(low.data_fd)
+    low.close()
+    up.close()
+    return base, [lower, upper]
+
+
+def cow_status(srv) -> dict:
+    from appliance.control import call
+
+    st = call(srv.control, "status", name=DEVICE)
+    return st["devices"][0]["segments"][0]["status"]
+
+
+def timed_merge(srv, words, timeout: float = 600) -> float:
+    """Seconds from the merge message to status saying it is done."""
+    from appliance.control import call
+
+    t0 = time.monotonic()
+    call(srv.control, "message", name=DEVICE, sector=0, words=words)
+    while True:
+        st = cow_status(srv)
+        if st.get("merge") != "running":
+            if st.get("merge") != "done":
+                raise BenchError(f"merge ended {st.get('merge')}: {st.get('merge_error')}")
+            return time.monotonic() - t0
+        if time.monotonic() - t0 > timeout:
+            raise BenchError(f"merge not done within {timeout}s: {st}")
+        time.sleep(0.01)
+
+
+def bench_merge(wd: Path, size: int, runtime: float) -> dict:
+    from appliance.control import call
+    from common import run_fio
+
+    out = {}
+    target = wd / "fio-seqwrite.img"
+    log("fio: sequential 1 MiB writes, QD4, O_DIRECT ...")
+    fio = run_fio(None, filename=str(target), rw="write", bs="1M", iodepth=4, runtime=runtime,
+                  extra=[f"--size={size}"])
+    log("fio: sequential 1 MiB reads, QD4, O_DIRECT, of what it wrote ...")
+    rd = run_fio(None, filename=str(target), rw="read", bs="1M", iodepth=4, runtime=runtime,
+                 extra=[f"--size={size}"])
+    target.unlink()
+    out["backing_seqwrite_bps"] = fio.bw_bytes
+    out["backing_seqread_bps"] = rd.bw_bytes
+    # a copy within one disk reads every byte and writes it: at best 1 / (1/read + 1/write)
+    out["backing_copy_bps"] = 1 / (1 / rd.bw_bytes + 1 / fio.bw_bytes)
+    for mode, keys in (("buffered", {}), ("direct", {"direct": True})):
+        base, layers = merge_stack(wd, f"idle-{mode}", size, b"\x5a")
+        table = [f"0 {size // 512} cow {base} 0 {' '.join(layers)}"]
+        with Appliance(wd, [(DEVICE, table, keys)], name=f"merge-idle-{mode}") as srv:
+            log(f"merge of {size // MiB} MiB into the base, clients idle, {mode} ...")
+            took = timed_merge(srv, ["merge", "1", "1", "base"])
+        out[f"merge_idle_{mode}_bps"] = size / took
+    # the client's run must end before the merge does: a merge of 4 times the size takes 4 times
+    # as long alone, at least twice that with a client (the throttle); the run is half of that
+    busy = 4 * size
+    busy_runtime = max(0.5, min(runtime, busy / out["merge_idle_buffered_bps"]))
+    wl = Workload("randread-4k-qd16", "4 KiB random read, QD16", "randread", "4k", 16)
+    base, layers = merge_stack(wd, "busy", busy, b"\xa5")
+    table = [f"0 {busy // 512} cow {base} 0 {' '.join(layers)}"]
+    with Appliance(wd, [(DEVICE, table)], name="merge-busy") as srv:
+        log(f"client alone, {busy_runtime:.1f}s ...")
+        alone = measure(srv, wl, runtime=busy_runtime, ramp_time=0)
+        call(srv.control, "message", name=DEVICE, sector=0, words=["merge", "1", "1", "base"])
+        log("client while the merge runs ...")
+        during = measure(srv, wl, runtime=busy_runtime, ramp_time=0, settle_first=False)
+        st = cow_status(srv)
+    out["client_runtime_s"] = busy_runtime
+    out["client_alone_iops"] = alone.iops
+    out["client_during_merge_iops"] = during.iops
+    out["merge_state_after_client"] = f"{st.get('merge')} {st.get('merge_progress')}"
+    return out
+
+
+def bench_push(wd: Path, size: int, rounds: int = 3) -> dict:
+    from appliance.control import call
+
+    base = str(wd / "push-base.img")
+    with open(base, "wb") as f:
+        f.truncate(size)
+    first = str(wd / "push-l1.layer")
+    offline.create(first, size, GRAIN)
+    table = [f"0 {size // 512} cow {base} 0 {first}"]
+    walls, suspended = [], []
+    with Appliance(wd, [(DEVICE, table)], name="push") as srv:
+        for i in range(2, 2 + rounds):
+            path = str(wd / f"push-l{i}.layer")
+            t0 = time.monotonic()
+            reply = call(srv.control, "message", name=DEVICE, sector=0, words=["push", path])
+            walls.append((time.monotonic() - t0) * 1000)
+            text = reply if isinstance(reply, str) else json.dumps(reply)
+            suspended.append(float(text.split("(")[1].split(" ms")[0]))
+            log(f"  push {i - 1}: {walls[-1]:.1f} ms round trip, {suspended[-1]:.1f} ms suspended")
+    return {"push_round_trip_ms": sorted(walls)[len(walls) // 2], "push_suspended_ms": sorted(suspended)[len(suspended) // 2]}
+
+
+def merge_main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="bench/cow.py merge", description=MERGE_DOC.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", type=int, default=1024, help="MiB the merged layer holds (default 1024)")
+    p.add_argument("--runtime", type=float, default=8, help="seconds per fio run (default 8)")
+    p.add_argument("--push-size", default="1T", help="device size of the push stack (default 1T)")
+    p.add_argument("--dir", default=None, help="where the files go (default /tmp); the filesystem measured")
+    p.add_argument("--keep", action="store_true", help="keep the temp dir (configs, server logs)")
+    p.add_argument("--no-save", action="store_true", help="do not write bench/results/cow-merge-*.json")
+    args = p.parse_args(argv)
+    from appliance.targets import parse_size
+
+    need_tools("fio")
+    terminate_on_signals()
+    env = environment()
+    started = time.time()
+    with workdir(keep=args.keep, base=args.dir) as wd:
+        r = bench_merge(wd, args.size * MiB, args.runtime)
+        log(f"push at {args.push_size} ...")
+        r.update(bench_push(wd, parse_size(args.push_size, "--push-size")))
+    elapsed = time.time() - started
+    merge_ratio = ratio(r["merge_idle_buffered_bps"], r["backing_seqwrite_bps"])
+    direct_ratio = ratio(r["merge_idle_direct_bps"], r["backing_seqwrite_bps"])
+    client_ratio = ratio(r["client_during_merge_iops"], r["client_alone_iops"])
+    rows = [
+        ["merge, clients idle", f"{r['merge_idle_buffered_bps'] / MiB:.0f} MiB/s", fmt_ratio(merge_ratio),
+         ">= 0.70x fio seq write"],
+        ["  devices O_DIRECT", f"{r['merge_idle_direct_bps'] / MiB:.0f} MiB/s", fmt_ratio(direct_ratio), ""],
+        ["fio seq write O_DIRECT", f"{r['backing_seqwrite_bps'] / MiB:.0f} MiB/s", "", ""],
+        ["fio seq read O_DIRECT", f"{r['backing_seqread_bps'] / MiB:.0f} MiB/s", "", ""],
+        ["  copy limit 1/(1/r+1/w)", f"{r['backing_copy_bps'] / MiB:.0f} MiB/s",
+         fmt_ratio(ratio(r["merge_idle_buffered_bps"], r["backing_copy_bps"])), "merge as a share of it"],
+        [f"client 4K randread QD16, {r['client_runtime_s']:.1f}s", f"{fmt_num(r['client_alone_iops'])} IOPS", "", ""],
+        ["  while merging", f"{fmt_num(r['client_during_merge_iops'])} IOPS", fmt_ratio(client_ratio),
+         f">= 0.50x (merge {r['merge_state_after_client']} at the end)"],
+        [f"push at {args.push_size}, round trip", f"{r['push_round_trip_ms']:.1f} ms", "", "< 50 ms"],
+        ["  of which suspended", f"{r['push_suspended_ms']:.1f} ms", "", ""],
+    ]
+    print(f"\ncow merge of {args.size} MiB and push; {args.runtime:g}s per fio run; {env['cpus']} CPUs\n")
+    print_table(["measure", "value", "ratio", "bar"], rows, align="lrrl")
+    print(f"\nload average at end {os.getloadavg()[0]:.2f}; took {elapsed:.0f}s")
+    if not args.no_save:
+        out = write_results("cow-merge", {"benchmark": "cow-merge", "settings": vars(args), "environment": env,
+                                          "elapsed_s": elapsed, "summary": r})
+        print(f"results: {out}")
+    return 0
+
+
 if __name__ == "__main__":
     try:
-        sys.exit(main())
+        sys.exit(merge_main(sys.argv[2:]) if sys.argv[1:2] == ["merge"] else main())
     except BenchError as e:
         print(f"bench: {e}", file=sys.stderr)
         sys.exit(2)

@@ -29,11 +29,11 @@ def make_ca(d: Path, cn="appliance test CA") -> Path:
     return d
 
 
-def server_dir(ca: Path, d: Path) -> Path:
+def server_dir(ca: Path, d: Path, usage="serverAuth") -> Path:
     """nbdkit's --tls-certificates layout, for 127.0.0.1."""
     d.mkdir(parents=True, exist_ok=True)
     _key_and_csr(d, "server", "127.0.0.1")
-    _sign(ca, d, "server", 2, "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n")
+    _sign(ca, d, "server", 2, f"subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage={usage}\n")
     shutil.copy(ca / "ca-cert.pem", d / "ca-cert.pem")
     return d
 

@@ -337,41 +337,89 @@ def free_port():
         return s.getsockname()[1]
 
 
+class EtcdCluster:
+    """Real etcd members on 127.0.0.1 (free ports, a data dir each), one cluster. `.urls` are
+    their client URLs (`.url` the first); `.stop(i)`/`.start(i)` take member i away (SIGKILL)
+    and bring it back on the same ports and data. `tls`: a directory with ca-cert.pem and
+    server-cert.pem/server-key.pem (tests/certs.py's layout): clients then need https and a
+    client certificate signed by that CA."""
+
+    def __init__(self, tmp_path, members=1, tls=None):
+        need("etcd")
+        self.dir, self.tls = tmp_path, tls
+        self.names = [f"m{i}" for i in range(members)]
+        self.clients = [free_port() for _ in self.names]
+        self.peers = [f"http://127.0.0.1:{free_port()}" for _ in self.names]
+        scheme = "https" if tls else "http"
+        self.urls = [f"{scheme}://127.0.0.1:{p}" for p in self.clients]
+        self.url = self.urls[0]
+        self.procs = [None] * members
+        self.initial = ",".join(f"{n}={p}" for n, p in zip(self.names, self.peers))
+
+    def start(self, i=0, wait=True):
+        args = ["etcd", "--name", self.names[i], "--data-dir", str(self.dir / f"etcd-{self.names[i]}"),
+                "--listen-client-urls", self.urls[i], "--advertise-client-urls", self.urls[i],
+                "--listen-peer-urls", self.peers[i], "--initial-advertise-peer-urls", self.peers[i],
+                "--initial-cluster", self.initial]
+        if self.tls:
+            args += ["--cert-file", str(self.tls / "server-cert.pem"), "--key-file",
+                     str(self.tls / "server-key.pem"), "--trusted-ca-file",
+                     str(self.tls / "ca-cert.pem"), "--client-cert-auth"]
+        self.procs[i] = subprocess.Popen(args, stdout=subprocess.DEVNULL,
+                                         stderr=open(self.dir / f"etcd-{self.names[i]}.log", "ab"))
+        if wait:
+            self.wait_healthy(i)
+
+    def wait_healthy(self, i=0):
+        # /health needs a quorum: with members starting one by one, wait for the port instead
+        import socket
+
+        def up():
+            if self.procs[i].poll() is not None:
+                return True
+            with socket.socket() as s:
+                return s.connect_ex(("127.0.0.1", self.clients[i])) == 0
+        wait_for(up, 20, f"etcd {self.names[i]} to listen")
+        assert self.procs[i].poll() is None, (self.dir / f"etcd-{self.names[i]}.log").read_text()[-2000:]
+
+    def start_all(self):
+        for i in range(len(self.names)):
+            self.start(i, wait=False)
+        for i in range(len(self.names)):
+            self.wait_healthy(i)
+        from appliance.cluster.etcd import Etcd
+
+        client = Etcd(self.urls, timeout=20, **self.client_tls())
+        client.get_prefix("/")  # a quorum answers (a linearizable read)
+
+    def client_tls(self):
+        """The keyword arguments an appliance.cluster.etcd.Etcd needs to reach these members."""
+        if not self.tls:
+            return {}
+        return {"ca": str(self.tls / "ca-cert.pem"), "cert": str(self.tls / "client-cert.pem"),
+                "key": str(self.tls / "client-key.pem")}
+
+    def stop(self, i=0):
+        if self.procs[i] is not None and self.procs[i].poll() is None:
+            self.procs[i].kill()
+        if self.procs[i] is not None:
+            self.procs[i].wait()
+
+
 @pytest.fixture
 def etcd(tmp_path):
-    """A real single-member etcd on 127.0.0.1 (free ports, its own data dir); `.url` is its
-    client URL, `.stop()`/`.start()` take it away and bring it back on the same ports."""
-    need("etcd")
-
-    class Etcd:
-        client, peer = free_port(), free_port()
-        url = f"http://127.0.0.1:{client}"
-        proc = None
-
-        def start(self):
-            peer = f"http://127.0.0.1:{self.peer}"
-            self.proc = subprocess.Popen(
-                ["etcd", "--name", "t", "--data-dir", str(tmp_path / "etcd"),
-                 "--listen-client-urls", self.url, "--advertise-client-urls", self.url,
-                 "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-                 "--initial-cluster", f"t={peer}"],
-                stdout=subprocess.DEVNULL, stderr=open(tmp_path / "etcd.log", "ab"))
-            import urllib.request
-
-            def healthy():
-                try:
-                    with urllib.request.urlopen(self.url + "/health", timeout=1) as r:
-                        return b"true" in r.read()
-                except OSError:
-                    return self.proc.poll() is not None
-            wait_for(healthy, 20, "etcd to answer /health")
-            assert self.proc.poll() is None, (tmp_path / "etcd.log").read_text()[-2000:]
-
-        def stop(self):
-            self.proc.kill()
-            self.proc.wait()
-
-    e = Etcd()
-    e.start()
+    """A real single-member etcd (EtcdCluster with one member)."""
+    e = EtcdCluster(tmp_path)
+    e.start_all()
     yield e
     e.stop()
+
+
+@pytest.fixture
+def etcd3(tmp_path):
+    """Three etcd members, one cluster: one may go, two going lose the quorum."""
+    e = EtcdCluster(tmp_path, members=3)
+    e.start_all()
+    yield e
+    for i in range(3):
+        e.stop(i)

@@ -27,12 +27,12 @@ TTL = 2
 def logd(tmp_path, etcd):
     procs = {}
 
-    def start(node):
+    def start(node, ttl=TTL):
         sock = str(tmp_path / f"logd-{node}.sock")
         if os.path.exists(sock):
             os.unlink(sock)
         p = subprocess.Popen([sys.executable, "-m", "appliance", "logd", "--endpoints", etcd.url,
-                              "--node", node, "--socket", sock, "--lease-ttl", str(TTL),
+                              "--node", node, "--socket", sock, "--lease-ttl", str(ttl),
                               "--etcd-timeout", "3"], cwd=REPO,
                              stderr=open(tmp_path / f"logd-{node}.log", "ab"))
         procs[node] = p
@@ -88,15 +88,15 @@ def test_nodes_see_one_log(logd):
 
 
 def test_survivor_resyncs_exactly_the_regions_the_killed_node_had_marked(logd, etcd):
-    pa, pb = logd("a"), logd("b")
+    pa, pb = logd("a"), logd("b", ttl=60)  # b renews every 20 s: it learns of a's loss by a watch
     a, b = client(pa), client(pb)
     mark(a, 5, 9, 200)
     mark(b, 1)
     assert resync_work(b) == []
     pa.send_signal(signal.SIGKILL)
     pa.wait()
+    took = wait_for(lambda: (b.call(T.RESUME), resync_work(b))[1], TTL + 3, "b to take over a's regions")
     c = client(logd("c"))  # a third node watches the takeover from outside
-    took = wait_for(lambda: (b.call(T.RESUME), resync_work(b))[1], 3 * TTL + 3, "b to take over a's regions")
     assert sorted(took) == [5, 9, 200]
     assert PAIR_IQ.unpack(c.call(T.IS_REMOTE_RECOVERING, U64.pack(9)))[0] == 1
     assert PAIR_IQ.unpack(c.call(T.IS_REMOTE_RECOVERING, U64.pack(1))) == (0, 5)  # the hint: the next one
@@ -154,3 +154,49 @@ def test_etcd_transactions_per_1000_writes(logd, regions, most):
     per_1000 = txns(a) - before
     print(f"etcd transactions per 1000 client writes over {regions} regions: {per_1000}")
     assert per_1000 <= most
+
+
+def test_the_logd_unit_runs_from_the_config_and_the_daemon_uses_it(make_daemon, image, etcd, tmp_path):
+    """systemd/appliance-logd.service's ExecStart with the daemon's config: it serves on
+    [cluster]'s socket, the daemon's mirror goes through it (no service of its own), and a
+    second one refuses to take the socket over."""
+    from test_cluster_mirror import UUID as UUID_MIRROR, node as cluster_node
+    from test_mirror import MiB
+
+    from conftest import qemu_io
+
+    unit = (REPO / "systemd/appliance-logd.service").read_text()
+    keys = dict(ln.split("=", 1) for ln in unit.splitlines() if "=" in ln and not ln.startswith("#"))
+    assert keys["ExecStart"] == "/usr/bin/appliance logd" and "appliance.service" in keys["Before"]
+    legs = [image("a.img", 16 * MiB), image("b.img", 16 * MiB)]
+    d = cluster_node(make_daemon, etcd, tmp_path, "a", legs, start=False)
+    cmd = [sys.executable, "-m", "appliance", *keys["ExecStart"].split()[1:], "--config", str(d.config)]
+    def start_unit():
+        p = subprocess.Popen(cmd, cwd=REPO, stderr=open(tmp_path / "unit.log", "ab"))
+        wait_for(lambda: sock.exists() or p.poll() is not None, 15, "logd to listen")
+        assert p.poll() is None, (tmp_path / "unit.log").read_text()
+        return p
+
+    sock = tmp_path / "a-clog.sock"
+    unit_proc = start_unit()
+    try:
+        d.start()
+        assert "wrote 4096/4096" in qemu_io(d.uri("m"), f"write -P 0x42 {2 * MiB} 4k").stdout
+        keys_now = e.Etcd([etcd.url]).get_prefix(f"/appliance/logs/{UUID_MIRROR}/mark/")
+        assert list(keys_now) == [f"/appliance/logs/{UUID_MIRROR}/mark/{2:012d}/a"]
+        again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=30)
+        assert again.returncode == 1 and "already listens on" in again.stderr, again.stderr
+        assert unit_proc.poll() is None
+        # the daemon's mirror goes through the unit's service, not one of its own: without
+        # it a write to an unmarked region fails; with the unit restarted, it goes through
+        unit_proc.kill()
+        unit_proc.wait()
+        sock.unlink()
+        r = qemu_io(d.uri("m"), f"write -P 0x43 {5 * MiB} 4k", check=False)
+        assert "Input/output error" in r.stdout + r.stderr, r.stdout + r.stderr
+        unit_proc = start_unit()
+        wait_for(lambda: "wrote 4096/4096" in qemu_io(d.uri("m"), f"write -P 0x43 {5 * MiB} 4k",
+                                                       check=False).stdout, 20, "writes through the new logd")
+    finally:
+        unit_proc.kill()
+        unit_proc.wait()

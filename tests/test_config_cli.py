@@ -498,3 +498,13 @@ def test_check_config_refuses_a_ram_store_that_does_not_fit_its_directory(tmp_pa
     assert r.stderr.startswith(f"{cfg}: device[0].table[0]: device rb: ramback: not enough room for a "), r.stderr
     assert r.stderr.rstrip().endswith("-byte RAM store in /dev/shm"), r.stderr
     assert not os.path.exists(ram)
+
+
+def test_status_of_one_suspended_device_says_suspended_as_status_of_all_does(two):
+    two.cli("suspend", "data0")
+    try:
+        assert "data0: (suspended)" in two.cli("status").stdout.splitlines()
+        assert two.cli("status", "data0").stdout.splitlines()[-1] == "(suspended)"
+    finally:
+        two.cli("resume", "data0")
+    assert "(suspended)" not in two.cli("status", "data0").stdout

@@ -22,7 +22,8 @@ from hypothesis import strategies as st
 
 from appliance._fast.fastops import fd_range, zeros
 from appliance._fast.gate import Gate
-from appliance._fast.transmit import Connection, nbd_errno
+from appliance._fast.transmit import Connection
+from appliance._fast.wire import nbd_errno
 from appliance.nbd import constants as C
 
 FAST_NONE, FAST_FD, FAST_ZERO = 0, 1, 2

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from conftest import REPO, device, need, nbdsh_env, replay_log
 
 MiB = 1 << 20
@@ -213,3 +214,42 @@ h.flush()
     assert got == [("write", 0), ("flush", 0), ("write", 4096), ("flush", 0)]
     first = replayed(log, tmp_path, "--to-flush", "1")
     assert first[:4096] == b"\x01" * 4096 and first[4096:8192] == bytes(4096)
+
+
+def test_a_restart_after_a_crash_appends_to_the_log_instead_of_wiping_it(make_daemon, image, tmp_path):
+    """Restart=on-failure must not erase the record of what was durable before the crash: the new
+    run appends after a `session-2` mark, and a replay can stop at either run's end."""
+    d, disk, log = logged(make_daemon, image)
+    nbdsh(d.uri("data0"), 'h.pwrite(b"\\xc1" * 4096, 0)\nh.flush()')
+    d.kill()
+    before = [(e["kind"], e["offset"]) for e in entries(log)["entries"]]
+    assert before == [("write", 0), ("flush", 0)]
+    d.restart()
+    nbdsh(d.uri("data0"), 'h.pwrite(b"\\xc2" * 4096, 8192)\nh.flush()')
+    d.kill()
+    listed = entries(log)["entries"]
+    assert [(e["kind"], e["offset"]) for e in listed[:2]] == before, "the first run's entries were lost"
+    assert (listed[2]["kind"], listed[2]["mark"]) == ("mark", "session-2")
+    assert [(e["kind"], e["offset"]) for e in listed[3:]] == [("write", 8192), ("flush", 0)]
+    first_run = replayed(log, tmp_path, "--end-mark", "session-2", name="1.img")
+    assert first_run[:4096] == b"\xc1" * 4096 and first_run[8192:12288] == bytes(4096)
+    both = replayed(log, tmp_path, "--last-flush", name="2.img")
+    assert both[:4096] == b"\xc1" * 4096 and both[8192:12288] == b"\xc2" * 4096
+    d.restart()  # a third run counts on
+    assert [e["mark"] for e in entries(log)["entries"] if e["kind"] == "mark"] == ["session-2", "session-3"]
+
+
+def test_a_log_that_cannot_be_continued_refuses_the_table_and_stays_as_it_is(make_daemon, image, tmp_path):
+    d, disk, log = logged(make_daemon, image)
+    nbdsh(d.uri("data0"), 'h.pwrite(b"\\x01" * 65536, 0)\nh.flush()')
+    d.stop()
+    other = tmp_path / "other.log"
+    with open(log, "rb") as f, open(other, "wb") as g:
+        g.write(f.read(4096))  # the superblock and a first entry cut inside its data
+    kept = other.read_bytes()
+    d.config.write_text(d.config.read_text().replace(log, str(other)))
+    with pytest.raises(RuntimeError) as refused:
+        d.restart()
+    text = str(refused.value)
+    assert "holds a log it cannot continue" in text and "entry 0 of" in text and "zero its first sector" in text, text
+    assert other.read_bytes() == kept

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 
-from conftest import device, need, qemu_io, run
+from conftest import device, nbd_python, need, qemu_io, run
 
 MiB = 1 << 20
 S = 512
@@ -54,6 +54,36 @@ def test_sequential_writes_reach_the_paths_merged_with_round_robin_repeat_1(make
     # what reached the paths was merged: bigger than fio's 4 KiB on average (how much bigger
     # depends on how often the paths are busy: the queue merges what waits for them)
     assert pa["avg_request_bytes"] > 4096 and pb["avg_request_bytes"] > 4096, st
+
+
+PACED_WRITES = """
+import sys, time, nbd
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+buf = nbd.Buffer.from_bytearray(bytearray(b"\\x5c" * 4096))
+for i in range(64):  # one 4 KiB write every 10 ms, each after the one before it
+    h.aio_pwrite(buf, i * 4096)
+    due = time.monotonic() + 0.01
+    while (left := due - time.monotonic()) > 0:
+        h.poll(max(1, int(left * 1000)))
+while h.aio_in_flight() > 0:
+    h.poll(-1)
+h.shutdown()
+"""
+
+
+def test_a_trickling_sequential_stream_reaches_a_slow_path_merged(make_daemon, image):
+    # a client that sends its writes one at a time had each dispatched alone while the path
+    # had room: a path 50 ms away saw 4 KiB requests. Now what continues a run still in flight
+    # waits behind it and merges: about 5 writes a run
+    disk = image(size=SIZE)
+    slow = device("slow", f"0 {SIZE // S} delay {disk} 0 50", export=False)
+    d = make_daemon(slow + device("mp", f"0 {SIZE // S} multipath 0 0 1 1 round-robin 0 1 1 @slow 1"))
+    run(nbd_python(), "-c", PACED_WRITES, d.uri("mp"), timeout=60)
+    p = _path(_mp(d), "@slow")
+    assert p["avg_request_bytes"] >= 12 * 1024, p
+    with open(disk, "rb") as f:
+        assert f.read(256 * 1024) == b"\x5c" * (256 * 1024)
 
 
 def test_a_failed_path_takes_no_io_until_reinstated(make_daemon, image):

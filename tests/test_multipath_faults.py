@@ -43,6 +43,27 @@ def test_a_server_shutting_down_is_a_path_error(make_daemon, image, nbdkit, tmp_
     assert st["target_errors"] == 0 and _path(st, ub)["requests"] >= 2
 
 
+def test_an_nbd_eio_reply_fails_the_path_at_once_and_the_request_is_served_by_another(
+        make_daemon, image, nbdkit, tmp_path):
+    # EIO is a path error (Linux's blk_path_error()): the server or its disk failed, not the
+    # storage's answer. It used to reach the client as EIO with the path left up
+    disk = image(size=SIZE)
+    trigger = tmp_path / "eio"
+    a = nbdkit("--filter=error", "file", disk, "error=EIO", f"error-pwrite-file={trigger}",
+               "error-pwrite-rate=100%")
+    b = nbdkit("file", disk)
+    ua, ub = remote(a.sock), remote(b.sock)
+    d = make_daemon(device("mp", _two_groups(ua, ub)))  # the checker probes every 5 s: not it
+    trigger.touch()
+    out = qemu_io(d.uri("mp"), "write -P 0x6b 0 64k", "read -P 0x6b 0 64k", check=False).stdout
+    assert "wrote 65536/65536" in out and "read 65536/65536" in out, out
+    st = _mp(d)
+    assert _path(st, ua)["dm_st"] == "failed" and "EIO" in _path(st, ua)["reason"], st
+    assert st["target_errors"] == 0 and d.status("mp")["devices"][0]["errors"] == 0
+    with open(disk, "rb") as f:
+        assert f.read(65536) == b"\x6b" * 65536
+
+
 ABSENT_DISK = "wwn:0x5000c500d15ab5e0"  # no such disk is attached
 
 

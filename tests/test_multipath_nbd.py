@@ -115,6 +115,33 @@ def test_queue_if_no_path_holds_io_until_a_path_returns(make_daemon, image, nbdk
         assert f.read(65536) == b"\x55" * 65536
 
 
+def test_a_reload_while_io_is_held_maps_it_on_the_new_table(make_daemon, image, nbdkit):
+    # multipathd reloads with noflush: adding a path while writes wait for one used to fail
+    # them (the reload's suspend flushed the queue with EIO)
+    disk = image(size=SIZE)
+    a, b = _pair(nbdkit, disk)
+    ua, ub = remote(a.sock), remote(b.sock)
+    table = _map([ua, ub], "1 queue_if_no_path")
+    d = make_daemon(device("mp", table), extra=FAST)
+    _both_down(a, b)
+    client = _qemu_io_bg(d.uri("mp"), "aio_write -P 0x4e 0 64k", "aio_write -P 0x4f 4M 64k", "aio_flush")
+    wait_for(lambda: _mp(d)["queued"] == 2, 10, "the writes to be held")
+    c = nbdkit("file", disk)
+    uc = remote(c.sock)
+    d.config.write_text(d.config.read_text().replace(
+        table, _map([ua, ub, uc], "1 queue_if_no_path", path_args=("1", "1", "1"))))
+    d.cli("reload")
+    out, _ = client.communicate(timeout=30)
+    assert out.count("wrote 65536/65536") == 2 and "error" not in out, out
+    st = _mp(d)
+    assert _path(st, uc)["requests"] >= 2 and st["queued"] == 0, st  # the new path took them
+    assert d.status("mp")["devices"][0]["errors"] == 0
+    with open(disk, "rb") as f:
+        assert f.read(65536) == b"\x4e" * 65536
+        f.seek(4 * MiB)
+        assert f.read(65536) == b"\x4f" * 65536
+
+
 def test_no_path_retry_fails_io_after_its_intervals(make_daemon, image, nbdkit):
     disk = image(size=SIZE)
     a, b = _pair(nbdkit, disk)
@@ -127,6 +154,33 @@ def test_no_path_retry_fails_io_after_its_intervals(make_daemon, image, nbdkit):
     assert "Input/output error" in out, out
     assert 0.9 <= waited <= 6, waited  # about 3 intervals of 0.5 s (and not at once)
     assert _mp(d)["queueing"] == "0 chk"
+
+
+def test_no_path_retry_is_a_timer_from_the_loss_of_the_last_path_however_long_probes_hang(make_daemon, image, nbdkit):
+    # servers that hang (SIGSTOP), not die: each probe waits checker_timeout (3 s). Counting
+    # checker rounds, 2 "intervals" took two rounds of probes of both paths: 14 s, not 2
+    disk = image(size=SIZE)
+    a, b = _pair(nbdkit, disk)
+    ua, ub = remote(a.sock), remote(b.sock)
+    d = make_daemon(device("mp", _map([ua, ub], "2 no_path_retry 2")),
+                    extra="[multipath]\npolling_interval = 1\nchecker_timeout = 3\nfast_io_fail_tmo = 0.5\n")
+    for k in (a, b):
+        k.send_signal(signal.SIGSTOP)
+    try:
+        t = time.monotonic()
+        client = _qemu_io_bg(d.uri("mp"), "read 0 4k")
+        # fast_io_fail_tmo fails the path the read went to, then the other (about 1 s each)
+        wait_for(lambda: all(p["dm_st"] == "failed" for g in _mp(d)["path_groups"] for p in g["paths"]),
+                 10, "both hung paths to fail")
+        wait_for(lambda: _mp(d)["queued"] == 1, 2, "the read to be held")
+        out, _ = client.communicate(timeout=30)
+        waited = time.monotonic() - t
+        assert _mp(d)["queueing"] == "0 chk"  # (a path that answers again starts the count anew)
+    finally:
+        for k in (a, b):
+            k.send_signal(signal.SIGCONT)
+    assert "Input/output error" in out, out
+    assert 2 <= waited <= 6.5, waited  # the two failovers, then 2 x polling_interval
 
 
 def test_fail_if_no_path_ends_the_wait_at_once_and_the_queue_is_bounded(make_daemon, image, nbdkit):
@@ -162,6 +216,28 @@ def test_stopping_the_daemon_fails_held_io_at_once(make_daemon, image, nbdkit):
     out, _ = held.communicate(timeout=10)
     assert time.monotonic() - t < 5, time.monotonic() - t
     assert "wrote" not in out, out
+
+
+def test_a_hung_path_fails_after_fast_io_fail_tmo_and_its_requests_go_to_another(make_daemon, image, nbdkit):
+    # a server that answers 20 s late: its requests used to wait for it (the client's timeout
+    # is 30 s); after fast_io_fail_tmo the path fails and they are served by the other one
+    disk = image(size=SIZE)
+    a, b = _pair(nbdkit, disk, "delay", "rdelay=20", "wdelay=20")
+    ua, ub = remote(a.sock), remote(b.sock)
+    d = make_daemon(device("mp", _map([ua, ub])),
+                    extra="[multipath]\nfast_io_fail_tmo = 1\nchecker_timeout = 1\n")
+    t = time.monotonic()
+    out = qemu_io(d.uri("mp"), *[f"write -P 0x3d {i * 64}k 64k" for i in range(4)]).stdout
+    took = time.monotonic() - t
+    assert out.count("wrote 65536/65536") == 4, out
+    assert took < 6, took  # about 1 s for the one that went to the hung path, the rest at once
+    st = _mp(d)
+    p = _path(st, ua)
+    assert p["dm_st"] == "failed" and p["failures"] == 1 and p["in_flight"] == 0, p
+    assert st["fast_io_fail_tmo"] == 1 and d.status("mp")["devices"][0]["errors"] == 0
+    assert "fast_io_fail_tmo" in d.log.read_text()
+    with open(disk, "rb") as f:
+        assert f.read(256 * 1024) == b"\x3d" * (256 * 1024)
 
 
 def test_a_flapping_path_ends_up_marginal_and_out_of_rotation(make_daemon, image, nbdkit, tmp_path):

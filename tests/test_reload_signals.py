@@ -386,3 +386,27 @@ def test_status_answers_while_a_suspend_waits_for_slow_io(make_daemon, tmp_path)
     finally:
         writer.kill()
         writer.wait()
+
+
+def test_a_reload_leaves_a_suspended_device_suspended_and_its_new_table_goes_live_at_resume(make_daemon, tmp_path):
+    need("qemu-io")
+    a, b = filled(tmp_path / "a.img", 0xA1), filled(tmp_path / "b.img", 0xB1)
+    d = make_daemon(dev("x", a))
+    d.cli("suspend", "x")
+    d.config.write_text(d.config.read_text().replace(a, b))
+    assert d.cli("reload", check=False).returncode == 0, d.log.read_text()
+    st = d.status("x")["devices"][0]
+    assert st["suspended"] is True and st["inactive_table"] is True, st
+    assert d.cli("status", "x").stdout.splitlines()[-1] == "(suspended; a loaded table goes live at resume)"
+    assert d.cli("table", "x").stdout.split()[3] == a, "the live table changed while suspended"
+    d.cli("resume", "x")
+    assert d.cli("table", "x").stdout.split()[3] == b
+    assert run("qemu-io", "-f", "raw", "-c", "read -P 0xb1 0 4096", d.uri("x")).returncode == 0
+    # read_only comes with the table it was loaded with
+    d.cli("suspend", "x")
+    d.config.write_text(d.config.read_text().replace(f'linear {b} 0"]\n', f'linear {b} 0"]\nread_only = true\n'))
+    assert d.cli("reload", check=False).returncode == 0, d.log.read_text()
+    assert d.status("x")["devices"][0]["read_only"] is False
+    d.cli("resume", "x")
+    st = d.status("x")["devices"][0]
+    assert st["read_only"] is True and st["suspended"] is False and st["inactive_table"] is False, st

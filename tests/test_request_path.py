@@ -200,6 +200,36 @@ def test_a_requeued_piece_is_mapped_again_on_resume_and_finished_pieces_are_not_
     assert data[8192:12288] == b"\x22" * 4096  # the parked piece, from its original offset
 
 
+class ParkAlways(Target):
+    """Parks every piece (a multipath map with no path, holding I/O)."""
+
+    def map(self, clone):
+        return bio.REQUEUE
+
+
+def test_a_piece_parked_across_a_reload_is_split_on_the_new_table(image):
+    # dm's noflush reload: what a target held goes to the new table's targets, at its own
+    # device offsets (the old table's target is gone)
+    register("park_always", ParkAlways)
+    a, b = image("a.img", 1 << 20), image("b.img", 1 << 20)
+    dev = mapped("rs", "0 32 park_always")
+    done = threading.Event()
+    io = bio.IO(bio.WRITE, 4096, 8192, b"\x33" * 8192, 0, lambda _io: done.set())
+    dev.submit(io)
+    short = bio.IO(bio.WRITE, 12288, 4096, b"\x44" * 4096, 0, lambda _io: None)
+    dev.submit(short)
+    assert not done.wait(0.3) and dev.status()["requeued"] == 2
+    dev.load([f"0 10 linear {a} 0", f"10 14 linear {b} 0"])  # 12 KiB: `short` is past its end
+    dev.suspend(noflush=True)
+    dev.resume()
+    assert done.wait(10) and io.error == 0
+    assert short.error == errno.ENOSPC
+    with open(a, "rb") as f:
+        assert f.read(5120)[4096:] == b"\x33" * 1024  # up to sector 10 on the first segment
+    with open(b, "rb") as f:
+        assert f.read(8192) == b"\x33" * 7168 + bytes(1024)  # the rest from the second's start
+
+
 def test_read_only_refuses_writes_also_through_a_stacked_device_and_opens_files_read_only(image):
     a = image("a.img", 1 << 20)
     registry, pool = Registry(), DevicePool()

@@ -3,20 +3,11 @@ from posix.uio cimport iovec
 from appliance._fast.sync cimport pthread_mutex_t, pthread_cond_t
 from appliance._fast.gate cimport Gate
 from appliance._fast.uring cimport IoOp, Queue
-
-cdef extern from "<pthread.h>" nogil:
-    int pthread_mutex_trylock(pthread_mutex_t *)
+from appliance._fast.replies cimport Replies
 
 cdef enum:
     MAX_PIECES = 8      # engine I/Os one fast request may need
     BATCH_REPLIES = 32  # fast replies gathered into one sendmsg
-
-# A reply that could not be sent at once, waiting for the connection's sender thread.
-cdef struct OutMsg:
-    OutMsg *next
-    size_t length
-    size_t sent
-    char *data
 
 # One request of the connection being served by the fast path (or being received).
 cdef struct Req:
@@ -68,19 +59,10 @@ cdef class Connection:
     cdef int why        # why the loop stopped reading (a REASON_ code)
     cdef uint64_t why_value
     cdef bint slow_since_wait
-    cdef pthread_mutex_t send_lock
-    # replies that the socket would not take at once
-    cdef pthread_mutex_t qlock
-    cdef pthread_cond_t qcond
-    cdef OutMsg *qhead
-    cdef OutMsg *qtail
-    cdef bint sender_busy
-    cdef size_t qbytes
-    cdef bint closing
+    cdef Replies out
     cdef pthread_mutex_t lock
     cdef pthread_cond_t idle
     cdef int inflight   # slow-path requests not answered yet
-    cdef bint dead
     cdef readonly object close_reason
     cdef readonly unsigned long long requests
     cdef readonly unsigned long long fast_requests
@@ -89,12 +71,6 @@ cdef class Connection:
     cdef int next_header(self) noexcept nogil
     cdef Req *get_req(self, size_t length) noexcept nogil
     cdef void put_req(self, Req *r) noexcept nogil
-    cdef int sendv(self, iovec *iov, int n) noexcept nogil
-    cdef int send_blocking(self, iovec *iov, int n) noexcept nogil
-    cdef void drop(self) noexcept nogil
-    cdef int send_simple(self, uint64_t cookie, uint32_t error, char *data, size_t length) noexcept nogil
-    cdef int send_data(self, uint64_t cookie, uint64_t offset, char *data, size_t length) noexcept nogil
-    cdef int send_error(self, uint64_t cookie, uint32_t error, bint structured_cmd) noexcept nogil
     cdef void done_one(self) noexcept nogil
     cdef int start_fast(self, Req *r) noexcept nogil
     cdef void finish(self, Req *r) noexcept nogil

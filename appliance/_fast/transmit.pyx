@@ -29,13 +29,10 @@ completes, out of order as the protocol allows.
   submits the new I/Os and waits for a completion, the socket (polled by the
   ring) or a wake (an eventfd slow-path replies write, polled by the ring);
   with the worker pool, poll() on the socket and the eventfd.
-- Sending: every reply is sent without blocking from the thread that has it
-  (the loop gathers the fast replies of one round into one sendmsg);
-  what the socket does not take is copied to a queue the connection's sender
-  thread writes out, so a reply is never cut by another. A client that stops
-  reading is dropped when its queued replies pass QUEUE_MAX (256 MiB), or when
-  its socket takes no byte for SEND_STALL seconds (60); the daemon and the
-  other clients carry on.
+- Sending: replies.pyx (every reply is sent whole without blocking from the
+  thread that has it; the loop gathers the fast replies of one round into one
+  sendmsg; a client that stops reading is dropped, SEND_STALL seconds (60) with
+  no byte taken among the reasons).
 - Memory: each request in flight has its own page-aligned buffer (O_DIRECT
   needs no bounce). Free requests keep buffers up to KEEP_BUF (1 MiB) for the
   next one, KEEP_BYTES (8 MiB) of them in all; a larger buffer is freed as soon
@@ -43,7 +40,7 @@ completes, out of order as the protocol allows.
 """
 
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
-from libc.string cimport memcpy, memset, memmove
+from libc.string cimport memcpy, memmove
 from libc.stdlib cimport malloc, calloc, free
 from libc.errno cimport errno, EINTR, EAGAIN, EIO, EINVAL, ENOMEM
 from posix.uio cimport iovec
@@ -54,27 +51,18 @@ from appliance._fast.gate cimport Gate, FastSeg
 from appliance._fast.fastops cimport FdPiece, fast_fn
 from appliance._fast.uring cimport (IoOp, Queue, OP_READ, OP_WRITE, OP_FSYNC, queue_init, queue_exit,
     queue_submit, queue_flush, queue_reap, queue_wait, queue_wake)
-
-cdef extern from "<endian.h>" nogil:
-    uint16_t be16toh(uint16_t)
-    uint32_t be32toh(uint32_t)
-    uint64_t be64toh(uint64_t)
-    uint16_t htobe16(uint16_t)
-    uint32_t htobe32(uint32_t)
-    uint64_t htobe64(uint64_t)
-
-cdef extern from "<stdlib.h>" nogil:
-    int posix_memalign(void **, size_t, size_t)
+from appliance._fast.pagebuf cimport buf_alloc, buf_free
+from appliance._fast.wire cimport (nbd_errno, put16, put32, put64, be16toh, be32toh, be64toh,
+    HEADER, REQUEST_MAGIC, SIMPLE_REPLY_MAGIC, STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE,
+    REPLY_TYPE_OFFSET_DATA, CMD_READ, CMD_WRITE, CMD_DISC, CMD_FLUSH, CMD_TRIM, CMD_WRITE_ZEROES,
+    CMD_BLOCK_STATUS, F_FUA, F_NO_HOLE, F_DF, F_REQ_ONE, F_FAST_ZERO, NBD_EPERM, NBD_ENOMEM,
+    NBD_EINVAL, NBD_ENOSPC)
+from appliance._fast.replies cimport (Replies, rq_init, rq_free, rq_sendv, rq_drop, rq_sender,
+    rq_close, rq_drain, rq_simple, rq_data, rq_error)
 
 cdef extern from "<sys/uio.h>" nogil:
     ssize_t preadv2(int, const iovec *, int, long, int)
     int RWF_NOWAIT
-
-cdef extern from "<sys/mman.h>" nogil:
-    void *mmap(void *, size_t, int, int, int, long)
-    int munmap(void *, size_t)
-    int PROT_READ, PROT_WRITE, MAP_PRIVATE, MAP_ANONYMOUS
-    void *MAP_FAILED
 
 cdef extern from "<sys/time.h>" nogil:
     struct timeval:
@@ -83,44 +71,21 @@ cdef extern from "<sys/time.h>" nogil:
 
 cdef extern from "<sys/socket.h>" nogil:
     ctypedef int socklen_t
-    struct msghdr:
-        void *msg_name
-        socklen_t msg_namelen
-        iovec *msg_iov
-        size_t msg_iovlen
-        void *msg_control
-        size_t msg_controllen
-        int msg_flags
     ssize_t recv(int, void *, size_t, int)
-    ssize_t sendmsg(int, const msghdr *, int)
     int setsockopt(int, int, int, const void *, socklen_t)
-    int shutdown(int, int)
-    int MSG_NOSIGNAL
-    int MSG_WAITALL
     int MSG_DONTWAIT
     int SOL_SOCKET
     int SO_SNDTIMEO
-    int SHUT_RDWR
 
-DEF REQUEST_MAGIC = 0x25609513
-DEF SIMPLE_REPLY_MAGIC = 0x67446698
-DEF STRUCTURED_REPLY_MAGIC = 0x668e33ef
-DEF HEADER = 28
 DEF RBUF = 65536
 # A write longer than this is not even read to be discarded: the stream is hostile or
 # broken, and the connection is closed. Up to here an oversized request gets EINVAL.
 DEF HARD_MAX = 128 * 1024 * 1024
-# Replies queued for a client that does not read them are capped: past this the client is
-# dropped rather than the daemon's memory filled.
-DEF QUEUE_MAX = 256 * 1024 * 1024
 # A client whose socket takes no byte of a reply for this long is gone (SO_SNDTIMEO).
 DEF SEND_STALL = 60
 DEF KEEP_BUF = 1024 * 1024
 DEF KEEP_BYTES = 8 * 1024 * 1024
 DEF MIN_BUF = 4096
-# Buffers from here up are mapped and unmapped directly: malloc would keep them in a
-# thread's arena after free, and a connection's threads come and go.
-DEF MAP_MIN = 256 * 1024
 DEF BATCH = 32      # requests taken before the loop reaps completions again
 DEF REAP = 64
 
@@ -132,84 +97,6 @@ DEF REASON_DISC = 4
 DEF REASON_HARD = 5
 DEF REASON_PAYLOAD = 6
 DEF REASON_DEAD = 7
-
-DEF CMD_READ = 0
-DEF CMD_WRITE = 1
-DEF CMD_DISC = 2
-DEF CMD_FLUSH = 3
-DEF CMD_TRIM = 4
-DEF CMD_CACHE = 5
-DEF CMD_WRITE_ZEROES = 6
-DEF CMD_BLOCK_STATUS = 7
-
-DEF F_FUA = 1
-DEF F_NO_HOLE = 2
-DEF F_DF = 4
-DEF F_REQ_ONE = 8
-DEF F_FAST_ZERO = 16
-
-DEF REPLY_FLAG_DONE = 1
-DEF REPLY_TYPE_OFFSET_DATA = 1
-DEF REPLY_TYPE_ERROR = 32769
-
-# NBD's error numbers
-DEF NBD_EPERM = 1
-DEF NBD_EIO = 5
-DEF NBD_ENOMEM = 12
-DEF NBD_EINVAL = 22
-DEF NBD_ENOSPC = 28
-DEF NBD_EOVERFLOW = 75
-DEF NBD_ENOTSUP = 95
-DEF NBD_ESHUTDOWN = 108
-
-
-cpdef int nbd_errno(int e) noexcept nogil:
-    """Map a host errno onto the few values the protocol carries."""
-    if e == 0:
-        return 0
-    if e == 1 or e == 30:  # EPERM, EROFS
-        return NBD_EPERM
-    if e == 12:
-        return NBD_ENOMEM
-    if e == 22:
-        return NBD_EINVAL
-    if e == 28 or e == 122 or e == 27:  # ENOSPC, EDQUOT, EFBIG
-        return NBD_ENOSPC
-    if e == 75:
-        return NBD_EOVERFLOW
-    if e == 95:
-        return NBD_ENOTSUP
-    if e == 108:
-        return NBD_ESHUTDOWN
-    return NBD_EIO
-
-
-cdef inline void put16(char *p, uint16_t v) noexcept nogil:
-    v = htobe16(v)
-    memcpy(p, &v, 2)
-
-cdef inline void put32(char *p, uint32_t v) noexcept nogil:
-    v = htobe32(v)
-    memcpy(p, &v, 4)
-
-cdef inline void put64(char *p, uint64_t v) noexcept nogil:
-    v = htobe64(v)
-    memcpy(p, &v, 8)
-
-
-cdef inline int consumed(iovec **iovp, int n, size_t sent) noexcept nogil:
-    """Drop `sent` bytes off the front of an iovec array after a short send; returns the
-    entries left (the first one trimmed)."""
-    cdef iovec *iov = iovp[0]
-    while n > 0 and sent >= iov[0].iov_len:
-        sent -= iov[0].iov_len
-        iov += 1
-        n -= 1
-    if n > 0:
-        iov[0].iov_base = <char *>iov[0].iov_base + sent
-        iov[0].iov_len -= sent
-    iovp[0] = iov
-    return n
 
 
 cdef int64_t pwrite_all(int fd, char *buf, uint64_t n, uint64_t off) noexcept nogil:
@@ -235,26 +122,6 @@ cdef int64_t read_cached(int fd, char *buf, uint64_t n, uint64_t off) noexcept n
     iov.iov_len = n
     r = preadv2(fd, &iov, 1, off, RWF_NOWAIT)
     return r if r > 0 else 0
-
-
-cdef char *buf_alloc(size_t size) noexcept nogil:
-    """Page-aligned memory (O_DIRECT wants it) that buf_free gives back to the system if big."""
-    cdef void *p = NULL
-    if size >= MAP_MIN:
-        p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
-        return NULL if p == MAP_FAILED else <char *>p
-    if posix_memalign(&p, 4096, size) != 0:
-        return NULL
-    return <char *>p
-
-
-cdef void buf_free(char *p, size_t size) noexcept nogil:
-    if p == NULL:
-        return
-    if size >= MAP_MIN:
-        munmap(p, size)
-    else:
-        free(p)
 
 
 cdef class Connection:
@@ -291,11 +158,7 @@ cdef class Connection:
         memcpy(self.rbuf, <char *>initial, len(initial))
         self.rstart = 0
         self.rend = len(initial)
-        pthread_mutex_init(&self.send_lock, NULL)
-        pthread_mutex_init(&self.qlock, NULL)
-        pthread_cond_init(&self.qcond, NULL)
-        self.qhead = NULL
-        self.qtail = NULL
+        rq_init(&self.out, fd)
         pthread_mutex_init(&self.lock, NULL)
         pthread_cond_init(&self.idle, NULL)
         self.q.efd = -1
@@ -305,14 +168,8 @@ cdef class Connection:
         self.free_all()
 
     cdef void free_all(self) noexcept nogil:
-        cdef OutMsg *m
         cdef int i
-        while self.qhead != NULL:
-            m = self.qhead
-            self.qhead = m.next
-            buf_free(<char *>m, sizeof(OutMsg) + m.length)
-        self.qtail = NULL
-        self.qbytes = 0
+        rq_free(&self.out)
         free(self.rbuf)
         self.rbuf = NULL
         if self.reqs != NULL:
@@ -326,6 +183,7 @@ cdef class Connection:
     cdef int next_header(self) noexcept nogil:
         """A whole header at rbuf+rstart without waiting: 1 yes, 0 not yet, -1 EOF, -2 error."""
         cdef ssize_t n
+        cdef size_t want
         while self.rend - self.rstart < HEADER:
             if not self.q.sock_ready:
                 return 0  # nothing new since the last EAGAIN: no recv to learn that again
@@ -333,9 +191,15 @@ cdef class Connection:
                 memmove(self.rbuf, self.rbuf + self.rstart, self.rend - self.rstart)
                 self.rend -= self.rstart
                 self.rstart = 0
-            n = recv(self.fd, self.rbuf + self.rend, self.rcap - self.rend, MSG_DONTWAIT)
+            want = self.rcap - self.rend
+            n = recv(self.fd, self.rbuf + self.rend, want, MSG_DONTWAIT)
             if n > 0:
                 self.rend += n
+                if <size_t>n < want:
+                    # the socket had less than we asked for, so it is empty now: the next
+                    # look goes through the poll (which fires at once if more came in since)
+                    # rather than a recv that would only say EAGAIN, one syscall per wake
+                    self.q.sock_ready = 0
             elif n == 0:
                 return -1
             elif errno == EAGAIN:
@@ -423,174 +287,13 @@ cdef class Connection:
         r.next_free = self.free_head
         self.free_head = <int>(r - self.reqs)
 
-    # sending
-
-    cdef int sendv(self, iovec *iov, int n) noexcept nogil:
-        """Send one whole reply without waiting for the client, from any thread: what the
-        socket takes now goes now, the rest (or all, if replies are queued already or the
-        socket is in use) is copied to the sender thread's queue. -1: the client is gone."""
-        cdef msghdr msg
-        cdef ssize_t sent
-        cdef size_t total = 0, off = 0
-        cdef int i
-        cdef OutMsg *m
-        pthread_mutex_lock(&self.qlock)
-        if self.dead:
-            pthread_mutex_unlock(&self.qlock)
-            return -1
-        if self.qhead == NULL and not self.sender_busy and pthread_mutex_trylock(&self.send_lock) == 0:
-            memset(&msg, 0, sizeof(msg))
-            while n > 0:
-                msg.msg_iov = iov
-                msg.msg_iovlen = n
-                sent = sendmsg(self.fd, &msg, MSG_NOSIGNAL | MSG_DONTWAIT)
-                if sent < 0:
-                    if errno == EINTR:
-                        continue
-                    if errno != EAGAIN:
-                        self.dead = 1
-                    break
-                n = consumed(&iov, n, sent)
-            pthread_mutex_unlock(&self.send_lock)
-            if n == 0 or self.dead:
-                pthread_mutex_unlock(&self.qlock)
-                return -1 if self.dead else 0
-        # copy what is left; a partly sent reply goes first (the queue is empty then)
-        for i in range(n):
-            total += iov[i].iov_len
-        if self.qbytes and self.qbytes + total > QUEUE_MAX:
-            pthread_mutex_unlock(&self.qlock)
-            self.drop()
-            return -1
-        m = <OutMsg *>buf_alloc(sizeof(OutMsg) + total)
-        if m == NULL:
-            pthread_mutex_unlock(&self.qlock)
-            self.drop()  # cannot keep the stream whole: drop the client
-            return -1
-        self.qbytes += total
-        m.next = NULL
-        m.length = total
-        m.sent = 0
-        m.data = <char *>m + sizeof(OutMsg)
-        for i in range(n):
-            memcpy(m.data + off, iov[i].iov_base, iov[i].iov_len)
-            off += iov[i].iov_len
-        if self.qtail == NULL:
-            self.qhead = m
-        else:
-            self.qtail.next = m
-        self.qtail = m
-        pthread_cond_broadcast(&self.qcond)
-        pthread_mutex_unlock(&self.qlock)
-        return 0
-
-    cdef void drop(self) noexcept nogil:
-        """The client is gone or stopped reading: no more replies, and the loop, the sender
-        and the client all see the socket shut."""
-        pthread_mutex_lock(&self.qlock)
-        self.dead = 1
-        pthread_cond_broadcast(&self.qcond)
-        pthread_mutex_unlock(&self.qlock)
-        shutdown(self.fd, SHUT_RDWR)
-
-    cdef int send_blocking(self, iovec *iov, int n) noexcept nogil:
-        """Write all of iov; the caller holds send_lock. 0 ok, -1 the client is gone (or took
-        no byte for SEND_STALL seconds)."""
-        cdef msghdr msg
-        cdef ssize_t sent
-        if self.dead:
-            return -1
-        memset(&msg, 0, sizeof(msg))
-        while n > 0:
-            msg.msg_iov = iov
-            msg.msg_iovlen = n
-            sent = sendmsg(self.fd, &msg, MSG_NOSIGNAL)
-            if sent < 0:
-                if errno == EINTR:
-                    continue
-                return -1
-            n = consumed(&iov, n, sent)
-        return 0
+    # sending (replies.pyx)
 
     def sender(self):
         """The thread that writes queued replies, blocking on the client so nobody else does.
         Runs until the connection is closed and the queue is empty."""
-        cdef OutMsg *m
-        cdef iovec iov[1]
-        cdef int r
         with nogil:
-            while True:
-                pthread_mutex_lock(&self.qlock)
-                while self.qhead == NULL and not self.closing:
-                    pthread_cond_wait(&self.qcond, &self.qlock)
-                m = self.qhead
-                if m == NULL or self.dead:
-                    pthread_mutex_unlock(&self.qlock)
-                    break
-                self.qhead = m.next
-                if self.qhead == NULL:
-                    self.qtail = NULL
-                self.qbytes -= m.length
-                self.sender_busy = 1
-                pthread_mutex_unlock(&self.qlock)
-                pthread_mutex_lock(&self.send_lock)
-                iov[0].iov_base = m.data
-                iov[0].iov_len = m.length
-                r = self.send_blocking(iov, 1)
-                pthread_mutex_unlock(&self.send_lock)
-                buf_free(<char *>m, sizeof(OutMsg) + m.length)
-                if r < 0:
-                    self.drop()
-                pthread_mutex_lock(&self.qlock)
-                self.sender_busy = 0
-                pthread_cond_broadcast(&self.qcond)
-                pthread_mutex_unlock(&self.qlock)
-
-    cdef int send_simple(self, uint64_t cookie, uint32_t error, char *data, size_t length) noexcept nogil:
-        cdef char hdr[16]
-        cdef iovec iov[2]
-        put32(hdr, SIMPLE_REPLY_MAGIC)
-        put32(hdr + 4, error)
-        memcpy(hdr + 8, &cookie, 8)  # the cookie is opaque: echo its bytes
-        iov[0].iov_base = hdr
-        iov[0].iov_len = 16
-        iov[1].iov_base = data
-        iov[1].iov_len = length if not error else 0
-        return self.sendv(iov, 2 if length and not error else 1)
-
-    cdef int send_data(self, uint64_t cookie, uint64_t offset, char *data, size_t length) noexcept nogil:
-        cdef char hdr[28]
-        cdef iovec iov[2]
-        if not self.structured:
-            return self.send_simple(cookie, 0, data, length)
-        put32(hdr, STRUCTURED_REPLY_MAGIC)
-        put16(hdr + 4, REPLY_FLAG_DONE)
-        put16(hdr + 6, REPLY_TYPE_OFFSET_DATA)
-        memcpy(hdr + 8, &cookie, 8)
-        put32(hdr + 16, <uint32_t>(8 + length))
-        put64(hdr + 20, offset)
-        iov[0].iov_base = hdr
-        iov[0].iov_len = 28
-        iov[1].iov_base = data
-        iov[1].iov_len = length
-        return self.sendv(iov, 2)
-
-    cdef int send_error(self, uint64_t cookie, uint32_t error, bint structured_cmd) noexcept nogil:
-        """An error reply: structured for READ and BLOCK_STATUS when negotiated, as the spec asks."""
-        cdef char hdr[26]
-        cdef iovec iov[1]
-        if not (self.structured and structured_cmd):
-            return self.send_simple(cookie, error, NULL, 0)
-        put32(hdr, STRUCTURED_REPLY_MAGIC)
-        put16(hdr + 4, REPLY_FLAG_DONE)
-        put16(hdr + 6, REPLY_TYPE_ERROR)
-        memcpy(hdr + 8, &cookie, 8)
-        put32(hdr + 16, 6)
-        put32(hdr + 20, error)
-        put16(hdr + 24, 0)
-        iov[0].iov_base = hdr
-        iov[0].iov_len = 26
-        return self.sendv(iov, 1)
+            rq_sender(&self.out)
 
     cdef void done_one(self) noexcept nogil:
         cdef uint64_t one = 1
@@ -608,16 +311,16 @@ cdef class Connection:
         cdef uint32_t e = nbd_errno(error)
         with nogil:
             if e:
-                self.send_error(cookie, e, structured_cmd)
+                rq_error(&self.out, self.structured, cookie, e, structured_cmd)
             else:
-                self.send_simple(cookie, 0, NULL, 0)
+                rq_simple(&self.out, cookie, 0, NULL, 0)
             self.done_one()
 
     def reply_read(self, uint64_t cookie, uint64_t offset, const unsigned char[::1] data):
         cdef size_t n = data.shape[0]
         cdef char *p = <char *>&data[0] if n else NULL
         with nogil:
-            self.send_data(cookie, offset, p, n)
+            rq_data(&self.out, self.structured, cookie, offset, p, n)
             self.done_one()
 
     def send_raw(self, const unsigned char[::1] data):
@@ -626,7 +329,7 @@ cdef class Connection:
         iov[0].iov_base = <void *>&data[0]
         iov[0].iov_len = data.shape[0]
         with nogil:
-            self.sendv(iov, 1)
+            rq_sendv(&self.out, iov, 1)
             self.done_one()
 
     def abort(self, reason, force=False):
@@ -742,7 +445,7 @@ cdef class Connection:
             self.redo_slow(r)
             return
         if r.err:
-            self.send_error(r.cookie, nbd_errno(r.err), r.cmd == CMD_READ)
+            rq_error(&self.out, self.structured, r.cookie, nbd_errno(r.err), r.cmd == CMD_READ)
             self.put_req(r)
             return
         if b.n == BATCH_REPLIES:
@@ -783,7 +486,7 @@ cdef class Connection:
         cdef int i
         if b.n == 0:
             return
-        self.sendv(b.iov, b.niov)
+        rq_sendv(&self.out, b.iov, b.niov)
         for i in range(b.n):
             self.put_req(b.reqs[i])
         b.n = 0
@@ -923,12 +626,12 @@ cdef class Connection:
         if e:
             if r != NULL:
                 self.put_req(r)
-            self.send_error(cookie, e, cmd == CMD_READ or cmd == CMD_BLOCK_STATUS)
+            rq_error(&self.out, self.structured, cookie, e, cmd == CMD_READ or cmd == CMD_BLOCK_STATUS)
             return 0
         if cmd == CMD_READ or cmd == CMD_FLUSH:
             r = self.get_req(length)
             if r == NULL:
-                self.send_error(cookie, NBD_ENOMEM, cmd == CMD_READ)
+                rq_error(&self.out, self.structured, cookie, NBD_ENOMEM, cmd == CMD_READ)
                 return 0
         if r != NULL:
             r.cookie = cookie
@@ -981,10 +684,7 @@ cdef class Connection:
         rc = queue_init(&self.q, 2 * self.depth)
         if rc < 0:
             import os
-            pthread_mutex_lock(&self.qlock)
-            self.closing = 1  # the sender thread ends too
-            pthread_cond_broadcast(&self.qcond)
-            pthread_mutex_unlock(&self.qlock)
+            rq_close(&self.out)  # the sender thread ends too
             raise OSError(-rc, f"cannot start the I/O engine queue: {os.strerror(-rc)}")
         self.q_ready = 1
         tv.tv_sec = SEND_STALL
@@ -1009,7 +709,7 @@ cdef class Connection:
                     queue_flush(&self.q)
                 reaped = self.reap()
                 self.flush_replies()
-                if self.dead and not self.eof:
+                if self.out.dead and not self.eof:
                     self.eof = 1
                     self.why = REASON_DEAD
                 if self.eof and self.nfast == 0:
@@ -1026,12 +726,7 @@ cdef class Connection:
                 pthread_cond_wait(&self.idle, &self.lock)
             pthread_mutex_unlock(&self.lock)
             # and let the sender thread write out what is queued, then stop
-            pthread_mutex_lock(&self.qlock)
-            self.closing = 1
-            pthread_cond_broadcast(&self.qcond)
-            while (self.qhead != NULL or self.sender_busy) and not self.dead:
-                pthread_cond_wait(&self.qcond, &self.qlock)
-            pthread_mutex_unlock(&self.qlock)
+            rq_drain(&self.out)
             pthread_mutex_lock(&self.lock)
             self.q_ready = 0
             queue_exit(&self.q)

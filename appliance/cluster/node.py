@@ -26,6 +26,8 @@ class Node:
         self.lease_ttl = lease_ttl
         self.lease = 0
         self.lost = False  # the lease expired under us: our regions may have been taken over
+        self.deadline = 0.0  # (monotonic) the lease surely lives until then: renewed before
+        self.renewed = threading.Condition()  # notified when the deadline moves on
         self.stop = threading.Event()
 
     @property
@@ -39,6 +41,7 @@ class Node:
         deadline = time.monotonic() + 2 * self.lease_ttl + 1
         while True:
             if self.key not in self.etcd.get_prefix(self.key):
+                asked = time.monotonic()
                 lease = self.etcd.grant(self.lease_ttl)  # fresh: no waiting eats into its TTL
                 if self.etcd.txn([e.absent(self.key)], [e.put(self.key, self.name, lease)]):
                     break
@@ -46,15 +49,40 @@ class Node:
                 raise OSError(errno.EEXIST, f"node {self.name!r} is already alive in the cluster "
                                             f"(`node` in [cluster] must be unique)")
             time.sleep(0.25)
-        self.lease, self.lost = lease, False
+        self.lease = lease
+        self._renewed(asked + self.lease_ttl)
         log.info("cluster: node %s joined with lease %x", self.name, lease)
 
     def fence(self):
         return e.held_by(self.key, self.lease)
 
+    def _renewed(self, deadline):
+        with self.renewed:
+            self.deadline = deadline
+            self.renewed.notify_all()
+
+    def alive(self):
+        """Whether this node's lease surely still lives, as far as its last renewal tells
+        (counted from when that was asked): past it, another node may have taken its regions."""
+        return not self.lost and time.monotonic() < self.deadline
+
+    def wait_alive(self, timeout):
+        """alive(), waiting up to `timeout` seconds for a renewal (etcd away for a while)."""
+        end = time.monotonic() + timeout
+        with self.renewed:
+            while not self.alive():
+                left = end - time.monotonic()
+                if left <= 0:
+                    return False
+                self.renewed.wait(min(left, 0.5))  # `lost` is cleared without a notify
+        return True
+
     def keepalive(self):
-        """Refresh the lease; on finding it gone, say so loudly and register again."""
-        if self.etcd.keepalive(self.lease) > 0:
+        """Refresh the lease; on finding it gone, say so loudly and register again (`lost`
+        stays set until the caller has re-checked the regions)."""
+        asked = time.monotonic()
+        if (ttl := self.etcd.keepalive(self.lease)) > 0:
+            self._renewed(asked + ttl)
             return True
         log.error("cluster: node %s lost its lease: its regions may have been taken over; "
                   "writes are refused until they are checked again", self.name)
@@ -62,13 +90,16 @@ class Node:
         self.register()
         return False
 
-    def run_keepalive(self, on_tick=None):
-        """Refresh every third of the TTL until stopped (a thread's body)."""
+    def run_keepalive(self, on_lost=None):
+        """Refresh every third of the TTL until stopped (a thread's body); `on_lost()` runs
+        after the node registered again under a new lease."""
         while not self.stop.wait(self.lease_ttl / 3):
             try:
                 self.keepalive()
-                if on_tick:
-                    on_tick()
+                if self.lost:  # until the re-check went through, on a later tick if need be
+                    if on_lost:
+                        on_lost()
+                    self.lost = False
             except OSError as err:
                 log.error("cluster: node %s cannot reach etcd: %s", self.name, err)
 

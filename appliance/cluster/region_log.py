@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import errno
 import logging
+import time
 
 from . import etcd as e
+from .protocol import U64
 from .node import PREFIX
 
 log = logging.getLogger("appliance.cluster")
@@ -48,6 +50,7 @@ class EtcdLog:
         self.recovering = set()  # regions this node resyncs for a lost node
         self.search = 0
         self._claim_initial_sync()
+        self.take_over(self.node.alive_nodes())  # nodes lost before this node opened the log
 
     def _key(self, kind, region, node=None):
         return f"{self.base}{kind}/{region:012d}" + (f"/{node}" if node else "")
@@ -74,10 +77,16 @@ class EtcdLog:
     def resume(self):
         self.search = 0
         if self.node.lost:
-            # our marks may have been taken over while we were cut off: drop what etcd no
-            # longer holds for us, so those regions are marked again before any write
-            held = self.node.etcd.get_prefix(self.base + "mark/")
-            self.marked = {int(k.split("/")[-2]) for k in held if k.endswith("/" + self.node.name)}
+            self.recheck()
+
+    def recheck(self):
+        """Our lease expired while we were cut off, so our marks may have been taken over:
+        drop what etcd no longer holds for us, so those regions are marked again (a fenced
+        transaction) before any write to them."""
+        held = self.node.etcd.get_prefix(self.base + "mark/")
+        self.marked = {int(k.split("/")[-2]) for k in held if k.endswith("/" + self.node.name)}
+        for r in [r for r in self.idle if r not in self.marked]:
+            del self.idle[r]
 
     def get_region_size(self):
         return self.region_size
@@ -105,11 +114,22 @@ class EtcdLog:
         """The batch of MARKs and CLEARs as one transaction, fenced by this node's lease.
         Cleared regions linger marked (md's bitmap keeps bits set a while for the same reason)
         until more than `LINGER` are marked: a region written again soon costs nothing, and a
-        flush with nothing new to mark sends nothing."""
+        flush with nothing new to mark sends nothing. But once this node's lease may have run out
+        (etcd unreachable since its last renewal) a survivor may be resyncing the regions it
+        holds marked, so no write may go on as if nothing happened: the flush waits for a
+        renewal, up to etcd_timeout, and is refused after that."""
+        if not everything and not self.node.wait_alive(self.node.etcd.timeout):
+            raise OSError(errno.ESTALE, f"node {self.node.name}'s lease could not be renewed: "
+                                        f"its writes are fenced until etcd answers again")
         excess = len(self.marked) + len(self.to_mark) - self.LINGER
         to_clear = list(self.idle)[:max(0, excess) if not everything else None]
-        if not self.to_mark and not to_clear:
-            return
+        if self.to_mark or to_clear:
+            self._commit(to_clear)
+        # how long the lease surely lives: until then the mirror may write to the regions it
+        # has marked without asking again
+        return U64.pack(int(max(0.0, self.node.deadline - time.monotonic()) * 1000))
+
+    def _commit(self, to_clear):
         name = self.node.name
         ops = [e.put(self._key("mark", r, name)) for r in sorted(self.to_mark)]
         ops += [e.delete(self._key("mark", r, name)) for r in to_clear]

@@ -12,7 +12,7 @@ from .node import PREFIX
 
 def nodes(settings):
     """[{name, state, lease_left, marked, resyncing}] over every clustered log."""
-    client = Etcd(list(settings.endpoints), min(settings.etcd_timeout, 3.0))
+    client = Etcd.for_settings(settings, min(settings.etcd_timeout, 3.0))
     alive = client.get_prefix(f"{PREFIX}nodes/")
     out = {}
     for key, (_, _, lease) in alive.items():

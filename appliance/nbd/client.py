@@ -157,6 +157,15 @@ class NBDDevice:
         else:
             self._send(op, flags, io.offset, io.length, io_buf, done)
 
+    def abort(self, reason):
+        """Give up on what is in flight (a caller's timeout for this server ran out: multipath's
+        fast_io_fail_tmo): every connection drops within its tick, its requests end with
+        ETIMEDOUT, a path error, and it reconnects by itself."""
+        with self._lock:
+            live = list(self._live)
+        for conn in live:
+            conn.expire(reason)
+
     def block_status(self, offset, length):
         """[(length, flags)] from the server's base:allocation; all data if it has none or
         cannot say now."""

@@ -17,6 +17,7 @@ import threading
 import time
 from collections import deque
 
+from .. import io as bio
 from ..blockdev import DeviceError
 from . import constants as C
 from .protocol import NEED_DATA, ClientHandshake, Negotiated, RemoteProtocolError
@@ -29,6 +30,17 @@ SMALL_WRITE = 64 * 1024  # payloads up to this size go out in one send with the 
 # the errno a server's NBD error value stands for (the same numbers on Linux); others: EIO
 _ERRNOS = {C.NBD_EPERM, C.NBD_EIO, C.NBD_ENOMEM, C.NBD_EINVAL, C.NBD_ENOSPC, C.NBD_EOVERFLOW,
            C.NBD_ENOTSUP, C.NBD_ESHUTDOWN}
+
+
+def reply_error(value):
+    """A server's error value as a classed errno (0 for none). EIO is a path error, as Linux's
+    blk_path_error() judges an I/O error: that server, its disk or the way to it failed, and
+    another path to the storage may serve (NBD has no medium error to tell apart). The others
+    keep io.ERROR_CLASSES' class: ENOSPC, EINVAL, EPERM are the storage's answer."""
+    if not value:
+        return 0
+    code = value if value in _ERRNOS else errno.EIO
+    return bio.path_error(code) if code == errno.EIO else bio.error(code)
 
 
 def connect(a, timeout):
@@ -93,6 +105,7 @@ class Connection:
         self.queue: deque = deque()  # (header, payload or None) not sent yet
         self.last = False  # NBD_CMD_DISC is queued: the sender stops after it
         self.dead = None  # why it dropped
+        self.expired = None  # why the caller gave up on it (expire())
         self.sender = threading.Thread(target=self._send_loop, name="nbd-client-send", daemon=True)
         self.sender.start()
 
@@ -189,7 +202,16 @@ class Connection:
                 return
             self._check_deadline()
 
+    def expire(self, reason):
+        """Give up on every request in flight (the caller's own timeout ran out): they end with
+        ETIMEDOUT. Done by the receiving thread at its next tick, so no reply lands in a buffer
+        after its request has ended."""
+        self.expired = reason
+
     def _check_deadline(self):
+        if self.expired:
+            self.drop(errno.ETIMEDOUT, self.expired)
+            return
         with self.lock:
             oldest = next(iter(self.inflight.values()), None)
         if oldest is not None and time.monotonic() > oldest.deadline:
@@ -212,7 +234,7 @@ class Connection:
             with self.lock:
                 if self.inflight.pop(event.cookie, None) is None:
                     return
-            error = event.error if event.error in _ERRNOS else (errno.EIO if event.error else 0)
+            error = reply_error(event.error)
             if error and event.message:
                 log.debug("%s: server error %d: %s", self.name, event.error, event.message)
             req.done(error)

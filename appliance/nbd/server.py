@@ -72,7 +72,7 @@ def export_info(dev):
         name=dev.name,
         size=dev.size,
         description=dev.description,
-        read_only=dev.read_only,
+        read_only=not dev.writable,
         min_block=align,
         preferred_block=max(4096, align),
         max_block=MAX_BLOCK,

@@ -16,8 +16,16 @@ without data. The message `mark NAME` logs a mark at once.
 <log_dev> must be a file or disk, not @NAME: entries are written with pwrite on
 its fd, under the lock that orders completions, before the I/O they record is
 acknowledged. Submitting them as I/O would complete on an engine thread that
-might be the one waiting. The log starts empty when a table is resumed the
-first time (not at load: the live table may still be logging to the same file).
+might be the one waiting.
+
+A table does not wipe a log that has entries (dm-log-writes starts a new log at every
+load; here a daemon restarted after a crash, Restart=on-failure, would erase the only
+record of what was durable before it). When the table is first resumed (not at load:
+the live table may still be logging to the same file) it appends after the entries
+there, first a mark `session-N` (N counts the starts on this log), so a replay can
+stop at the end of any earlier session. Only a log device with no log on it (no
+superblock: a new file, a zeroed first sector) starts a new log. A log that is there
+but cannot be read whole refuses the table, rather than being overwritten.
 When the log is full the target says so in status and the daemon log, stops
 logging, and keeps serving I/O, as dm does. Writes still waiting for a flush
 are logged, without a flush entry, when the table is destroyed.
@@ -82,6 +90,13 @@ class LogWrites(Target):
         if self.log_dev.direct and self.log_dev.align > lw.SECTOR:
             raise TargetError(f"the log device {args[1]} has {self.log_dev.align}-byte blocks; "
                               f"the log is written in {lw.SECTOR}-byte sectors (use direct = false)")
+        try:  # a log it could not continue refuses the table now, not at resume
+            old = lw.existing(self.log_dev.path)
+        except lw.LogError as e:
+            raise TargetError(f"the log device holds a log it cannot continue: {e}; move it away, or zero "
+                              "its first sector to start a new log") from None
+        if old is not None:
+            old.close()
         self.writer = lw.LogWriter(self.log_dev.fd, self.log_dev.size, self.log_dev.direct)
         self._lock = threading.Lock()
         self._pending = []  # completed writes no flush has taken yet: (flags, offset, length, data)
@@ -106,7 +121,19 @@ class LogWrites(Target):
                 return
             self._started = True
             try:
-                self.writer.start()
+                old = lw.existing(self.log_dev.path)
+                if old is None:
+                    self.writer.start()
+                    return
+                with old:
+                    self.writer.follow(old)
+                    if old.entries:
+                        mark = f"{lw.SESSION_MARK}{lw.sessions(old) + 1}"
+                        log.info("log-writes %s: %d entries there; appending after them from mark %s",
+                                 self.log_dev.path, len(old.entries), mark)
+                        self._log_batch([(lw.MARK, 0, 0, mark.encode())])
+            except lw.LogError as e:
+                self._stop(f"cannot continue the log: {e}")
             except OSError as e:
                 self._stop(f"cannot write the log device: {e.strerror}")
 

@@ -2,8 +2,8 @@
 
 The target is `Cow` (target.py); its parts: layer.py (the on-disk layer), stack.py (the table's
 words and the chain), requests.py (reads, writes, copy-up, FLUSH), push.py and merge.py (the
-messages), the owner index in appliance/_fast/cowindex.pyx, and the `appliance layer` commands
-(command.py, offline.py).
+messages), journal.py (a merge's progress on disk), the owner index in
+appliance/_fast/cowindex.pyx, and the `appliance layer` commands (command.py, offline.py).
 """
 
 from .target import Cow

@@ -6,7 +6,7 @@ import json
 import sys
 
 from .. import TargetError, parse_size
-from . import offline
+from . import journal, offline
 from .layer import DEFAULT_GRAIN, LayerError
 
 
@@ -51,6 +51,13 @@ def cmd_create(args):
 def describe(layer) -> dict:
     h = layer.header
     allocated, zero = layer.allocated_grains(), layer.zero_grains()
+    try:
+        rec = journal.read(layer.bitmap_fd, layer.name)
+    except journal.RecordError as e:
+        rec = str(e)
+    if isinstance(rec, journal.Record):  # a merge of this layer and those up to `to` that has not ended
+        rec = {"into": "base" if rec.into_base else str(rec.into), "to": str(rec.last),
+               "done_below_grain": rec.cursor, "running": rec.running, "rate": rec.rate}
     return {
         "path": layer.name, "version": h.version, "uuid": str(h.uuid),
         "parent": str(h.parent) if h.parent else None, "sealed": h.sealed,
@@ -60,6 +67,7 @@ def describe(layer) -> dict:
         "allocated_bytes": (allocated - zero) * h.grain,  # data held; zero grains hold none
         "bitmap_offset": h.bitmap_offset, "bitmap_length": h.bitmap_length,
         "data_offset": h.data_offset, "data_on": "data device" if h.split else "this file",
+        "merge": rec,
     }
 
 
@@ -85,9 +93,16 @@ def cmd_info(args):
                       f"of data, {info['zero_grains']} that read as zeros)"),
         ("bitmap", f"offset {info['bitmap_offset']}, {info['bitmap_length']} bytes"),
         ("data", f"offset {info['data_offset']} on {info['data_on']}"),
-    ):
+    ) + ((("merge", _merge_line(info["merge"])),) if info["merge"] else ()):
         print(f"{key:10} {value}")
     return 0
+
+
+def _merge_line(rec):
+    if isinstance(rec, str):
+        return rec
+    state = "running (resumes when the stack starts)" if rec["running"] else "cancelled (the same merge resumes)"
+    return f"into {rec['into']} up to layer {rec['to']}, done below grain {rec['done_below_grain']}, {state}"
 
 
 def cmd_check(args):

@@ -50,6 +50,8 @@ FLUSH, not two synchronous writes per request).
 
 from __future__ import annotations
 
+import errno
+import mmap
 import os
 import struct
 import threading
@@ -201,7 +203,9 @@ def pwrite_full(fd, buf, offset):
 
 class Layer:
     """One layer, attached: its header and its bitmap in memory (two plain bitmaps, "allocated"
-    and "zero", one bit per grain, as bytearrays: 32 MiB each for 1 TiB in 4 KiB grains).
+    and "zero", one bit per grain: 32 MiB each for 1 TiB in 4 KiB grains, in anonymous mappings,
+    which cost no page until a bit in it is set or read, so a new layer of any size attaches in
+    milliseconds).
 
     The target's calls: `is_allocated(g)`, `is_zero(g)`, `allocated_runs(g0, g1)`,
     `zero_runs(g0, g1)`, `mark_allocated(g0, g1)` after the data of grains [g0, g1) was
@@ -220,15 +224,15 @@ class Layer:
         self.data_fd = data_fd
         self._owned = list(owns_fds)
         n = _ceil(header.grains, 8)
-        self._alloc = bytearray(n)
-        self._zero = bytearray(n)
+        self._alloc = mmap.mmap(-1, n)
+        self._zero = mmap.mmap(-1, n)
         self._dirty = set()  # bitmap pages changed in memory since the last sync_bitmap
         self._lock = threading.Lock()  # the bits and _dirty
         self._sync_lock = threading.Lock()  # one sync_bitmap at a time: an older page image never lands last
         self.failed = None  # the error of a failed sync: the layer takes no more bits
         self.folding = False  # a merge folds the layers above into this read-only layer
         self._load_bitmap()
-        if fresh and (any(self._alloc) or any(self._zero)):
+        if fresh and not (_all_zero(self._alloc) and _all_zero(self._zero)):
             raise LayerError(f"{name}: unused bitmap device (no header) whose bitmap is not all zeros; zero it first")
 
     # geometry
@@ -255,17 +259,28 @@ class Layer:
     def reload_bitmap(self):
         """Read the bitmap from disk again (a table that replaces another one that synced its bits)."""
         with self._lock:
+            for bits in (self._alloc, self._zero):  # in place: the fast path holds the zero bits
+                for i in range(0, len(bits), 1 << 22):
+                    bits[i:i + (1 << 22)] = bytes(min(1 << 22, len(bits) - i))
             self._load_bitmap()
 
     def _load_bitmap(self):
+        """Into the (zeroed) bit arrays. Holes in a sparse file are skipped, not read: a new
+        layer of a TiB attaches in milliseconds (a push)."""
         h, chunk = self.header, 1 << 22
-        for off in range(0, h.bitmap_length, chunk):
+        off = 0
+        while off < h.bitmap_length:
+            data = _next_data(self.bitmap_fd, h.bitmap_offset + off, h.bitmap_offset + h.bitmap_length)
+            off = (data - h.bitmap_offset) & ~(PAGE - 1)  # whole pages: byte pairs stay together
+            if off >= h.bitmap_length:
+                break
             raw = pread_full(self.bitmap_fd, min(chunk, h.bitmap_length - off), h.bitmap_offset + off)
             a0 = off // 2
             a1 = min(a0 + len(raw) // 2, len(self._alloc))
             if a1 > a0:
                 self._alloc[a0:a1] = raw[0:2 * (a1 - a0):2]
                 self._zero[a0:a1] = raw[1:2 * (a1 - a0):2]
+            off += len(raw)
 
     # lookups
     def is_allocated(self, grain):
@@ -280,7 +295,7 @@ class Layer:
 
     @property
     def zero_bits(self):
-        """The "zero" bitmap itself (a bytearray that never moves: changes are made in place),
+        """The "zero" bitmap itself (a mapping that never moves: changes are made in place),
         for the fast path's reads."""
         return self._zero
 
@@ -291,6 +306,16 @@ class Layer:
     def zero_runs(self, g0=0, g1=None):
         """[(start, end)] of the grains in [g0, g1) that read as zeros from this layer."""
         return runs(self._zero, g0, self.grains if g1 is None else g1)
+
+    def empty(self):
+        """True if this layer holds no grain (cheaper than counting them): a layer whose bits are
+        all on disk (none dirty) and whose bitmap there is a hole holds none, unread."""
+        h = self.header
+        with self._lock:
+            if not self._dirty and _next_data(self.bitmap_fd, h.bitmap_offset,
+                                              h.bitmap_offset + h.bitmap_length) >= h.bitmap_offset + h.bitmap_length:
+                return True
+        return _all_zero(self._alloc)
 
     def allocated_grains(self):
         return popcount(self._alloc)
@@ -386,8 +411,13 @@ class Layer:
         self._write_header(replace(self.header, uuid=uuid, child=child))
         self.folding = False
 
-    def _write_header(self, header):
-        if not (self.writable or self.folding):
+    def rebase(self, parent):
+        """A merge folded the layers under this one into the base: the base is its parent now.
+        Written whether or not it is sealed; the merge has the device suspended."""
+        self._write_header(replace(self.header, parent=parent), check=False)
+
+    def _write_header(self, header, check=True):
+        if check and not (self.writable or self.folding):
             raise LayerError(f"{self.name}: opened read-only")
         pwrite_full(self.bitmap_fd, header.pack(), 0)
         os.fdatasync(self.bitmap_fd)
@@ -415,6 +445,20 @@ class Layer:
         for fd in self._owned:
             os.close(fd)
         self._owned = []
+
+
+def _all_zero(bits, step=1 << 20):
+    zero = bytes(step)
+    return all(bits[i:i + step] == zero[:min(step, len(bits) - i)] for i in range(0, len(bits), step))
+
+
+def _next_data(fd, pos, end):
+    """Where data starts at or after pos in a sparse file (end if only a hole is left);
+    pos itself where holes are not known (a block device)."""
+    try:
+        return min(os.lseek(fd, pos, os.SEEK_DATA), end)
+    except OSError as e:
+        return end if e.errno == errno.ENXIO else pos
 
 
 # opening

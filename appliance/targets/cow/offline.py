@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import os
 
+from . import journal
 from .layer import (DEFAULT_GRAIN, HEADER_AREA, Header, Layer, LayerError, check_sizes, fd_size, new_header, pread_full,
                     pwrite_full, read_header)
 
@@ -81,8 +82,8 @@ def inspect(path) -> Layer:
 
 def check(path, data=None) -> list[str]:
     """Everything wrong with a layer, read-only: the header, the bitmap inside the file, the
-    sizes (of `data` too, the three-word form's data device, when given), and bitmap bits that
-    cannot be (zero without allocated, or past the last grain)."""
+    sizes (of `data` too, the three-word form's data device, when given), bitmap bits that
+    cannot be (zero without allocated, or past the last grain), and a damaged merge record."""
     try:
         layer = inspect(path)
     except LayerError as e:
@@ -97,6 +98,10 @@ def check(path, data=None) -> list[str]:
                     out += check_sizes(layer.header, fd_size(layer.bitmap_fd), _size_of(data), path)
                 except OSError as e:
                     out.append(f"{data}: cannot open: {e.strerror}")
+        try:
+            journal.read(layer.bitmap_fd, path)
+        except journal.RecordError as e:
+            out.append(str(e))
         return out + layer.damage()
     finally:
         layer.close()

@@ -40,7 +40,7 @@ def push(target, path):
         if h.size != target.length or h.grain != target.grain:
             raise TargetError(f"push: {path} is a layer of {h.size} bytes in {h.grain}-byte grains; "
                               f"this stack is {target.length} bytes in {target.grain}-byte grains")
-        if h.parent is not None or h.sealed or layer.allocated_grains():
+        if h.parent is not None or h.sealed or not layer.empty():
             raise TargetError(f"push: {path} is not an unused layer (it has a parent, a seal or data); "
                               "push a new path or one fresh from `appliance layer create`")
     except BaseException:

@@ -219,6 +219,7 @@ class Cow(Requests, Target):
                 slot.layer.reload_bitmap()
             self.build_index()
             self._seal_lower()
+            merge.resume_recorded(self)  # a merge this stack's layers say was running (killed, stopped)
 
     def _seal_lower(self):
         """A layer the table put another one on (a config edited by hand, not a push) is sealed
@@ -307,8 +308,8 @@ class Cow(Requests, Target):
     def message(self, argv):
         if argv[:1] == ["push"] and len(argv) == 2:
             return push.push(self, argv[1])
-        if argv[:1] == ["merge"] and len(argv) == 3:
-            return merge.start(self, argv[1], argv[2])
+        if argv[:1] == ["merge"] and 3 <= len(argv) <= 5:
+            return merge.start(self, argv[1:])
         if argv == ["cancel"]:
             return merge.cancel(self)
-        raise TargetError("cow messages: push <path>, merge <from> <to>, cancel")
+        raise TargetError("cow messages: push <path>, merge <from> <to> [base] [rate=<size>], cancel")

@@ -99,9 +99,10 @@ class Mirror(Control, Target):
         self.resync = Resync(self)
 
     def _region_map(self):
-        """The fast path's region map, if every leg is an fd the NBD loop can write."""
+        """The fast path's region map, if every leg is an fd the NBD loop can write and the
+        log's marks stand until cleared."""
         fds = [getattr(leg.dev, "fd", None) for leg in self.legs]
-        if None in fds or len(self.legs) > 8:
+        if None in fds or len(self.legs) > 8 or self.log.marks_lapse:
             return None
         self.fast_align = max(getattr(leg.dev, "align", 1) for leg in self.legs)
         if any(leg.offset % self.fast_align for leg in self.legs):

@@ -79,7 +79,7 @@ class RegionHash:
         for r in regions:
             self.pending[r] += 1
             self.clearable.pop(r, None)
-            if r in self.durable:
+            if r in self.durable and self.log.marks_hold():
                 continue
             if r not in self.marking:
                 self.log.mark_region(r)

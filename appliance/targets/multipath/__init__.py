@@ -13,9 +13,11 @@ Errors are judged by class (appliance.io): a path error fails the path and maps 
 request again on another, unseen by the client; a storage error (ENOSPC, a medium
 error, a remote server's error reply) goes to the client and the path stays up. With no
 usable path, requests are held (bounded by [multipath] queue_max_bytes) while
-queue_if_no_path, or for no_path_retry checker intervals; otherwise, or when the wait
-ends, they fail. The checker (checker.py) reinstates paths that answer again and keeps
-marginal ones out for a growing time.
+queue_if_no_path, or for no_path_retry x polling_interval from the loss of the last path;
+otherwise, or when the wait ends, they fail. A reload keeps them held and maps them on the
+new table (multipathd reloads with noflush). The checker (checker.py) reinstates paths that
+answer again and keeps marginal ones out for a growing time; timers.py fails a path that
+holds a request unanswered past fast_io_fail_tmo and ends the no_path_retry wait.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from __future__ import annotations
 import collections
 import errno
 import logging
+import math
 import os
 import threading
 import time
@@ -37,6 +40,7 @@ from . import messages, status
 from .checker import Checker
 from .paths import Group, Path
 from .selectors import selector_class
+from .timers import Timers
 
 log = logging.getLogger("appliance.multipath")
 
@@ -114,8 +118,10 @@ class Multipath(Target):
         self._lock = threading.Lock()
         self._held = collections.deque()  # clones waiting for a path
         self._held_bytes = 0
-        self._retries_left = self.no_path_retry
+        self._no_path_since = None  # when the last usable path was lost (no_path_retry's clock)
+        self._retry_expired = False  # no_path_retry ran out (or fail_if_no_path): until a path returns
         self._no_queue = False  # a flushing suspend: nothing waits for a path meanwhile
+        self._parking = False  # a noflush suspend: what waits for a path goes back to the device
         self._stopping = False  # the daemon stops: nothing waits for a path any more
         self._failback_at = None
         self.target_errors = 0
@@ -133,6 +139,7 @@ class Multipath(Target):
         if not any(p.dev for p in self.all_paths()):
             raise TargetError(f"no path can be opened: {reasons[0]}")
         self.checker = Checker(self, self.polling_interval)
+        self.timers = Timers(self)
 
     def _take_settings(self):
         settings = self.ctx.settings("multipath") if hasattr(self.ctx, "settings") else None
@@ -141,6 +148,8 @@ class Multipath(Target):
         self.queue_max_bytes = int(s.queue_max_bytes)
         self.marginal_window = float(s.marginal_window)
         self.failback = str(s.failback)
+        self.fast_io_fail_tmo = float(s.fast_io_fail_tmo)
+        self.checker_timeout = float(s.checker_timeout)
 
     def reconfigure(self):
         """A reload may have changed [multipath] (multipathd's reconfigure): the running map takes
@@ -154,6 +163,7 @@ class Multipath(Target):
         checker = getattr(self, "checker", None)
         if checker is not None:
             checker.stop()
+            self.timers.stop()
             self._stopping = True
             self._fail_held()
         super().dtr()
@@ -196,12 +206,13 @@ class Multipath(Target):
                     return g
         return None
 
-    def _select(self, nbytes):
+    def _select(self, a, nbytes):
         g = self._group()
         if g is None:
             return None
         path = g.selector.select(g.usable(), nbytes)
-        path.start(nbytes)
+        a.started = time.monotonic()
+        path.start(nbytes, a, a.started)
         g.selector.start_io(path, nbytes)
         return path
 
@@ -210,7 +221,19 @@ class Multipath(Target):
             return False
         if self.queue_if_no_path:
             return True
-        return bool(self._retries_left)
+        return bool(self.no_path_retry) and not self._retry_expired
+
+    def _usable(self):
+        return any(g.usable() for g in self.groups)
+
+    def checks_left(self):
+        """no_path_retry's wait left, in polling intervals (multipathd's `N chk`)."""
+        if not self.no_path_retry or self._retry_expired:
+            return 0
+        if self._no_path_since is None:
+            return self.no_path_retry
+        left = self._no_path_since + self.no_path_retry * self.polling_interval - time.monotonic()
+        return max(0, math.ceil(left / self.polling_interval))
 
     # the request path
 
@@ -218,8 +241,7 @@ class Multipath(Target):
         a = clone.private if isinstance(clone.private, _Attempt) else _Attempt()
         clone.private = a
         with self._lock:
-            a.path = self._select(clone.length)
-        a.started = time.monotonic()
+            a.path = self._select(a, clone.length)
         return a.path.dev if a.path else None
 
     def map(self, clone):
@@ -227,10 +249,14 @@ class Multipath(Target):
         if a.path is not None:
             return bio.REMAPPED  # the offset stays: a path is the whole storage
         with self._lock:
-            a.path = self._select(clone.length)  # one may have come back since prep_map
+            a.path = self._select(a, clone.length)  # one may have come back since prep_map
             if a.path is not None:
                 clone.dev = a.path.dev
                 return bio.REMAPPED
+            if self._no_path_since is None:
+                self._no_path_since = time.monotonic()
+            if self._queueing() and self._parking:
+                return bio.REQUEUE  # the device keeps it for the table that resumes
             if self._queueing():
                 if self._held_bytes + clone.length > self.queue_max_bytes:
                     self.queue_full += 1
@@ -249,7 +275,7 @@ class Multipath(Target):
             return bio.DONE  # never reached a path (no path left, the queue was full)
         a.path = None
         with self._lock:
-            path.end(clone.length, a.started)
+            path.end(clone.length, a)
             path.group.selector.end_io(path, clone.length, a.started)
         if not error:
             return bio.DONE
@@ -275,6 +301,8 @@ class Multipath(Target):
             path.by_message = path.by_message or by_message
             if was:
                 path.group.selector.fail_path(path)
+                if self._no_path_since is None and not self._usable():
+                    self._no_path_since = time.monotonic()
         if was:
             log.warning("%s: path %s failed: %s", self.ctx.device.name, path.word, reason)
 
@@ -285,7 +313,8 @@ class Multipath(Target):
             alone = not path.group.usable()
             path.reinstate()
             path.group.selector.reinstate_path(path)
-            self._retries_left = self.no_path_retry
+            self._no_path_since = None
+            self._retry_expired = False
             cur = self.current
             if cur is not None and path.group.number < cur.number and not path.group.bypassed:
                 if self.failback == "immediate" or (self.failback == "followover" and alone):
@@ -319,22 +348,33 @@ class Multipath(Target):
         self.reinstate(path)
 
     def interval_passed(self):
-        """A checker interval went by: count it against no_path_retry; a failback timer."""
-        expired = False
+        """A checker interval went by: a failback timer."""
         with self._lock:
-            if any(g.usable() for g in self.groups):
-                self._retries_left = self.no_path_retry
-            elif not self.queue_if_no_path and self._retries_left:
-                self._retries_left -= 1
-                expired = self._retries_left == 0
             if self._failback_at is not None and time.monotonic() >= self._failback_at:
                 self._failback_at = None
                 self.next_group = next((g for g in self.groups if not g.bypassed and g.usable()), None)
-        if expired:
-            log.warning("%s: no path for %d checker intervals: failing queued I/O",
-                        self.ctx.device.name, self.no_path_retry)
-            self._fail_held()
         self._release_held()
+
+    def no_path_retry_expired(self):
+        """timers.py: no_path_retry x polling_interval went by since the last path was lost."""
+        with self._lock:
+            if (self.queue_if_no_path or not self.no_path_retry or self._retry_expired
+                    or self._no_path_since is None or self._usable()):
+                return
+            self._retry_expired = True
+        log.warning("%s: no path for %d x polling_interval (no_path_retry): failing queued I/O",
+                    self.ctx.device.name, self.no_path_retry)
+        self._fail_held()
+
+    def path_hung(self, path):
+        """timers.py: a request waited fast_io_fail_tmo on this path. It fails, and what it holds
+        is given up on (a remote path drops its connections: the requests end with a path error
+        and are mapped again on another path); a local device's requests still end by themselves."""
+        reason = f"no answer in {self.fast_io_fail_tmo:g} s (fast_io_fail_tmo)"
+        self.fail_path(path, reason)
+        abort = getattr(path.dev, "abort", None)
+        if abort is not None:
+            abort(f"{reason}, given up by multipath")
 
     def daemon_stopping(self):
         """As multipath.conf's `queue_without_daemon no`: with nobody left to bring a path back,
@@ -373,9 +413,19 @@ class Multipath(Target):
         if not noflush:  # as dm: a flushing suspend does not wait for a path to return
             self._no_queue = True
             self._fail_held()
+            return
+        # noflush (a reload, as multipathd's): what waits for a path goes back to the device,
+        # which maps it again on resume, on the new table if one is loaded
+        with self._lock:
+            self._parking = True
+            held, self._held = self._held, collections.deque()
+            self._held_bytes = 0
+        for clone in held:
+            self.ctx.device.requeue(clone)
 
     def resume(self):
         self._no_queue = False
+        self._parking = False
 
     def block_status(self, offset, length):
         with self._lock:

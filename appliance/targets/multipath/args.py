@@ -5,7 +5,7 @@
   then per path:  <path> <path_args>...
 
 Features: `queue_if_no_path`; `no_path_retry N` (multipathd's setting: queue for N
-checker intervals with no path, then fail); dm's `retain_attached_hw_handler`,
+x polling_interval after the last path is lost, then fail); dm's `retain_attached_hw_handler`,
 `pg_init_retries N`, `pg_init_delay_msecs N` and `queue_mode M` are accepted and kept
 for the table, with no effect (there is no SCSI hardware handler here). A hardware
 handler is kept the same way.
@@ -95,7 +95,7 @@ def parse(args):
 
 
 def _no_path_retry(value, p):
-    """multipath.conf's forms: a number of checker intervals, `queue` (forever), `fail` (0)."""
+    """multipath.conf's forms: a number of polling intervals, `queue` (forever), `fail` (0)."""
     if value == "queue":
         p.queue_if_no_path = True
         return None

@@ -1,11 +1,11 @@
 """The path checker (multipathd's, per map): every polling_interval, read each path's first
-4 KiB; reinstate a failed path that answers, fail an active one that does not; count the
-intervals with no usable path for no_path_retry.
+4 KiB; reinstate a failed path that answers, fail an active one that does not.
 
 A read, not a handshake or a stat: a server that accepts connections but answers every
 read with an error is no path. A failed remote path is read through a connection of the
 probe's own (and its device must have reconnected too); an active one through its device.
-A probe that gets no answer within the interval counts as failed (its late answer is dropped).
+A probe that gets no answer within checker_timeout counts as failed (its late answer is
+dropped); meanwhile the next paths wait, which is why timers.py, not this thread, keeps time.
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ class Checker:
             dev.submit(io)
         except Exception as e:
             return str(e)
-        deadline = time.monotonic() + max(self.interval, 1.0)
+        deadline = time.monotonic() + self.target.checker_timeout
         while not done.wait(0.1):  # in slices: a table being removed does not wait for a probe
             if self._stop.is_set() or time.monotonic() > deadline:
                 return bio.path_error(errno.ETIMEDOUT)
@@ -95,7 +95,7 @@ class Checker:
 
     def _read_fresh(self, address, n):
         """Read n bytes at 0 of a remote export on a new connection, then let it go: 0 or why not."""
-        timeout = min(address.timeout, max(self.interval, 1.0))
+        timeout = min(address.timeout, self.target.checker_timeout)
         try:
             sock, neg = connect(address, timeout)
         except DeviceError as e:

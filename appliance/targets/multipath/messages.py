@@ -20,7 +20,7 @@ def message(mp, argv):
         with mp._lock:
             mp.queue_if_no_path = cmd == "queue_if_no_path"
             if not mp.queue_if_no_path:
-                mp._retries_left = 0
+                mp._retry_expired = True
         if cmd == "fail_if_no_path":
             mp._fail_held()
         return ""

@@ -26,6 +26,8 @@ class Path:
         self.failures = 0
         self.in_flight = 0
         self.in_flight_bytes = 0
+        self.started = {}  # attempt -> when it went to this path, oldest first (fast_io_fail_tmo)
+        self.aborted_at = 0.0  # when fast_io_fail_tmo last gave up on its requests
         self.requests = 0
         self.bytes = 0
         self.service_time = 0.0  # seconds, a moving average
@@ -34,16 +36,22 @@ class Path:
         self.held_until = 0.0  # a shaky path stays out until then
         self.ps = {}  # the selector's per-path state
 
-    def start(self, nbytes):
+    def start(self, nbytes, attempt, now):
         self.in_flight += 1
         self.in_flight_bytes += nbytes
+        self.started[attempt] = now
         self.requests += 1
         self.bytes += nbytes
 
-    def end(self, nbytes, started):
+    def end(self, nbytes, attempt):
         self.in_flight -= 1
         self.in_flight_bytes -= nbytes
+        started = self.started.pop(attempt)
         self.service_time += EMA * ((time.monotonic() - started) - self.service_time)
+
+    def oldest(self):
+        """When the oldest request in flight on it went there, or None."""
+        return next(iter(self.started.values()), None)
 
     def fail(self, reason, marginal_window):
         """Out of rotation. True if it was active. A path that fails within marginal_window of

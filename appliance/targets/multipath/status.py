@@ -40,7 +40,7 @@ def status_info(mp):
         if mp._queueing() and mp.queue_if_no_path:
             queueing = "on"
         elif mp.no_path_retry and not mp.queue_if_no_path and not mp._no_queue:
-            queueing = f"{mp._retries_left} chk"
+            queueing = f"{mp.checks_left()} chk"
         else:
             queueing = "off"
         groups = []
@@ -58,6 +58,8 @@ def status_info(mp):
             "polling_interval": mp.polling_interval,
             "marginal_window": mp.marginal_window,
             "failback": mp.failback,
+            "fast_io_fail_tmo": mp.fast_io_fail_tmo,
+            "checker_timeout": mp.checker_timeout,
         }
     queue = getattr(getattr(mp.ctx.device, "table", None), "queue", None)
     info["merged"] = queue.merged if queue is not None else 0

@@ -5,8 +5,10 @@ one the daemon runs itself), which keeps them in etcd; this is the client side.
 Table words: `clustered <#log_args> <uuid> <region_size> [sync|nosync]`; appliance.toml's
 [cluster] says where etcd is and which node this is. Marks and clears are sent with the flush
 (dm's integrated flush), so a write waits for one round trip per batch; a region this node has
-marked costs none. The regions a survivor takes over from a lost node show up as resync work:
-a thread asks for it every half lease and hands it to the mirror's resync.
+marked costs none. The regions a survivor takes over from a lost node show up as resync work,
+and other nodes follow them with IS_REMOTE_RECOVERING: an etcd watch on the log's `recover/`
+keys rings a thread, which then asks the service (the protocol has no way for the service to
+speak first) and hands new work to the mirror's resync.
 """
 
 from __future__ import annotations
@@ -14,11 +16,14 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import socket
 import threading
+import time
 
 from ... import TargetError
 from ....cluster.client import LogClient
+from ....cluster.etcd import Etcd
+from ....cluster.logd import listening
+from ....cluster.node import PREFIX
 from ....cluster.protocol import PAIR_IQ, PAIR_QI, U64, RequestType as T, pack_regions
 from .core import CoreLog
 
@@ -33,8 +38,7 @@ def _in_process_service(settings, path):
 
     with _services_lock:
         if path not in _services:
-            svc = LogService(list(settings.endpoints), settings.node, settings.lease_ttl,
-                             settings.etcd_timeout)
+            svc = LogService(Etcd.for_settings(settings), settings.node, settings.lease_ttl)
             try:
                 svc.start()
             except OSError as e:
@@ -47,18 +51,10 @@ def _in_process_service(settings, path):
         return _services[path]
 
 
-def _listening(path):
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        try:
-            s.connect(path)
-            return True
-        except OSError:
-            return False
-
-
 class ClusteredLog(CoreLog):
     name = "clustered"
     durable_marks = True
+    marks_lapse = True  # with the node's lease
 
     def attach(self, mirror, parsed):
         ctx = mirror.ctx
@@ -69,13 +65,14 @@ class ClusteredLog(CoreLog):
         self.mirror, self.uuid, self.settings = mirror, parsed.uuid, settings
         state_dir = ctx.daemon_config.state_dir if ctx.daemon_config else "/var/lib/appliance"
         self.path = settings.socket or os.path.join(state_dir, "cluster-log.sock")
-        if not _listening(self.path):  # no `appliance logd` unit there: the daemon runs one
+        if not listening(self.path):  # no `appliance logd` unit there: the daemon runs one
             _in_process_service(settings, self.path)
 
     def ctr(self, region_size, region_count, sync=None, dev=None, lock=None, word=None):
         super().ctr(region_size, region_count, sync, dev, lock, word)
         self.out_of_sync = set()  # the service says which regions (resync work)
         self.to_mark, self.to_clear = set(), set()
+        self.holds_until = self.renew_at = 0.0  # see flush()
         self.remote = set()  # regions another node resyncs now
         words = [str(region_size), self.uuid] + ([sync] if sync else []) + [str(self.mirror.length)]
         s = self.settings
@@ -84,11 +81,16 @@ class ClusteredLog(CoreLog):
                                 pause=0.5, bound=s.etcd_timeout)
         self.call_lock = threading.Lock()  # one request on the wire at a time
         self.stop = threading.Event()
+        self.changed = threading.Event()  # rung by the watch on the log's recover/ keys
         try:
             self._pull()  # the first call registers the log (CTR + RESUME)
         except OSError as e:
             raise TargetError(f"clustered log {self.uuid}: {e.strerror or e}") from None
-        threading.Thread(target=self._watch, name=f"cluster-log-{self.uuid}", daemon=True).start()
+        recover = f"{PREFIX}logs/{self.uuid}/recover/"
+        threading.Thread(target=Etcd.for_settings(s).watch, name=f"cluster-watch-{self.uuid}",
+                         args=(recover, lambda events: self.changed.set(), self.stop,
+                               self.changed.set), daemon=True).start()
+        threading.Thread(target=self._follow, name=f"cluster-log-{self.uuid}", daemon=True).start()
 
     def _call(self, rtype, data=b""):
         with self.call_lock:
@@ -138,8 +140,12 @@ class ClusteredLog(CoreLog):
                         self.uuid, len(now))
         self.remote = now
 
-    def _watch(self):
-        while not self.stop.wait(self.settings.lease_ttl / 2):
+    def _follow(self):
+        """Each time the watch rings (and once it is open: what changed before), the regions
+        other nodes resync and this node's new resync work; failing (the service or etcd
+        away), again a second later."""
+        while self.changed.wait() and not self.stop.is_set():
+            self.changed.clear()
             try:
                 self._follow_remote()
                 with self.lock:
@@ -154,9 +160,12 @@ class ClusteredLog(CoreLog):
                     self.mirror.resync.kick()
             except OSError as e:
                 log.error("mirror: clustered log %s: %s", self.uuid, e.strerror or e)
+                self.stop.wait(1)
+                self.changed.set()
 
     def dtr(self):
         self.stop.set()
+        self.changed.set()
         try:
             self._call(T.DTR)
         except OSError as e:
@@ -185,8 +194,12 @@ class ClusteredLog(CoreLog):
 
     def flush(self):
         """The batch to the service: MARK, CLEAR, then FLUSH, which makes it one etcd txn.
-        Failing, the batch stays for the next flush and the writes waiting on it fail."""
-        if not self.to_mark and not self.to_clear:
+        Failing, the batch stays for the next flush and the writes waiting on it fail. FLUSH's
+        answer says how long this node's lease surely lives; with nothing to send, a FLUSH
+        goes anyway once a third of that has passed (the mirror's log writer calls this every
+        second), so the marks keep holding while the lease is renewed."""
+        asked = time.monotonic()
+        if not self.to_mark and not self.to_clear and asked < self.renew_at:
             return
         marks, clears = sorted(self.to_mark), sorted(self.to_clear)
         try:
@@ -194,11 +207,19 @@ class ClusteredLog(CoreLog):
                 self._call(T.MARK_REGION, pack_regions(marks))
             if clears:
                 self._call(T.CLEAR_REGION, pack_regions(clears))
-            self._call(T.FLUSH)
+            reply = self._call(T.FLUSH)
         except OSError as e:
             raise OSError(e.errno or errno.EIO, f"clustered log {self.uuid}: {e.strerror or e}") from None
+        left = U64.unpack(reply)[0] / 1000 if len(reply) == U64.size else 0.0
+        self.holds_until, self.renew_at = asked + left, asked + left / 3
         self.to_mark -= set(marks)
         self.to_clear -= set(clears)
+
+    def marks_hold(self):
+        """Past the lease's sure life the regions this node marked may be a survivor's to
+        resync: a write there goes through the service again (and fails while it cannot
+        renew the lease)."""
+        return time.monotonic() < self.holds_until
 
     def set_region_sync(self, region, in_sync):
         super().set_region_sync(region, in_sync)

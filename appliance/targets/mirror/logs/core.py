@@ -9,6 +9,7 @@ class CoreLog:
     name = "core"
     durable_marks = False  # a mark must reach the log before its write goes to the legs
     uuid = None  # the mirror's, for a log that keeps one (disk's header, clustered's name)
+    marks_lapse = False  # marks_hold() may turn false: every write must ask it (no fast path)
 
     def attach(self, mirror, parsed):
         """What a log kept outside the mirror needs from it before ctr (clustered's uuid,
@@ -61,6 +62,11 @@ class CoreLog:
 
     def flush(self):
         pass
+
+    def marks_hold(self):
+        """Whether the marks made so far still stand without asking the log again (a
+        clustered log's stand only while its node's etcd lease surely lives)."""
+        return True
 
     def mark_region(self, region):
         self.marked.add(region)
