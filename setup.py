@@ -3,7 +3,7 @@
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
-MODULES = ["sync", "fastops", "uring", "chunkstate", "gate", "transmit", "cowindex", "wire", "replies", "pagebuf", "tls", "budget"]
+MODULES = ["sync", "fastops", "uring", "chunkstate", "gate", "transmit", "cowindex", "wire", "replies", "pagebuf", "tls", "budget", "regionmap"]
 
 extensions = [
     Extension(

@@ -4,6 +4,9 @@ clients (fio, qemu-io), real crashes (SIGKILL of nbdkit and of the daemon)."""
 from __future__ import annotations
 
 import json
+import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,7 +23,7 @@ S = 512
 REGION = MiB  # the tests' region size
 
 
-def mirror_line(size, legs, log="core 2 2048 nosync", features="1 handle_errors"):
+def mirror_line(size, legs, log="core 2 2048 nosync", features="2 handle_errors keep_log"):
     words = " ".join(f"{leg} 0" for leg in legs)
     return f"0 {size // S} mirror {log} {len(legs)} {words} {features}".rstrip()
 
@@ -116,6 +119,28 @@ def test_a_new_mirror_copies_the_first_leg_to_the_others(make_daemon, image):
     assert "read 5000/5000" in qemu_io(d.uri("m"), f"read -P 0x5a {3 * MiB + 100} 5000").stdout
 
 
+def test_the_resync_copies_in_1_mib_pieces_several_at_once(make_daemon, image, nbdkit, tmp_path):
+    a, b = image("a.img", 16 * MiB), image("b.img", 16 * MiB)
+    poke(a, 9 * MiB, b"\x42" * 4096)
+    kitlog = tmp_path / "kit.log"
+    kit = nbdkit("--filter=log", "--filter=delay", "file", b, f"logfile={kitlog}", "wdelay=200ms")
+    d = make_daemon(device("m", mirror_line(16 * MiB, [a, remote(kit.sock)], log="core 1 8192")))
+    wait_for(lambda: in_sync(d), 30, "the initial sync")
+    assert read_file(a) == read_file(b)
+    inflight, most, sizes = set(), 0, []
+    for line in kitlog.read_text().splitlines():
+        m = re.search(r"(connection=\d+) Write id=(\d+) (offset=\S+ count=(0x[0-9a-f]+))?", line)
+        if not m:
+            continue
+        if "return" in line:
+            inflight.discard(m.group(1, 2))
+        else:
+            inflight.add(m.group(1, 2))
+            sizes.append(int(m.group(4), 16))
+            most = max(most, len(inflight))
+    assert sizes == [MiB] * 16 and most >= 4, (sizes, most)  # 0.2 s each: one at a time would take 3 s
+
+
 def test_a_region_being_resynced_holds_writes_to_it_only(make_daemon, image, nbdkit):
     a, b = image("a.img", 8 * MiB), image("b.img", 8 * MiB)
     kit = nbdkit("--filter=delay", "file", a, "rdelay=3")  # the source's reads take 3 s
@@ -175,6 +200,19 @@ def test_fail_and_reinstate_by_message(make_daemon, image):
     assert "1 regions to resync" in d.cli("message", "m", "0", "reinstate_leg", b).stdout
     wait_for(lambda: in_sync(d), 20, "the resync")
     assert read_file(a) == read_file(b) and mstatus(d)["resynced_regions"] == 1
+
+
+def test_without_keep_log_a_leg_that_comes_back_is_copied_whole(make_daemon, image):
+    """dm's keep_log: only with it does the log keep, for a dead leg, which regions it missed."""
+    a, b = image("a.img", 8 * MiB), image("b.img", 8 * MiB)
+    d = make_daemon(device("m", mirror_line(8 * MiB, [a, b], features="1 handle_errors")))
+    d.cli("message", "m", "0", "fail_leg", b)
+    qemu_io(d.uri("m"), f"write -P 0x45 {5 * MiB} 64k")
+    st = mstatus(d)
+    assert st["legs"][1]["stale_regions"] == 8 and st["in_sync_regions"] == 0, st
+    assert "8 regions to resync" in d.cli("message", "m", "0", "reinstate_leg", b).stdout
+    wait_for(lambda: in_sync(d), 20, "the resync")
+    assert read_file(a) == read_file(b) and mstatus(d)["resynced_regions"] == 8
 
 
 def test_daemon_killed_mid_write_resyncs_only_the_dirty_regions(make_daemon, image, tmp_path):
@@ -346,6 +384,32 @@ def test_a_leg_the_log_does_not_know_is_fully_resynced_and_a_log_of_other_legs_i
         d.restart()
 
 
+def test_a_leg_replaced_under_its_name_is_fully_resynced_and_all_legs_replaced_are_refused(
+        make_daemon, image):
+    """The log keeps what stood behind each leg's name (a file's inode, a disk's WWN): another
+    file under the same name (an old copy, another mirror's leg) is never trusted."""
+    a, b = image("a.img", 8 * MiB), image("b.img", 8 * MiB)
+    logdev = image("log.img", MiB)
+    d = make_daemon(device("m", mirror_line(8 * MiB, [a, b], log=f"disk 3 {logdev} 2048 nosync")))
+    qemu_io(d.uri("m"), "write -P 0x3c 0 8M")
+    d.stop()
+    with open(b + ".other", "wb") as f:
+        f.write(b"\x99" * (8 * MiB))
+    os.replace(b + ".other", b)
+    d.restart()
+    wait_for(lambda: in_sync(d), 20, "the replaced leg's full resync")
+    st = mstatus(d)
+    assert st["legs"][1]["note"] == "another file or disk than the log recorded under this name: fully resynced"
+    assert "note" not in st["legs"][0] and st["resynced_regions"] == 8, st
+    assert read_file(b) == read_file(a) == b"\x3c" * (8 * MiB)
+    d.stop()
+    for leg in (a, b):
+        shutil.copyfile(leg, leg + ".copy")
+        os.replace(leg + ".copy", leg)
+    with pytest.raises(RuntimeError, match="is the log of other files or disks than the legs now at"):
+        d.restart()
+
+
 def test_a_dead_primary_stays_untrusted_across_a_restart(make_daemon, image):
     """The log records that leg a died and b became the primary: after a restart, a's stale
     region is copied from b, never the other way (that would lose the write a missed)."""
@@ -372,11 +436,15 @@ def test_a_log_device_that_fails_fails_the_writes_it_cannot_mark(make_daemon, im
     logimg = image("log.img", MiB)
     # the log device takes writes for 3 s, then fails them for a minute
     d = make_daemon(device("mlog", f"0 {MiB // S} flakey {logimg} 0 3 60 1 error_writes")
-                    + device("m", mirror_line(8 * MiB, [a, b], log="disk 3 @mlog 2048 nosync")))
+                    + device("m", mirror_line(8 * MiB, [a, b], log="disk 3 @mlog 128 nosync")))
     assert "wrote 4096/4096" in qemu_io(d.uri("m"), "write -P 0x21 0 4k").stdout
-    wait_for(lambda: mstatus(d)["log"]["state"] == "failed" or
-          "Input/output error" in qemu_io(d.uri("m"), f"write -P 0x22 {6 * MiB} 4k", check=False).stdout,
-          20, "the log device to fail")
+    fresh = iter(range(1, 100))  # 64 KiB regions never written: each write needs its mark
+
+    def write_fails():
+        off = next(fresh) * 65536
+        return "Input/output error" in qemu_io(d.uri("m"), f"write -P 0x22 {off} 4k", check=False).stdout
+
+    wait_for(lambda: mstatus(d)["log"]["state"] == "failed" or write_fails(), 20, "the log device to fail")
     out = qemu_io(d.uri("m"), f"write -P 0x23 {7 * MiB} 4k", check=False).stdout
     assert "Input/output error" in out, out  # never written to a leg without its mark on the log
     assert read_file(a, 7 * MiB, 4096) == read_file(b, 7 * MiB, 4096) == bytes(4096)

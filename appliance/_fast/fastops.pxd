@@ -24,6 +24,12 @@ cdef enum:
 ctypedef int (*fast_fn)(FastDesc *d, uint64_t off, char *buf, uint64_t n, int fua,
                         FdPiece *out, int room) noexcept nogil
 
+# A write whose pieces `write` returned is done on all of them (err: the first error, a host
+# errno, or 0), before it is answered. For descriptors that are `alone` (their state counts the
+# writes in flight: a region map that must know when none is). A write returning several
+# pieces of one buffer on several fds is a fan-out (copies of the data).
+ctypedef void (*fast_done_fn)(FastDesc *d, uint64_t off, uint64_t n, int err) noexcept nogil
+
 cdef struct FastDesc:
     fast_fn read
     fast_fn write
@@ -34,6 +40,10 @@ cdef struct FastDesc:
     uint32_t align      # every piece's offset, length and place in the buffer (O_DIRECT)
     int alone           # may act and then decline: a request must not span another segment
     int buffered        # fd is not O_DIRECT
+    fast_done_fn write_done  # NULL: nothing to tell
+    int errors_slow     # a piece's error is not the reply: the request is served again by the
+                        # slow path (map()), which decides what the error means (a fan-out
+                        # may succeed on the other copies)
 
 cdef class FastOps:
     cdef FastDesc desc

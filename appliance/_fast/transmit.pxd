@@ -25,6 +25,8 @@ cdef struct Req:
     int pending         # engine I/Os not finished
     int err             # the first error of any piece (host errno)
     int next_free
+    int seg             # the gate segment a fast request started in
+    int retry           # a descriptor it used has errors_slow
     IoOp ops[MAX_PIECES]
 
 # Fast replies the loop gathers while it reaps, sent with one sendmsg: fewer system calls
@@ -86,6 +88,7 @@ cdef class Connection:
     cdef void done_one(self) noexcept nogil
     cdef int start_fast(self, Req *r) noexcept nogil
     cdef void finish(self, Req *r) noexcept nogil
+    cdef void redo_slow(self, Req *r) noexcept nogil
     cdef void flush_replies(self) noexcept nogil
     cdef int reap(self) noexcept nogil
     cdef void op_done(self, IoOp *op) noexcept nogil

@@ -14,9 +14,13 @@ completes, out of order as the protocol allows.
   is unavailable. On a buffered (not O_DIRECT) fd, a read the page cache holds
   is served inline (preadv2 RWF_NOWAIT; what is not cached goes to the ring),
   and a write is copied into the page cache inline, which is cheaper than the
-  kernel worker io_uring would hand it to. FUA is the write, then fdatasync once it is done. A FLUSH
-  on a device whose descriptors can all flush is an fdatasync of each fd in
-  the engine too, so it never holds up the connection's other requests.
+  kernel worker io_uring would hand it to. A write may be several pieces of one
+  buffer on several fds (a fan-out): it is answered when all are done, after the
+  descriptor's write_done; a failed piece of a descriptor with errors_slow sends
+  the request to the slow path whole. FUA is the write, then fdatasync once it
+  is done. A FLUSH on a device whose descriptors can all flush is an fdatasync
+  of each fd in the engine too, so it never holds up the connection's other
+  requests.
 - The slow path: everything else goes to `dispatch` in Python (with the GIL),
   which maps it through the target stack and replies later, from whatever
   thread completes it, through reply()/reply_read()/send_raw(). `unplug()` is
@@ -406,8 +410,11 @@ cdef class Connection:
             pos, end = r.offset, r.offset + r.length
         if i < 0:
             return 0
+        r.seg = i
+        r.retry = 0
         while pos < end:
             seg = &self.gate.segs[i]
+            r.retry = r.retry or seg.desc.errors_slow
             n = (seg.end if seg.end < end else end) - pos
             fn = seg.desc.flush if flush else (seg.desc.read if r.cmd == CMD_READ else seg.desc.write)
             k = -1 if fn == NULL else fn(&seg.desc, 0 if flush else pos - seg.start, p, 0 if flush else n,
@@ -462,10 +469,17 @@ cdef class Connection:
         return 1
 
     cdef void finish(self, Req *r) noexcept nogil:
-        """Answer a fast request: an error at once, a success into the batch."""
+        """Answer a fast request: an error at once, a success into the batch; an error of a
+        descriptor with errors_slow makes it a slow request instead."""
         cdef Batch *b = &self.batch
         cdef char *h
+        cdef FastSeg *seg = &self.gate.segs[r.seg]
+        if r.cmd == CMD_WRITE and seg.desc.write_done != NULL:  # alone: the one segment
+            seg.desc.write_done(&seg.desc, r.offset - seg.start, r.length, r.err)
         self.gate.exit()
+        if r.err and r.retry:
+            self.redo_slow(r)
+            return
         if r.err:
             rq_error(&self.out, self.structured, r.cookie, nbd_errno(r.err), r.cmd == CMD_READ)
             self.put_req(r)
@@ -495,6 +509,15 @@ cdef class Connection:
             r.paid = 0
         b.reqs[b.n] = r
         b.n += 1
+
+    cdef void redo_slow(self, Req *r) noexcept nogil:
+        """A fast request that failed goes to the slow path whole, with its payload (the
+        target maps it again and decides what the error means)."""
+        pthread_mutex_lock(&self.lock)
+        self.inflight += 1
+        pthread_mutex_unlock(&self.lock)
+        self.slow_since_wait = 1
+        self.dispatch_slow(r.cmd, r.flags, r.cookie, r.offset, r.length, r)
 
     cdef void flush_replies(self) noexcept nogil:
         cdef Batch *b = &self.batch

@@ -6,10 +6,15 @@ Writes go to every live leg in parallel, after their regions are marked in the l
 and complete when every leg answered. A leg that fails a write is dead (with handle_errors; the
 client's write succeeds if one leg took it) and the regions it missed are stale on it. Reads go
 to one leg that is not stale there, the one with the fewest I/Os in flight; a read error is
-retried on another leg (a fresh clone through the core), and a leg that answered with a medium
-error has that region rewritten from a good leg (read repair). The resync (resync.py) copies
-stale regions from a good leg in the background. The table, log types and messages are dm's;
-see README "Mirrors".
+retried on another leg (a fresh clone through the core), and the leg that failed has that
+region rewritten from a good leg (read repair): at once after an error of the `target` class
+(the storage answered), when it is back after a `path` error (the leg is failed then). The
+resync (resync.py) copies stale regions from a good leg in the background. The table, log types
+and messages are dm's; see README "Mirrors".
+
+When every leg is a file or disk, writes to regions whose marks are durable do not come here:
+the NBD loop fans them out to the legs' fds itself (fast_map, _fast/regionmap.pyx); the first
+error of such a write brings it here whole, to be written again and judged (handle_errors).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import logging
 import threading
 
 from ... import io as bio
+from ..._fast.regionmap import RegionMap
 from .. import Target, TargetError
 from . import table
 from .control import Control
@@ -62,6 +68,7 @@ class Mirror(Control, Target):
         self.region_size = p.region_size
         self.region_count = table.region_count(self.length, p.region_size)
         self.handle_errors = "handle_errors" in p.features
+        self.keep_log = "keep_log" in p.features
         self.features = p.features
         self.lock = threading.RLock()
         self.legs = []
@@ -77,6 +84,10 @@ class Mirror(Control, Target):
         if known and not known & {leg.word for leg in self.legs}:
             raise TargetError(f"the log device {p.log_dev} is the log of a mirror of other legs "
                               f"({', '.join(sorted(known))})")
+        if known and not [leg for leg in self.legs if self._known(leg)]:
+            raise TargetError(f"the log device {p.log_dev} is the log of other files or disks than "
+                              f"the legs now at {', '.join(sorted(known))} (copies, or other disks under "
+                              "those names); zero the log device to start this mirror over")
         self.log.set_legs([(leg.word, False) for leg in self.legs])  # refused now if they do not fit
         self.primary = 0
         self.repairs = 0
@@ -84,7 +95,23 @@ class Mirror(Control, Target):
         self.client_ios = 0
         self.started = False
         self.regions = RegionHash(self, self.log, durable_marks=self.log.durable_marks)
+        self.regions.fast = self.fastmap = self._region_map()
         self.resync = Resync(self)
+
+    def _region_map(self):
+        """The fast path's region map, if every leg is an fd the NBD loop can write and the
+        log's marks stand until cleared."""
+        fds = [getattr(leg.dev, "fd", None) for leg in self.legs]
+        if None in fds or len(self.legs) > 8 or self.log.marks_lapse:
+            return None
+        self.fast_align = max(getattr(leg.dev, "align", 1) for leg in self.legs)
+        if any(leg.offset % self.fast_align for leg in self.legs):
+            return None
+        return RegionMap(self.region_size, self.region_count,
+                         [(fd, leg.offset, not getattr(leg.dev, "direct", False)) for fd, leg in zip(fds, self.legs)])
+
+    def fast_map(self):
+        return self.fastmap.fast_ops(self.fast_align) if self.fastmap is not None else None
 
     def dtr(self):
         if getattr(self, "started", False):
@@ -111,6 +138,13 @@ class Mirror(Control, Target):
         self.regions.start()
         self.resync.resume()
 
+    def _known(self, leg):
+        """The log records this leg: its word, and the same file or disk behind it (a log or a
+        leg that keeps no identity compares by word)."""
+        recorded = dict(self.log.recorded or ())
+        was = self.log.recorded_ids.get(leg.word)
+        return leg.word in recorded and (not was or not leg.identity or was == leg.identity)
+
     def _first_resume(self):
         """What each leg holds, from the log (lock held). Where the legs may differ (the regions
         out of sync) only the primary is trusted; a leg the log records as dead missed writes
@@ -120,18 +154,19 @@ class Mirror(Control, Target):
         recorded = dict(log_.recorded or ())
         words = [w for w, _ in log_.recorded or ()]
         want = words[log_.primary] if log_.primary < len(words) else None
-        trusted = [leg for leg in self.legs if not recorded or (leg.word in recorded and not recorded[leg.word])]
+        trusted = [leg for leg in self.legs if not recorded or (self._known(leg) and not recorded[leg.word])]
         by_word = {leg.word: leg for leg in self.legs}
         if want in by_word and by_word[want] in trusted:
             self.primary = by_word[want].index
         elif recorded:
-            self.primary = (trusted or [leg for leg in self.legs if leg.word in recorded])[0].index
+            self.primary = (trusted or [leg for leg in self.legs if self._known(leg)])[0].index
         else:
             self.primary = log_.primary if log_.primary < len(self.legs) else 0
         for leg in self.legs:
-            if recorded and leg.word not in recorded:
+            if recorded and not self._known(leg):
                 leg.stale = set(everything)
-                leg.note = "not a leg of this mirror's log: fully resynced"
+                leg.note = ("not a leg of this mirror's log: fully resynced" if leg.word not in recorded else
+                            "another file or disk than the log recorded under this name: fully resynced")
                 for r in everything:
                     log_.set_region_sync(r, False)
             elif recorded.get(leg.word):
@@ -142,6 +177,7 @@ class Mirror(Control, Target):
             if leg.note:
                 log.warning("mirror: leg %s: %s", leg.word, leg.note)
         log_.set_legs([(leg.word, False) for leg in self.legs])
+        log_.set_identities({leg.word: leg.identity for leg in self.legs})
         log_.set_primary(self.primary)
 
     # the request path
@@ -208,11 +244,15 @@ class Mirror(Control, Target):
             return bio.DONE
         p["tried"].add(leg.index)
         p["error"] = p["error"] or error
-        if bio.error_class(error) == bio.PATH:
-            if self.handle_errors:
-                self.fail_leg(leg, f"read failed: {bio.error_name(error)}", path=True)
-        elif leg not in p["bad"]:
-            p["bad"].append(leg)  # a medium error: rewrite it from the leg that answers
+        if bio.error_class(error) == bio.PATH and self.handle_errors:
+            # the leg is gone (or its transport says so): it is failed, and reinstated when its
+            # device is back
+            self.fail_leg(leg, f"read failed: {bio.error_name(error)}", path=True)
+        if leg not in p["bad"]:
+            # either way the region is rewritten on it from the leg that answers: at once for an
+            # error the storage answered (read repair), when it is back for a failed leg (a
+            # remote server's EIO may come classed as a path error; its data is suspect too)
+            p["bad"].append(leg)
         with self.lock:
             others = any(not x.dead and x.index not in p["tried"] for x in self.legs)
         if not others:
@@ -222,11 +262,10 @@ class Mirror(Control, Target):
 
     def _repair(self, legs, regions):
         """Legs that failed a read there take the region again from a good leg (the resync
-        copies it; the region's writes wait meanwhile, so the copy cannot undo a newer write)."""
+        copies it, to a dead leg once it is back; the region's writes wait meanwhile, so the
+        copy cannot undo a newer write)."""
         with self.lock:
             for leg in legs:
-                if leg.dead:
-                    continue
                 for r in regions:
                     leg.stale.add(r)
                     self.log.set_region_sync(r, False)
@@ -363,6 +402,14 @@ class Mirror(Control, Target):
             if leg.dead:
                 return False
             leg.fail(why, path)
+            if not self.keep_log:
+                # dm without keep_log: no record is kept of what the leg misses from now on, so
+                # when it comes back it is copied whole (the log says so too, for a restart)
+                leg.stale = set(range(self.region_count))
+                for r in range(self.region_count):
+                    self.log.set_region_sync(r, False)
+            if self.fastmap is not None:
+                self.fastmap.enabled = False  # the slow path marks what a dead leg misses
             self.log.set_leg_dead(leg.index, True)
             log.error("mirror: leg %s is dead: %s", leg.word, why)
             live = [x for x in self.legs if not x.dead]
@@ -379,6 +426,8 @@ class Mirror(Control, Target):
             if not leg.dead:
                 return False
             leg.dead, leg.why = False, None
+            if self.fastmap is not None:
+                self.fastmap.enabled = not any(x.dead for x in self.legs)
             self.log.set_leg_dead(leg.index, False)
             self.regions.after_flush(lambda e: None)
             self.log.resume()  # the resync looks at every region again

@@ -82,8 +82,11 @@ class Control:
                 "resync": self.resync.progress(),
                 "verify": self.resync.verify_status(),
                 "log": {"type": self.log.name, "state": "failed" if self.log.failed else "ok",
-                        "log_writes": self.regions.log_writes},
+                        "log_writes": self.regions.log_writes, "uuid": self.log.uuid},
                 "handle_errors": self.handle_errors,
+                # writes the NBD loop fanned out itself; those a leg failed went the slow way
+                "fast_writes": self.fastmap.writes if self.fastmap is not None else None,
+                "fast_writes_failed": self.fastmap.failed if self.fastmap is not None else None,
             }
             if self.log.failed:
                 info["log"]["error"] = self.log.failed

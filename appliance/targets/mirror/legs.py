@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import stat
 import time
+
+from ... import udev
 
 ALIVE, DEAD, RESYNCING = "alive", "dead", "resyncing"
 
@@ -19,6 +23,7 @@ class Leg:
         self.word = word
         self.dev = dev
         self.offset = offset
+        self.identity = identity(dev)
         self.dead = False
         self.why = None  # why it is dead
         self.died = 0.0  # when (monotonic)
@@ -56,3 +61,27 @@ class Leg:
             self.seen_down = True
             return False
         return self.seen_down or time.monotonic() - self.died > 2.0
+
+
+def identity(dev):
+    return _identity(dev)[:64]  # as much as the disk log keeps
+
+
+def _identity(dev):
+    """What stands behind a leg's word, so that another file or disk put under the same name is
+    not taken for the leg the log knows: a file's file system and inode; a disk's WWN or serial
+    (udev's, sysfs'), else its device number, and its partition number. "" for a remote export
+    or a mapped device: their word is all there is."""
+    fd = getattr(dev, "fd", None)
+    if fd is None:
+        return ""
+    st = os.fstat(fd)
+    if not stat.S_ISBLK(st.st_mode):
+        return f"file:{os.fstatvfs(fd).f_fsid:x}:{st.st_ino}"
+    sysfs = udev.SYSFS
+    name = sysfs.name_of(st.st_rdev)
+    ids = sorted(sysfs.wwns(name) or sysfs.serials(name)) if name else []
+    if not ids:
+        return f"disk:{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
+    part = sysfs.uevent(name).get("PARTN")  # a partition shares its disk's WWN
+    return f"disk:{ids[0]}" + (f":part{part}" if part else "")

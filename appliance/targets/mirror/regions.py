@@ -8,6 +8,12 @@ A region is cleared some time (CLEAR_DELAY) after its last write completed on ev
 is in sync, and only after the legs were flushed: a clear on the log must never claim data
 that could still be lost from a leg's cache. A region under recovery takes no new writes
 (they wait for that region only), and recovery starts once its pending writes are done.
+
+With legs that are all files or disks, a region whose mark is durable is granted to the
+compiled fast path (`fast`, _fast/regionmap.pyx): the NBD loop then writes it to every leg
+itself. The region comes back here (revoke, waiting for the fast writes in flight) before it
+may be cleared or recovered: a region idle for a sweep (CLEAR_DELAY) is revoked and cleared as
+any other. So a write reaches a leg only while its region's mark is durable, on either path.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ class RegionHash:
         self._flushed = None  # the sequence number the last completed leg flush covers
         self._stop = False
         self._thread = None
+        self.fast = None  # the fast path's RegionMap, if the legs allow one
 
     def start(self):
         if self._thread is None:
@@ -84,7 +91,24 @@ class RegionHash:
         if need_flush:
             self.after_flush(issue)
             return False
+        self._grant(regions)
         return True
+
+    def _grant(self, regions):
+        """Durably marked regions go to the fast path (lock held)."""
+        if self.fast is not None:
+            for r in regions:
+                if r in self.durable and r not in self.recovering and r not in self.clearable:
+                    self.fast.grant(r)
+
+    def _revoked(self, regions):
+        """Regions the fast path gave back (lock held): clearable once no slow write is in
+        flight there either (end_write makes them clearable otherwise)."""
+        if regions:
+            self.seq += 1
+        for r in regions:
+            if not self.pending.get(r):
+                self.clearable[r] = self.seq
 
     def after_flush(self, fn):
         """Run `fn` once the log is on its device with everything marked so far (lock held)."""
@@ -98,6 +122,8 @@ class RegionHash:
             self.pending[r] -= 1
             if self.pending[r] == 0:
                 del self.pending[r]
+                if self.fast is not None and self.fast.is_granted(r):
+                    continue  # fast writes may still come: the sweep gives it back
                 self.clearable[r] = self.seq
                 if r in self.recovering:
                     self.lock.notify_all()
@@ -108,6 +134,10 @@ class RegionHash:
         """Stop new writes to region r and wait for those in flight (not with the lock held)."""
         with self.lock:
             self.recovering.add(r)
+        if self.fast is not None and self.fast.revoke(r):  # waits for its fast writes
+            with self.lock:
+                self._revoked([r])
+        with self.lock:
             while self.pending.get(r):
                 self.lock.wait()
 
@@ -122,7 +152,7 @@ class RegionHash:
     # the log writer
 
     def _run(self):
-        last_round = time.monotonic()
+        last_round = last_sweep = time.monotonic()
         while True:
             with self.lock:
                 if not self.batch and not self._stop and self._flushed is None:
@@ -134,8 +164,11 @@ class RegionHash:
                 flushed, self._flushed = self._flushed, None
                 if flushed is not None:
                     self._apply_clears(flushed)
-                start_round = (self._round is None and bool(self.clearable)
-                               and time.monotonic() - last_round >= CLEAR_DELAY)
+                now = time.monotonic()
+                if self.fast is not None and now - last_sweep >= CLEAR_DELAY:
+                    last_sweep = now
+                    self._revoked(self.fast.sweep())
+                start_round = self._round is None and bool(self.clearable) and now - last_round >= CLEAR_DELAY
                 if start_round:
                     self._round = self.seq
             if start_round:
@@ -145,6 +178,7 @@ class RegionHash:
             with self.lock:
                 if not error:
                     self.durable |= marked
+                    self._grant(marked)
                 else:
                     self.marking |= marked  # not durable: the next flush tries again
             for fn in batch:
@@ -199,6 +233,8 @@ class RegionHash:
         """Clear what may be cleared and write the log (postsuspend, dtr): with the log writer
         stopped and no write in flight."""
         with self.lock:
+            if self.fast is not None:
+                self._revoked(self.fast.revoke_all())
             seq = self.seq
         if not self.durable_marks or self.mirror.flush_legs():
             with self.lock:

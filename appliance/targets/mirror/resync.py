@@ -2,13 +2,14 @@
 (compare the legs region by region, as DRBD's online verify), and legs that come back by
 themselves.
 
-One thread, a few regions at a time. A region is copied with its writes held
+One thread starts the copy; the I/O runs in the legs' devices (copy.py: 1 MiB chunks, 8 in
+flight, regions one after another without a pause). A region is copied with its writes held
 (RegionHash.begin_recovery: new writes to that region wait, those in flight finish first), read
 from a leg that is not stale there (the primary first) and written to every live leg that is
-stale there; then the region is
-in sync once no leg, live or dead, is stale there. The copy is throttled to `rate` bytes/s, or,
-with no rate (0), adaptively: after a copy during which clients did I/O, it rests as long as the
-copy took, so clients keep at least half the time.
+stale there; then the region is in sync once no leg, live or dead, is stale there. The copy is
+paced to `rate` bytes/s, or, with no rate (0), adaptively: after a slice of the copy (8 MiB)
+during which clients did I/O, it rests as long as that slice took, so clients keep at least
+half the time.
 """
 
 from __future__ import annotations
@@ -18,14 +19,14 @@ import threading
 import time
 
 from ... import io as bio
+from .copy import CHUNK, DEPTH, RegionCopy, Stream
 from .sync_io import sync_io
-
-BATCH = 4  # regions copied at once
 
 log = logging.getLogger("appliance.mirror")
 
 POLL = 0.2  # how often an idle resync looks at dead legs
 MAX_REPORTED = 100  # differing regions a verify lists
+OPEN = 4  # regions being copied at once (their writes wait): with small regions, no more
 
 
 class Resync:
@@ -43,6 +44,8 @@ class Resync:
         self._paused = True
         self._busy = threading.Lock()  # held while a region is worked on
         self._thread = None
+        self._chunks = Stream()
+        self._since = None  # when the copy running now started
 
     # control
 
@@ -82,7 +85,9 @@ class Resync:
     def progress(self):
         m = self.m
         remaining = m.region_count - m.log.get_sync_count()
-        speed = self.copied / self.active if self.active > 0 else 0
+        since = self._since
+        active = self.active + (time.monotonic() - since if since else 0)
+        speed = self.copied / active if active > 0 else 0
         out = {"remaining_regions": remaining, "rate": self.rate or "adaptive",
                "bytes_per_second": int(speed),
                "progress": round(m.log.get_sync_count() / m.region_count, 4) if m.region_count else 1.0}
@@ -108,11 +113,11 @@ class Resync:
                     self._verify_wanted = False
                     self._verify()
                     continue
-                batch = self._next_batch()
-                if batch:
-                    self._recover(batch)
-            if not batch:
-                self._wait()
+                self._stream()
+            if self._backoff:  # a copy failed on a leg that stays: do not spin on it
+                self._backoff = False
+                self._stop.wait(1.0)
+            self._wait()
 
     def _wait(self):
         self._wake.wait(POLL)
@@ -139,48 +144,83 @@ class Resync:
         start = r * m.region_size
         return start, min(m.region_size, m.length - start)
 
-    def _next_batch(self):
-        """Up to BATCH regions that can be copied now (a source and a stale live leg)."""
-        batch = []
-        while len(batch) < BATCH:
-            with self.m.lock:
-                r = self.m.log.get_resync_work()
-            if r is None:
-                break
-            if self._legs_for(r)[0] is not None:
-                batch.append(r)
-        return batch
-
-    def _recover(self, regions):
-        """Copy a few regions at once: each one's writes to the stale legs start as soon as its
-        read is in, so reads and writes of neighbouring regions overlap."""
+    def _next_region(self):
+        """The next region out of sync that can be copied now, its writes held; None at the end
+        of a pass."""
         m = self.m
-        t0 = time.monotonic()
-        ios = m.client_ios
-        for r in regions:
-            m.regions.begin_recovery(r)
-        copies = []
-        try:
-            for r in regions:
-                src, dsts = self._legs_for(r)  # the legs may have changed while writes drained
-                if src is not None:
-                    copies.append(_Copy(r, *self._span(r), src, dsts))
-            run_copies(copies)
-            for c in copies:
-                if c.read_error:
-                    self._failed(c.src, "resync read", c.read_error)
-                for dst, err in c.write_errors:
-                    self._failed(dst, "resync write", err)
+        while True:
             with m.lock:
-                for c in copies:
-                    self._copied(c)
-        finally:
-            for r in regions:
+                r = m.log.get_resync_work()
+            if r is None:
+                return None
+            if self._legs_for(r)[0] is None:
+                continue
+            m.regions.begin_recovery(r)
+            src, dsts = self._legs_for(r)  # the legs may have changed while writes drained
+            if src is None:
                 m.regions.end_recovery(r)
-        self._throttle(sum(c.length for c in copies), time.monotonic() - t0, m.client_ios != ios)
-        if self._backoff:  # after the regions' writes were let go
-            self._backoff = False
-            self._stop.wait(1.0)
+                continue
+            return RegionCopy(r, *self._span(r), src, dsts)
+
+    def _stream(self):
+        """Copy the regions out of sync, one after another without a pause between them
+        (copy.py: DEPTH chunks in flight), until a pass finds no more, a copy fails, or the
+        resync is paused or stopped. Each region is finished (in sync, its writes let go) as
+        soon as its last chunk is."""
+        m, s = self.m, self._chunks
+        cur = None
+        open_ = 0  # regions begun and not finished
+        started = 0  # bytes started in this stream (resync_rate)
+        t0 = self._since = time.monotonic()
+        slice_t, slice_bytes, slice_ios = t0, 0, m.client_ios
+        rest_until = 0.0
+        try:
+            while True:
+                for c in s.take_finished():
+                    open_ -= 1
+                    self._finish(c)
+                halt = self._stop.is_set() or self._paused or self._backoff
+                if halt and cur is not None and not cur.started_all:
+                    s.abort(cur)
+                if cur is None or cur.started_all:
+                    cur = None if halt or open_ >= OPEN else self._next_region()
+                    open_ += cur is not None
+                    if cur is None:
+                        if not open_:
+                            return
+                        s.wait(POLL)
+                        continue
+                now = time.monotonic()
+                wait = rest_until - now
+                if self.rate:
+                    wait = max(wait, started / self.rate - (now - t0))
+                if wait > 0:
+                    s.wait(wait)
+                    continue
+                if not s.free:
+                    s.wait(POLL)
+                    continue
+                started += s.start(cur)
+                if not self.rate and started - slice_bytes >= DEPTH * CHUNK:
+                    # adaptive: clients that did I/O during a slice get as long again alone
+                    if m.client_ios != slice_ios:
+                        rest_until = now + (now - slice_t)
+                    slice_t, slice_bytes, slice_ios = time.monotonic(), started, m.client_ios
+        finally:
+            self.active += time.monotonic() - t0
+            self._since = None
+
+    def _finish(self, c):
+        m = self.m
+        try:
+            if c.read_error:
+                self._failed(c.src, "resync read", c.read_error)
+            for dst, err in c.write_errors.items():
+                self._failed(dst, "resync write", err)
+            with m.lock:
+                self._copied(c)
+        finally:
+            m.regions.end_recovery(c.region)
 
     def _copied(self, c):
         """Region c.region is on c.done now (lock held)."""
@@ -193,7 +233,7 @@ class Resync:
         if not any(r in leg.stale for leg in m.legs):
             m.log.set_region_sync(r, True)
             m.regions.note_synced(r)  # the log writer clears it once the legs are flushed
-        elif c.read_error or c.write_errors:
+        elif c.read_error or c.write_errors or c.aborted:
             m.log.set_region_sync(r, False)  # the search comes back to it (after _failed's pause)
         if c.done:
             self.resynced += 1
@@ -206,16 +246,6 @@ class Resync:
             m.fail_leg(leg, f"{what} failed: {bio.error_name(err)}", path=bio.error_class(err) == bio.PATH)
         else:
             self._backoff = True  # do not spin on a leg that keeps failing
-
-    def _throttle(self, n, took, clients):
-        rest = 0.0
-        if self.rate:
-            rest = n / self.rate - took
-        elif clients:
-            rest = took
-        self.active += took + max(rest, 0)
-        if rest > 0:
-            self._stop.wait(rest)
 
     def _verify(self):
         """Compare every in-sync region on the live legs; a region that differs is reported
@@ -258,51 +288,3 @@ class Resync:
         v["checked"] = m.region_count
         v["running"] = False
         self.kick()
-
-
-class _Copy:
-    """One region's copy: read from `src`, then written to every leg of `dsts`."""
-
-    def __init__(self, region, start, length, src, dsts):
-        self.region, self.start, self.length, self.src, self.dsts = region, start, length, src, dsts
-        self.buf = bytearray(length)
-        self.read_error = 0
-        self.write_errors = []
-        self.done = []
-
-
-def run_copies(copies):
-    """Start every copy's read; each read that succeeds starts its writes (no FUA: a region's
-    mark is cleared only after a FLUSH of the legs). Returns once every I/O is done."""
-    lock = threading.Condition()
-    left = [sum(1 + len(c.dsts) for c in copies)]
-
-    def finished(n=1):
-        with lock:
-            left[0] -= n
-            lock.notify_all()
-
-    def wrote(c, dst, io):
-        with lock:
-            if io.error:
-                c.write_errors.append((dst, io.error))
-            else:
-                c.done.append(dst)
-        finished()
-
-    def read(c, io):
-        if io.error:
-            c.read_error = io.error
-            finished(1 + len(c.dsts))
-            return
-        for dst in c.dsts:
-            dst.dev.submit(bio.IO(bio.WRITE, dst.offset + c.start, c.length, c.buf, 0,
-                                  lambda w, c=c, dst=dst: wrote(c, dst, w)))
-        finished()
-
-    for c in copies:
-        c.src.dev.submit(bio.IO(bio.READ, c.src.offset + c.start, c.length, c.buf, 0,
-                                lambda io, c=c: read(c, io)))
-    with lock:
-        while left[0]:
-            lock.wait()

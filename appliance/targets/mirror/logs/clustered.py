@@ -54,6 +54,7 @@ def _in_process_service(settings, path):
 class ClusteredLog(CoreLog):
     name = "clustered"
     durable_marks = True
+    marks_lapse = True  # with the node's lease
 
     def attach(self, mirror, parsed):
         ctx = mirror.ctx

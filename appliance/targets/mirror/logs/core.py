@@ -8,6 +8,8 @@ from __future__ import annotations
 class CoreLog:
     name = "core"
     durable_marks = False  # a mark must reach the log before its write goes to the legs
+    uuid = None  # the mirror's, for a log that keeps one (disk's header, clustered's name)
+    marks_lapse = False  # marks_hold() may turn false: every write must ask it (no fast path)
 
     def attach(self, mirror, parsed):
         """What a log kept outside the mirror needs from it before ctr (clustered's uuid,
@@ -31,6 +33,8 @@ class CoreLog:
         self.primary = 0  # the leg that is the source for regions out of sync
         self.legs = []  # [(word, dead)]: which legs the log is about, and which are dead
         self.recorded = None  # the legs a log that survives restarts found on its device
+        self.recorded_ids = {}  # and what stood behind each leg's word then (legs.identity)
+        self.identities = {}  # leg word -> identity, kept with the legs' records
         self.failed = None  # why the log device cannot be written
 
     def dtr(self):
@@ -100,6 +104,9 @@ class CoreLog:
 
     def set_leg_dead(self, index, dead):
         self.legs[index] = (self.legs[index][0], dead)
+
+    def set_identities(self, ids):
+        self.identities = dict(ids)
 
     # reporting
     def status(self):

@@ -2,10 +2,12 @@
 of the regions that were being written, not of the whole mirror.
 
 Layout of the log device, in 4 KiB blocks:
-  block 0   header: magic "APMIRLG1", u32 version, u32 primary leg, u64 region size (bytes),
-            u64 region count, u32 number of legs, then per leg: u8 dead, u16 length, its word
-            from the table (the sidecar record of a raw leg); crc32 of the block's first
-            4092 bytes in its last 4 (all little-endian)
+  block 0   header: magic "APMIRLG1", u32 version (2), u32 primary leg, u64 region size
+            (bytes), u64 region count, u32 number of legs, the mirror's 16-byte UUID, then per
+            leg (the sidecar record of a raw leg): u8 dead, u16 length, its word from the table,
+            u8 length, its identity (legs.identity: the file's inode, the disk's WWN); crc32
+            of the block's first 4092 bytes in its last 4 (all little-endian). Version 1 (no
+            UUID, no identities) is read and written again as version 2.
   block 1.. bitmap: bit r (byte r // 8, bit r % 8) set = region r may differ between the legs
             (a write was in flight, or a leg missed writes there); clear = the legs are equal.
 A zeroed device is formatted on first use: every region set (the initial sync) unless
@@ -18,6 +20,7 @@ from __future__ import annotations
 import errno
 import os
 import struct
+import uuid
 import zlib
 
 from ... import TargetError
@@ -27,7 +30,8 @@ from .core import CoreLog
 
 BLOCK = 4096
 MAGIC = b"APMIRLG1"
-VERSION = 1
+VERSION = 2
+MAX_IDENTITY = 64  # bytes of a leg's identity kept
 _HEADER = struct.Struct("<8sIIQQI")  # magic, version, primary, region_size, region_count, legs
 _LEG = struct.Struct("<BH")  # dead, length of the word
 
@@ -53,7 +57,8 @@ class DiskLog(CoreLog):
         self.loaded = False
         self.formatted = False  # this table formatted the device
         header = self._read_header()  # a device that is not a log for this table is refused at load
-        self.recorded = header[1] if header else None
+        if header:
+            _, self.recorded, self.recorded_ids, self.uuid = header
 
     # the bitmap on disk is `marked | out_of_sync`: every region that may differ
 
@@ -92,8 +97,8 @@ class DiskLog(CoreLog):
             self.loaded = True
 
     def _read_header(self):
-        """(primary, [(word, dead)] per leg) from the header, or None for a zeroed device;
-        TargetError if it is not a log for this table's regions."""
+        """(primary, [(word, dead)] per leg, {word: identity}, uuid) from the header, or None
+        for a zeroed device; TargetError if it is not a log for this table's regions."""
         head = bytearray(BLOCK)
         if sync_io(self.dev, bio.READ, 0, BLOCK, head):
             raise TargetError("cannot read the log device")
@@ -104,39 +109,60 @@ class DiskLog(CoreLog):
             raise TargetError("the log device holds something else than a mirror log (zero it to format it)")
         if struct.unpack_from("<I", head, BLOCK - 4)[0] != zlib.crc32(head[: BLOCK - 4]):
             raise TargetError("the mirror log's header is damaged (bad checksum)")
-        if version != VERSION:
-            raise TargetError(f"the mirror log is version {version}; this appliance reads version {VERSION}")
+        if version not in (1, VERSION):
+            raise TargetError(f"the mirror log is version {version}; this appliance reads versions 1 and {VERSION}")
         if (region_size, count) != (self.region_size, self.region_count):
             raise TargetError(f"the mirror log is for {count} regions of {region_size // 512} sectors; "
                               f"the table has {self.region_count} of {self.region_size // 512}")
-        legs, pos = [], _HEADER.size
+        legs, ids, pos = [], {}, _HEADER.size
+        mirror_uuid = None
+        if version >= 2:
+            mirror_uuid = str(uuid.UUID(bytes=bytes(head[pos : pos + 16])))
+            pos += 16
         for _ in range(nlegs):
             dead, n = _LEG.unpack_from(head, pos)
             pos += _LEG.size
-            legs.append((bytes(head[pos : pos + n]).decode(errors="replace"), bool(dead)))
+            word = bytes(head[pos : pos + n]).decode(errors="replace")
+            legs.append((word, bool(dead)))
             pos += n
-        return primary, legs
+            if version >= 2:
+                n = head[pos]
+                ids[word] = bytes(head[pos + 1 : pos + 1 + n]).decode(errors="replace")
+                pos += 1 + n
+        return primary, legs, ids, mirror_uuid
 
     def _header(self):
         head = bytearray(BLOCK)
         _HEADER.pack_into(head, 0, MAGIC, VERSION, self.primary, self.region_size, self.region_count,
                           len(self.legs))
         pos = _HEADER.size
+        if self.uuid is None:  # a version 1 log gets one now
+            self.uuid = str(uuid.uuid4())
+        head[pos : pos + 16] = uuid.UUID(self.uuid).bytes
+        pos += 16
         for word, dead in self.legs:
-            raw = word.encode()
+            raw, ident = word.encode(), self.identities.get(word, "").encode()[:MAX_IDENTITY]
             _LEG.pack_into(head, pos, dead, len(raw))
             pos += _LEG.size
             head[pos : pos + len(raw)] = raw
             pos += len(raw)
+            head[pos] = len(ident)
+            head[pos + 1 : pos + 1 + len(ident)] = ident
+            pos += 1 + len(ident)
         struct.pack_into("<I", head, BLOCK - 4, zlib.crc32(head[: BLOCK - 4]))
         return bytes(head)
 
     def set_legs(self, legs):
-        words = sum(_LEG.size + len(w.encode()) for w, _ in legs)
-        if _HEADER.size + words > BLOCK - 4:
+        words = sum(_LEG.size + len(w.encode()) + 1 + MAX_IDENTITY for w, _ in legs)
+        if _HEADER.size + 16 + words > BLOCK - 4:
             raise TargetError(f"the legs' names take {words} bytes: more than the log's header holds")
         super().set_legs(legs)
         self.header_changed = True
+
+    def set_identities(self, ids):
+        if dict(ids) != self.identities:
+            super().set_identities(ids)
+            self.header_changed = True
 
     def set_leg_dead(self, index, dead):
         if self.legs[index][1] != dead:
@@ -149,7 +175,7 @@ class DiskLog(CoreLog):
             if header is None:
                 self._format()
                 return
-            primary, self.recorded = header
+            primary, self.recorded, self.recorded_ids, self.uuid = header
             self._check(sync_io(self.dev, bio.READ, BLOCK, len(self.bitmap), self.bitmap), "read")
         except (TargetError, OSError) as e:
             # no log to trust: every region may differ, and the status says why
@@ -169,6 +195,7 @@ class DiskLog(CoreLog):
 
     def _format(self):
         self.formatted = True
+        self.uuid = str(uuid.uuid4())
         if self.sync_arg != "nosync":
             for r in range(self.region_count):
                 self._set(r, True)
