@@ -30,6 +30,11 @@ ctypedef int (*fast_fn)(FastDesc *d, uint64_t off, char *buf, uint64_t n, int fu
 # pieces of one buffer on several fds is a fan-out (copies of the data).
 ctypedef void (*fast_done_fn)(FastDesc *d, uint64_t off, uint64_t n, int err) noexcept nogil
 
+# A READ whose pieces `read` returned (at least one) is done (err as for write_done), for
+# descriptors that are `alone`: `fd` is its first piece's (a mirror counts the reads in flight
+# on each leg, to balance them).
+ctypedef void (*fast_read_done_fn)(FastDesc *d, uint64_t off, uint64_t n, int fd, int err) noexcept nogil
+
 cdef struct FastDesc:
     fast_fn read
     fast_fn write
@@ -44,6 +49,7 @@ cdef struct FastDesc:
     int errors_slow     # a piece's error is not the reply: the request is served again by the
                         # slow path (map()), which decides what the error means (a fan-out
                         # may succeed on the other copies)
+    fast_read_done_fn read_done  # NULL: nothing to tell
 
 cdef class FastOps:
     cdef FastDesc desc

@@ -16,9 +16,9 @@ completes, out of order as the protocol allows.
   and a write is copied into the page cache inline, which is cheaper than the
   kernel worker io_uring would hand it to. A write may be several pieces of one
   buffer on several fds (a fan-out): it is answered when all are done, after the
-  descriptor's write_done; a failed piece of a descriptor with errors_slow sends
-  the request to the slow path whole. FUA is the write, then fdatasync once it
-  is done. A FLUSH on a device whose descriptors can all flush is an fdatasync
+  descriptor's write_done (a read after its read_done); a failed piece of a
+  descriptor with errors_slow sends the request to the slow path whole. FUA is
+  the write, then fdatasync once it is done. A FLUSH on a device whose descriptors can all flush is an fdatasync
   of each fd in the engine too, so it never holds up the connection's other
   requests.
 - The slow path: everything else goes to `dispatch` in Python (with the GIL),
@@ -476,6 +476,8 @@ cdef class Connection:
         cdef FastSeg *seg = &self.gate.segs[r.seg]
         if r.cmd == CMD_WRITE and seg.desc.write_done != NULL:  # alone: the one segment
             seg.desc.write_done(&seg.desc, r.offset - seg.start, r.length, r.err)
+        elif r.cmd == CMD_READ and seg.desc.read_done != NULL:
+            seg.desc.read_done(&seg.desc, r.offset - seg.start, r.length, r.ops[0].fd, r.err)
         self.gate.exit()
         if r.err and r.retry:
             self.redo_slow(r)

@@ -15,6 +15,8 @@ and messages are dm's; see README "Mirrors".
 When every leg is a file or disk, writes to regions whose marks are durable do not come here:
 the NBD loop fans them out to the legs' fds itself (fast_map, _fast/regionmap.pyx); the first
 error of such a write brings it here whole, to be written again and judged (handle_errors).
+Reads of regions in sync, with every leg alive, do not come here either: the NBD loop reads one
+leg, balanced as _choose does; a read error brings the read here whole (retry, read repair).
 """
 
 from __future__ import annotations
@@ -178,7 +180,10 @@ class Mirror(Control, Target):
                 log.warning("mirror: leg %s: %s", leg.word, leg.note)
         log_.set_legs([(leg.word, False) for leg in self.legs])
         log_.set_identities({leg.word: leg.identity for leg in self.legs})
-        log_.set_primary(self.primary)
+        self._set_primary_index(self.primary)
+        if self.fastmap is not None:  # the fast path reads where the log says the legs are equal
+            for r in range(self.region_count):
+                self.fastmap.set_in_sync(r, log_.in_sync(r))
 
     # the request path
 
@@ -187,6 +192,23 @@ class Mirror(Control, Target):
 
     def region_in_sync(self, r):
         return self.log.in_sync(r)
+
+    def set_region_sync(self, r, in_sync):
+        """Region r is equal on every leg, or no longer (lock held). The fast path stops reading
+        it before the log says it is out of sync, and reads it again only once the log says it
+        is in sync and no resync or verify holds it (RegionHash.end_recovery)."""
+        if self.fastmap is not None and not in_sync:
+            self.fastmap.set_in_sync(r, False)
+        self.log.set_region_sync(r, in_sync)
+        if self.fastmap is not None and in_sync and r not in self.regions.recovering:
+            self.fastmap.set_in_sync(r, True)
+
+    def _set_primary_index(self, index):
+        """The leg reads prefer and the resync copies from (lock held)."""
+        self.primary = index
+        self.log.set_primary(index)
+        if self.fastmap is not None:
+            self.fastmap.primary = index
 
     def prep_map(self, clone):
         if clone.op not in _READS:
@@ -268,7 +290,7 @@ class Mirror(Control, Target):
             for leg in legs:
                 for r in regions:
                     leg.stale.add(r)
-                    self.log.set_region_sync(r, False)
+                    self.set_region_sync(r, False)
                     self.to_repair.add((leg.index, r))
         self.resync.kick()
 
@@ -311,7 +333,7 @@ class Mirror(Control, Target):
         """`leg` did not take a write to `regions` (lock held): stale there until resynced."""
         for r in regions:
             leg.stale.add(r)
-            self.log.set_region_sync(r, False)
+            self.set_region_sync(r, False)
 
     def _leg_done(self, w, leg, io):
         error = io.error
@@ -407,7 +429,7 @@ class Mirror(Control, Target):
                 # when it comes back it is copied whole (the log says so too, for a restart)
                 leg.stale = set(range(self.region_count))
                 for r in range(self.region_count):
-                    self.log.set_region_sync(r, False)
+                    self.set_region_sync(r, False)
             if self.fastmap is not None:
                 self.fastmap.enabled = False  # the slow path marks what a dead leg misses
             self.log.set_leg_dead(leg.index, True)
@@ -416,7 +438,7 @@ class Mirror(Control, Target):
             if leg.index == self.primary and live:
                 new = min(live, key=lambda x: (len(x.stale), x.index))
                 self.primary = new.index
-                self.log.set_primary(new.index)
+                self._set_primary_index(new.index)
                 log.warning("mirror: leg %s is the primary now", new.word)
             self.regions.after_flush(lambda e: None)  # the log records it now
             return True

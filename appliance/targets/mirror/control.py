@@ -44,8 +44,7 @@ class Control:
         with self.lock:
             if leg.dead or leg.stale:
                 raise TargetError(f"leg {leg.word} is {leg.state}: only a leg in sync can be the primary")
-            self.primary = leg.index
-            self.log.set_primary(leg.index)
+            self._set_primary_index(leg.index)
             self.regions.after_flush(lambda e: None)  # the writer records it now
         return f"leg {leg.word} is the primary"
 
@@ -53,7 +52,7 @@ class Control:
         """Copy every region from the primary to the other legs again."""
         with self.lock:
             for r in range(self.region_count):
-                self.log.set_region_sync(r, False)
+                self.set_region_sync(r, False)
             for leg in self.legs:
                 if leg.index != self.primary:
                     leg.stale = set(range(self.region_count))
@@ -66,6 +65,8 @@ class Control:
             legs = []
             for leg in self.legs:
                 d = {"dev": leg.word, "state": leg.state, "stale_regions": len(leg.stale)}
+                if self.fastmap is not None:
+                    d["fast_reads"] = self.fastmap.leg_reads[leg.index]
                 if leg.dead:
                     d["why"] = leg.why
                 if leg.note:
@@ -87,6 +88,9 @@ class Control:
                 # writes the NBD loop fanned out itself; those a leg failed went the slow way
                 "fast_writes": self.fastmap.writes if self.fastmap is not None else None,
                 "fast_writes_failed": self.fastmap.failed if self.fastmap is not None else None,
+                # reads the NBD loop served from one leg itself; those a leg failed went the slow way
+                "fast_reads": sum(self.fastmap.leg_reads) if self.fastmap is not None else None,
+                "fast_reads_failed": self.fastmap.reads_failed if self.fastmap is not None else None,
             }
             if self.log.failed:
                 info["log"]["error"] = self.log.failed

@@ -134,6 +134,8 @@ class RegionHash:
         """Stop new writes to region r and wait for those in flight (not with the lock held)."""
         with self.lock:
             self.recovering.add(r)
+            if self.fast is not None:
+                self.fast.set_in_sync(r, False)  # reads take the slow path while it is copied
         if self.fast is not None and self.fast.revoke(r):  # waits for its fast writes
             with self.lock:
                 self._revoked([r])
@@ -144,6 +146,8 @@ class RegionHash:
     def end_recovery(self, r):
         with self.lock:
             self.recovering.discard(r)
+            if self.fast is not None:
+                self.fast.set_in_sync(r, self.mirror.region_in_sync(r))
             waiting = self.waiting.pop(r, [])
             go = [issue for regions, issue in waiting if self.start_write(regions, issue)]
         for issue in go:

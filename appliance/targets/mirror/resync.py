@@ -231,10 +231,10 @@ class Resync:
                 m.to_repair.discard((dst.index, r))
                 m.repairs += 1
         if not any(r in leg.stale for leg in m.legs):
-            m.log.set_region_sync(r, True)
+            m.set_region_sync(r, True)
             m.regions.note_synced(r)  # the log writer clears it once the legs are flushed
         elif c.read_error or c.write_errors or c.aborted:
-            m.log.set_region_sync(r, False)  # the search comes back to it (after _failed's pause)
+            m.set_region_sync(r, False)  # the search comes back to it (after _failed's pause)
         if c.done:
             self.resynced += 1
             self.copied += c.length
