@@ -65,8 +65,6 @@ class Control:
             legs = []
             for leg in self.legs:
                 d = {"dev": leg.word, "state": leg.state, "stale_regions": len(leg.stale)}
-                if self.fastmap is not None:
-                    d["fast_reads"] = self.fastmap.leg_reads[leg.index]
                 if leg.dead:
                     d["why"] = leg.why
                 if leg.note:
@@ -90,6 +88,7 @@ class Control:
                 "fast_writes_failed": self.fastmap.failed if self.fastmap is not None else None,
                 # reads the NBD loop served from one leg itself; those a leg failed went the slow way
                 "fast_reads": sum(self.fastmap.leg_reads) if self.fastmap is not None else None,
+                "fast_reads_per_leg": self.fastmap.leg_reads if self.fastmap is not None else None,
                 "fast_reads_failed": self.fastmap.reads_failed if self.fastmap is not None else None,
             }
             if self.log.failed:
