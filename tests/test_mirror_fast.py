@@ -1,5 +1,5 @@
-"""mirror's compiled write path: writes to regions whose marks are durable are fanned out to
-every leg by the NBD loop. Real legs (files, a full tmpfs), real clients (fio, nbdsh), the
+"""mirror's compiled paths: writes to regions whose marks are durable are fanned out to every
+leg by the NBD loop, and reads of regions in sync are served by it from one leg. Real legs (files, a full tmpfs), real clients (fio, nbdsh), the
 daemon's own system calls (strace)."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from conftest import device, nbdsh_env, need, run, wait_for
-from test_mirror import MiB, fio, mirror_line, mstatus, read_file
+from conftest import device, nbdsh_env, need, qemu_io, run, wait_for
+from test_mirror import MiB, fio, in_sync, mirror_line, mstatus, read_file
 
 
 def nbdsh(uri, code):
@@ -143,3 +143,70 @@ def test_a_fast_write_reaches_a_leg_only_after_its_regions_mark_is_durable(make_
             and int(re.search(r"pwrite64\((\d+)", line).group(1)) != log_fd]
     assert len(fast) >= 2 * len(after), fast  # the later writes, on both legs, by the loop itself
     assert mstatus(d)["fast_writes"] >= len(after)
+
+
+# ------------------------------------------------------------------------ reads
+
+def drop_cache(*paths):
+    """The legs' pages out of the page cache (written back first): reads go to the disk and
+    take time, so several are in flight at once and the balance has legs to choose between."""
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def test_reads_of_regions_in_sync_go_the_fast_path_to_both_legs(make_daemon, image, tmp_path):
+    a, b = image("a.img", 16 * MiB), image("b.img", 16 * MiB)
+    d = make_daemon(device("m", mirror_line(16 * MiB, [a, b])))
+    r = fio(d.uri("m"), tmp_path, "--rw=randwrite", "--do_verify=0", size=16 * MiB)
+    assert "err= 0" in r.stdout, r.stdout
+    drop_cache(a, b)
+    r = fio(d.uri("m"), tmp_path, "--rw=randwrite", "--verify_only", size=16 * MiB)
+    assert "err= 0" in r.stdout and "verify" in r.stdout, r.stdout
+    st = mstatus(d)
+    assert st["fast_reads"] >= 4096 and st["fast_reads_failed"] == 0, st
+    # 16 reads in flight from the disk: the legs take turns (the fewest in flight)
+    assert min(st["fast_reads_per_leg"]) > 256, st["fast_reads_per_leg"]
+
+
+def test_a_fast_read_a_leg_fails_is_read_from_the_other_and_the_leg_repaired(make_daemon, image):
+    a, b = image("a.img", 8 * MiB), image("b.img", 8 * MiB)
+    d = make_daemon(device("m", mirror_line(8 * MiB, [a, b])))
+    qemu_io(d.uri("m"), f"write -P 0x66 {7 * MiB} 64k")
+    assert "is the primary" in d.cli("message", "m", "0", "set_primary", "1").stdout  # reads go to b
+    os.truncate(b, 7 * MiB)  # b lost its last region: a read there comes back short, an error
+    out = qemu_io(d.uri("m"), f"read -P 0x66 {7 * MiB} 64k").stdout
+    assert "read 65536/65536" in out and "Pattern verification failed" not in out, out
+    st = mstatus(d)
+    assert st["fast_reads_failed"] == 1 and st["fast_reads_per_leg"] == [0, 0], st
+    wait_for(lambda: mstatus(d)["repairs"] == 1, 10, "the repair")
+    assert read_file(b, 7 * MiB, 65536) == b"\x66" * 65536  # rewritten from the good leg
+    assert read_file(a) == read_file(b)
+    assert [x["state"] for x in mstatus(d)["legs"]] == ["alive", "alive"]
+    # in sync again: the fast path reads it, from b (the primary) at one read in flight
+    qemu_io(d.uri("m"), f"read -P 0x66 {7 * MiB} 64k")
+    assert mstatus(d)["fast_reads_per_leg"] == [0, 1]
+
+
+def test_reads_during_a_resync_return_the_data_written(make_daemon, image, tmp_path):
+    """A leg that comes back holds zeros where it missed fio's writes: until the resync copies
+    a region to it, no read may go there, fast or not."""
+    a, b = image("a.img", 16 * MiB), image("b.img", 16 * MiB)
+    d = make_daemon(device("m", mirror_line(16 * MiB, [a, b])))
+    d.cli("message", "m", "0", "fail_leg", b)
+    r = fio(d.uri("m"), tmp_path, "--rw=randwrite", "--do_verify=0", size=16 * MiB)
+    assert "err= 0" in r.stdout, r.stdout
+    d.cli("message", "m", "0", "resync_rate", "1M")  # 16 s for the 16 regions
+    assert "16 regions to resync" in d.cli("message", "m", "0", "reinstate_leg", b).stdout
+    drop_cache(a, b)
+    r = fio(d.uri("m"), tmp_path, "--rw=randwrite", "--verify_only", size=16 * MiB)
+    assert "err= 0" in r.stdout, r.stdout
+    st = mstatus(d)
+    assert st["resynced_regions"] < 16 and st["fast_reads_failed"] == 0, st  # read mid-resync
+    d.cli("message", "m", "0", "resync_rate", "0")
+    wait_for(lambda: in_sync(d), 30, "the resync")
+    assert read_file(a) == read_file(b)
