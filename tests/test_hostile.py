@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import socket
 import struct
 import time
@@ -17,7 +18,7 @@ import pytest
 
 from appliance.nbd import constants as C
 from appliance.nbd.protocol import NEED_DATA, ClientHandshake, Negotiated
-from conftest import need, run
+from conftest import need, run, wait_for
 
 MiB = 1 << 20
 SIZE = 8 * MiB
@@ -334,6 +335,58 @@ def test_client_that_vanishes_with_requests_in_flight_does_not_hurt_the_daemon(d
     while time.monotonic() < deadline and daemon.status("data0")["devices"][0]["clients"]:
         time.sleep(0.1)
     assert daemon.status("data0")["devices"][0]["clients"] == 0
+
+
+def threads_and_fds(d):
+    """The daemon's thread and descriptor counts: each connection has a socket, an eventfd, an
+    io_uring and two threads (its loop and its sender) until it is over."""
+    status = open(f"/proc/{d.proc.pid}/status").read()
+    threads = int(status.split("Threads:")[1].split()[0])
+    return threads, len(os.listdir(f"/proc/{d.proc.pid}/fd"))
+
+
+# how the connection ends right after its last slow request: (what is sent after it, and
+# whether the client then hangs up without waiting for the replies)
+ENDINGS = {
+    "disc": (request(C.NBD_CMD_DISC, cookie=9), False),
+    "bad magic": (request(C.NBD_CMD_READ, 0, 512, cookie=9, magic=0xDEADBEEF), False),
+    "hang-up": (b"", True),
+    "cut write payload": (request(C.NBD_CMD_WRITE, 0, 65536, cookie=9) + b"x" * 100, True),
+}
+
+
+@pytest.mark.parametrize("ending", list(ENDINGS))
+def test_a_connection_that_ends_right_after_slow_requests_answers_them_and_goes(daemon, ending):
+    # The soak's leak: once a connection had slow requests (TRIM here: not the fast path),
+    # the next ones wait in its batch for the device queue until the loop sleeps. A stream
+    # that ended in the same read (DISC, garbage, a hang-up) left the batch unsubmitted, and
+    # the loop waited forever for their replies: its socket, eventfd, io_uring and two
+    # threads stayed, and a client waiting for the reply (or the close) waited forever too.
+    s, _ = handshake(daemon)
+    s.sendall(request(C.NBD_CMD_TRIM, 0, 4096, cookie=1) + request(C.NBD_CMD_DISC))
+    assert simple_reply(s) == (0, 1, b"")
+    assert closed_by_server(s)
+    s.close()
+    wait_for(lambda: daemon.status("data0")["devices"][0]["clients"] == 0, what="the first client gone")
+    baseline = threads_and_fds(daemon)
+
+    tail, hang_up = ENDINGS[ending]
+    s, _ = handshake(daemon)
+    s.sendall(request(C.NBD_CMD_TRIM, 0, 4096, cookie=2))
+    assert simple_reply(s) == (0, 2, b"")  # from now on the session batches slow requests
+    # two more slow requests and the end of the stream, in one read of the server's
+    s.sendall(request(C.NBD_CMD_TRIM, 4096, 4096, cookie=3) + request(C.NBD_CMD_WRITE_ZEROES, 8192, 4096, cookie=4)
+              + tail)
+    if hang_up:
+        s.close()
+    else:
+        assert sorted(simple_reply(s)[:2] for _ in range(2)) == [(0, 3), (0, 4)]
+        assert closed_by_server(s)
+        s.close()
+    wait_for(lambda: daemon.status("data0")["devices"][0]["clients"] == 0, what="the connection over")
+    wait_for(lambda: threads_and_fds(daemon) <= baseline, timeout=5,
+             what=f"threads and descriptors back to {baseline} (now {threads_and_fds(daemon)})")
+    still_serves(daemon)
 
 
 def test_garbage_instead_of_a_handshake_from_many_clients_at_once(daemon):

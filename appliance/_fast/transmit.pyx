@@ -24,7 +24,7 @@ completes, out of order as the protocol allows.
 - The slow path: everything else goes to `dispatch` in Python (with the GIL),
   which maps it through the target stack and replies later, from whatever
   thread completes it, through reply()/reply_read()/send_raw(). `unplug()` is
-  called after slow requests were dispatched and before the loop waits.
+  called after slow requests were dispatched and before the loop waits or ends.
 - Waiting: the loop sleeps in queue_wait(): with io_uring one io_uring_enter
   submits the new I/Os and waits for a completion, the socket (polled by the
   ring) or a wake (an eventfd slow-path replies write, polled by the ring);
@@ -138,7 +138,7 @@ cdef class Connection:
     is called with the GIL for everything the fast path does not serve, and must
     arrange exactly one reply through reply()/reply_read()/send_raw(). `unplug()`, if
     given, is called with the GIL after slow requests were dispatched, before the loop
-    waits for the client. `tls`: the TlsSession the handshake established on fd."""
+    waits for the client or ends. `tls`: the TlsSession the handshake established on fd."""
 
     def __cinit__(self, int fd, Gate gate, dispatch, uint64_t size, bint read_only, bint structured,
                   uint32_t max_block=64 * 1024 * 1024, int depth=128, bytes initial=b"", unplug=None,
@@ -711,8 +711,8 @@ cdef class Connection:
         return 1
 
     cdef void unplug_slow(self) noexcept with gil:
-        """Slow requests were dispatched and the loop is about to wait for the client: let
-        the device queue go on with what it has (merge a batch first)."""
+        """Slow requests were dispatched and the loop is about to wait for the client (or
+        ends): let the device queue go on with what it has (merge a batch first)."""
         self.slow_since_wait = 0
         if self.unplug is None:
             return
@@ -795,6 +795,11 @@ cdef class Connection:
                 if self.held and self.waiter.woken:
                     continue  # room was made (reap may have taken the wake itself)
                 self.wait(not self.eof and not self.held and self.nfast + self.inflight < self.depth)
+            # slow requests of the last batch may still wait in the session's plug (the
+            # stream ended in the same read: DISC, garbage, a hang-up): they go to the
+            # device now, or the replies waited for below never come
+            if self.slow_since_wait:
+                self.unplug_slow()
             # answer everything still in flight on the slow path before the socket goes
             pthread_mutex_lock(&self.lock)
             while self.inflight > 0:

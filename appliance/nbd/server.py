@@ -150,8 +150,8 @@ class Session:
             self.device.submit(io)
 
     def unplug(self):
-        """The transmission loop read a batch and is about to wait for the client: hand the
-        batch to the device queue in one go."""
+        """The transmission loop read a batch and is about to wait for the client (or the
+        stream ended): hand the batch to the device queue in one go."""
         self._unplugs = True
         plug, self._plug = self._plug, []
         if plug:
