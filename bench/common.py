@@ -522,14 +522,14 @@ class Workload:
 
 
 def measure(server: Server, wl: Workload, *, runtime: float, ramp_time: float = 1,
-            export: str | None = None, settle_first: bool = True) -> FioResult:
+            export: str | None = None, settle_first: bool = True, extra=()) -> FioResult:
     """Run one workload against a started server; adds the server's CPU use
     (% of one CPU over the fio run, ramp included) to the result."""
     if settle_first:
         settle()
     cpu0, t0 = server.cpu_seconds(), time.monotonic()
     res = run_fio(server.uri(export), rw=wl.rw, bs=wl.bs, iodepth=wl.iodepth, numjobs=wl.numjobs,
-                  runtime=runtime, ramp_time=ramp_time, name=wl.key)
+                  runtime=runtime, ramp_time=ramp_time, name=wl.key, extra=extra)
     cpu1, t1 = server.cpu_seconds(), time.monotonic()
     res.server_cpu = 100 * (cpu1 - cpu0) / (t1 - t0)
     return res

@@ -42,12 +42,12 @@ from common import (  # noqa: E402
     fmt_num,
     fmt_ratio,
     make_data_file,
+    measure,
     median_result,
     need_tools,
     print_table,
     ratio,
     run_fio,
-    settle,
     terminate_on_signals,
     warm_file,
     workdir,
@@ -141,16 +141,6 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def measure(server, wl: Workload, runtime: float, ramp: float, extra=()):
-    """One fio run; the server's CPU use (% of one CPU) over it."""
-    settle()
-    cpu0, t0 = server.cpu_seconds(), time.monotonic()
-    r = run_fio(server.uri(), rw=wl.rw, bs=wl.bs, iodepth=wl.iodepth, runtime=runtime, ramp_time=ramp,
-                name=wl.key, extra=extra)
-    r.server_cpu = 100 * (server.cpu_seconds() - cpu0) / (time.monotonic() - t0)
-    return r
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -199,7 +189,7 @@ def main(argv=None) -> int:
                 # writes: fio's random map over the device, once, so every write finds a fresh grain
                 extra = ["--norandommap=0", "--time_based=0", f"--io_size={size}"] if wl is writes else []
                 with servers[kind]() as srv:
-                    r = measure(srv, wl, args.runtime, args.ramp, extra)
+                    r = measure(srv, wl, runtime=args.runtime, ramp_time=args.ramp, extra=extra)
                 results[kind].append(r)
                 log(f"  {fmt_num(r.iops):>7} IOPS  p99 {r.lat_p99_us:.0f} us  server CPU {r.server_cpu:.0f}%  "
                     f"{r.server_us_per_io:.1f} us/IO")
@@ -308,7 +298,6 @@ def timed_merge(srv, words, timeout: float = 600) -> float:
 
 def bench_merge(wd: Path, size: int, runtime: float) -> dict:
     from appliance.control import call
-    from common import run_fio
 
     out = {}
     target = wd / "fio-seqwrite.img"
