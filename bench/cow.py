@@ -26,6 +26,7 @@ import mmap
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -236,21 +237,24 @@ base`), once with the device's default buffered I/O and once with direct = true 
 time runs from the message to status saying done, the base's FLUSH included, so what is
 measured reached the disk. The merge reads every byte from the same disk it writes, so the
 table also gives the disk's copy limit, 1 / (1/read + 1/write) from fio's sequential reads and
-writes. The client's runs are short enough to end before the merge does (the table says how
+writes; and once more with the layers on tmpfs (another device) and the base on the disk, where
+only the backing's writes limit the copy. The client's runs are short enough to end before the merge does (the table says how
 far the merge was when the client's run ended). The push is timed as the control message's
 round trip and as the time the device was suspended (the push's own reply), on a stack of two
 layers of --push-size. Bars (issue 10): merge >= 70% of fio's sequential write, client >= 50%
 of its IOPS, push < 50 ms."""
 
 
-def merge_stack(wd: Path, name: str, size: int, fill: bytes) -> tuple[str, list[str]]:
-    """A hole of a base, a read-only layer holding `fill` in every grain, a writable one on it."""
+def merge_stack(wd: Path, name: str, size: int, fill: bytes, layer_dir: Path | None = None) -> tuple[str, list[str]]:
+    """A hole of a base, a read-only layer holding `fill` in every grain, a writable one on it;
+    the layers in `layer_dir` if given (another device than the base's)."""
     from appliance.targets.cow.layer import open_layer as _open
 
     base = str(wd / f"{name}-base.img")
     with open(base, "wb") as f:
         f.truncate(size)
-    lower, upper = str(wd / f"{name}-l1.layer"), str(wd / f"{name}-l2.layer")
+    ld = layer_dir or wd
+    lower, upper = str(ld / f"{name}-l1.layer"), str(ld / f"{name}-l2.layer")
     offline.create(lower, size, GRAIN)
     offline.create(upper, size, GRAIN)
     low, up = _open([lower], writable=True), _open([upper], writable=True)
@@ -319,6 +323,15 @@ def bench_merge(wd: Path, size: int, runtime: float) -> dict:
             log(f"merge of {size // MiB} MiB into the base, clients idle, {mode} ...")
             took = timed_merge(srv, ["merge", "1", "1", "base"])
         out[f"merge_idle_{mode}_bps"] = size / took
+    # the layers on another device (tmpfs), the base on the disk: what the copy makes of the
+    # backing's write bandwidth when reading the layers does not share the disk with it
+    with tempfile.TemporaryDirectory(dir="/dev/shm") as shm:
+        base, layers = merge_stack(wd, "idle-shm", size, b"\x3c", layer_dir=Path(shm))
+        table = [f"0 {size // 512} cow {base} 0 {' '.join(layers)}"]
+        with Appliance(wd, [(DEVICE, table)], name="merge-idle-shm") as srv:
+            log(f"merge of {size // MiB} MiB into the base, clients idle, layers on tmpfs ...")
+            took = timed_merge(srv, ["merge", "1", "1", "base"])
+        out["merge_idle_shm_bps"] = size / took
     # the client's run must end before the merge does: a merge of 4 times the size takes 4 times
     # as long alone, at least twice that with a client (the throttle); the run is half of that
     busy = 4 * size
@@ -390,6 +403,8 @@ def merge_main(argv=None) -> int:
         ["merge, clients idle", f"{r['merge_idle_buffered_bps'] / MiB:.0f} MiB/s", fmt_ratio(merge_ratio),
          ">= 0.70x fio seq write"],
         ["  devices O_DIRECT", f"{r['merge_idle_direct_bps'] / MiB:.0f} MiB/s", fmt_ratio(direct_ratio), ""],
+        ["  layers on tmpfs, base on the disk", f"{r['merge_idle_shm_bps'] / MiB:.0f} MiB/s",
+         fmt_ratio(ratio(r["merge_idle_shm_bps"], r["backing_seqwrite_bps"])), ">= 0.70x fio seq write"],
         ["fio seq write O_DIRECT", f"{r['backing_seqwrite_bps'] / MiB:.0f} MiB/s", "", ""],
         ["fio seq read O_DIRECT", f"{r['backing_seqread_bps'] / MiB:.0f} MiB/s", "", ""],
         ["  copy limit 1/(1/r+1/w)", f"{r['backing_copy_bps'] / MiB:.0f} MiB/s",
