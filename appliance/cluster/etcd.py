@@ -42,6 +42,11 @@ def text(b):
     return b.decode() if isinstance(b, bytes) else (b or "")
 
 
+def why(e):
+    """What an etcd3gw error says: its detail (etcd's answer, or requests' error), else its reason."""
+    return (getattr(e, "detail_text", None) or str(e) or type(e).__name__)[:400]
+
+
 def prefix_end(prefix):
     """The range_end that makes `prefix` a prefix query (etcd's clientv3.GetPrefixRangeEnd)."""
     b = bytearray(prefix.encode())
@@ -109,9 +114,9 @@ class Etcd:
                 try:
                     return op(c)
                 except UNREACHABLE as e:
-                    last = f"{url}: {type(e).__name__}: {e}"
+                    last = f"{url}: {why(e)}"
                 except gw_errors.Etcd3Exception as e:
-                    raise EtcdError(errno.EIO, f"etcd {url} {what}: {str(e)[:200]}") from None
+                    raise EtcdError(errno.EIO, f"etcd {url} {what}: {why(e)}") from None
             if time.monotonic() >= deadline:
                 raise EtcdError(errno.ETIMEDOUT, f"etcd unreachable for {self.timeout:g}s ({last})")
             time.sleep(0.2)
@@ -190,7 +195,7 @@ class Etcd:
                             rev = max(int(ev["kv"].get("mod_revision", 0)) for ev in events)
                             on_events([(ev.get("type", "PUT"), unb64(ev["kv"]["key"]),
                                         unb64(ev["kv"].get("value"))) for ev in events])
-            except (OSError, ValueError, requests.RequestException) as err:
+            except (OSError, ValueError) as err:  # requests' errors are OSErrors
                 log.debug("etcd watch on %s: %s", url, err)
                 i += 1  # the next member
             stop.wait(0.2)
