@@ -18,7 +18,7 @@ import struct
 import threading
 import time
 
-from .. import io as bio
+from .. import heap, io as bio
 from ..config import ExportConfig
 from .._fast import budget
 from .._fast.transmit import Connection
@@ -432,6 +432,9 @@ class Server:
             finally:
                 with self._lock:
                     self.sessions.discard(session)
+                    idle = not self.sessions
+                if idle:
+                    heap.release_free_memory()  # the last client left: RSS back to what is used
         except Exception:
             log.exception("%s: connection failed", peer)
         finally:
