@@ -42,6 +42,7 @@ def _control_in_broken_config(path):
 
 
 def cmd_serve(args):
+    from . import heap
     from .assembly import AssemblyError
     from .daemon import Daemon
     from .logsetup import setup_logging
@@ -52,6 +53,7 @@ def cmd_serve(args):
         print(f"appliance: {e}", file=sys.stderr)
         return 1
     setup_logging(args.log_level or config.daemon.log_level)
+    heap.tune()
     daemon = Daemon(config, args.config)
 
     def ready(d):

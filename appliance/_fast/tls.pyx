@@ -90,6 +90,8 @@ cdef extern from "<openssl/ssl.h>" nogil:
     unsigned long SSL_OP_IGNORE_UNEXPECTED_EOF
     unsigned long SSL_OP_NO_COMPRESSION
     int SSL_CTX_set_num_tickets(SSL_CTX *, size_t)
+    long SSL_CTX_set_session_cache_mode(SSL_CTX *, long)
+    long SSL_SESS_CACHE_OFF
     void SSL_CTX_set_read_ahead(SSL_CTX *, int)
     SSL *SSL_new(SSL_CTX *)
     void SSL_free(SSL *)
@@ -302,7 +304,10 @@ cdef class TlsContext:
         # requests: nothing is cut unnoticed)
         SSL_CTX_set_options(self.ctx, SSL_OP_NO_RENEGOTIATION | SSL_OP_IGNORE_UNEXPECTED_EOF
                             | SSL_OP_NO_COMPRESSION)
-        SSL_CTX_set_num_tickets(self.ctx, 0)  # no session cache to resume from
+        # no resumption: no TLS 1.3 tickets, no TLS 1.2 session cache (it would keep up to
+        # 20480 sessions of clients long gone)
+        SSL_CTX_set_num_tickets(self.ctx, 0)
+        SSL_CTX_set_session_cache_mode(self.ctx, SSL_SESS_CACHE_OFF)
         SSL_CTX_set_read_ahead(self.ctx, 1)   # fewer recv() calls: whole records and more
         ERR_clear_error()
         cert = os.fsencode(os.path.join(directory, CERT))
