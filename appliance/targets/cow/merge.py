@@ -307,7 +307,7 @@ class Merge:
                     break
                 window.append(self._start(piece, free.pop(), cond))
             if not window:
-                break
+                break  # everything copied, or stopped with nothing in flight: `cursor` says which
             with cond:
                 while not window[0].finished:
                     cond.wait()
@@ -327,9 +327,6 @@ class Merge:
             if unsynced >= SYNC_EVERY or time.monotonic() - last_sync >= SYNC_SECONDS:
                 self._durable(cursor)
                 last_sync, unsynced = time.monotonic(), 0
-            if self._stop.is_set() and not window:
-                self._durable(cursor)
-                return False
             took = time.monotonic() - round_start
             if took >= ROUND or self.rate:  # a rate is held piece by piece
                 busy = self._client_ios() != round_ios
@@ -338,7 +335,7 @@ class Merge:
                     self._drain(window, cond)  # none of the merge's I/O in flight while it waits
                     self._throttle(took, busy)
                 round_start, round_ios = time.monotonic(), self._client_ios()
-        self._durable(self.runs[-1][2] if self.runs else 0)
+        self._durable(cursor)  # where the pieces taken in order end: the runs' end only if all were copied
         return not self._stop.is_set()
 
     def _drain(self, window, cond):
