@@ -326,7 +326,6 @@ class Merge:
                     del flying[c.number]
                     free.append(c.buf)
                     if c.error:
-                        self._drain(flying, cond)
                         raise OSError(int(c.error), f"merge: copying grains failed: {os.strerror(int(c.error))}")
                     src, a, b, zero = c.piece
                     if self.into is not None:
@@ -351,6 +350,7 @@ class Merge:
                         self._throttle(took, busy)
                     round_start, round_ios = time.monotonic(), self._client_ios()
         finally:
+            self._drain(flying, cond)  # on an error too: a read finishing later would write through a closed fd
             syncs.wait()  # none writes the record after this: the last one below, or _finish's clear
         self._durable(cursor)  # where the pieces taken in order end: the runs' end only if all were copied
         return not self._stop.is_set()
