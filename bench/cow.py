@@ -238,34 +238,48 @@ time runs from the message to status saying done, the base's FLUSH included, so 
 measured reached the disk. The merge reads every byte from the same disk it writes, so the
 table also gives the disk's copy limit, 1 / (1/read + 1/write) from fio's sequential reads and
 writes; and once more with the layers on tmpfs (another device) and the base on the disk, where
-only the backing's writes limit the copy. The client's runs are short enough to end before the merge does (the table says how
+only the backing's writes limit the copy: into a base that is a hole, and into one that holds
+data (a golden image; its blocks are overwritten, as fio's timed runs overwrite their file).
+A write into a hole also allocates: fio's one pass of sequential writes into a new sparse file
+is that ceiling, given beside it. The merge's CPU time (the daemon's, per GiB) is what load on
+the machine disturbs least. The client's runs are short enough to end before the merge does (the table says how
 far the merge was when the client's run ended). The push is timed as the control message's
 round trip and as the time the device was suspended (the push's own reply), on a stack of two
 layers of --push-size. Bars (issue 10): merge >= 70% of fio's sequential write, client >= 50%
 of its IOPS, push < 50 ms."""
 
 
-def merge_stack(wd: Path, name: str, size: int, fill: bytes, layer_dir: Path | None = None) -> tuple[str, list[str]]:
-    """A hole of a base, a read-only layer holding `fill` in every grain, a writable one on it;
-    the layers in `layer_dir` if given (another device than the base's)."""
+def fill_direct(path: str, offset: int, size: int, fill: bytes) -> None:
+    """`size` bytes of `fill` at `offset` of `path`, O_DIRECT: written at the disk's speed, not cached."""
+    chunk = mmap.mmap(-1, 4 * MiB)  # page aligned, for O_DIRECT
+    chunk[:] = bytes(fill) * (4 * MiB // len(fill))
+    fd = os.open(path, os.O_RDWR | os.O_DIRECT)
+    try:
+        for off in range(0, size, len(chunk)):
+            os.pwritev(fd, [memoryview(chunk)[:min(len(chunk), size - off)]], offset + off)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def merge_stack(wd: Path, name: str, size: int, fill: bytes, layer_dir: Path | None = None,
+                base_fill: bytes | None = None) -> tuple[str, list[str]]:
+    """A base (a hole, or holding `base_fill` in every byte), a read-only layer holding `fill`
+    in every grain, a writable one on it; the layers in `layer_dir` if given (another device
+    than the base's)."""
     from appliance.targets.cow.layer import open_layer as _open
 
     base = str(wd / f"{name}-base.img")
     with open(base, "wb") as f:
         f.truncate(size)
+    if base_fill is not None:
+        fill_direct(base, 0, size, base_fill)
     ld = layer_dir or wd
     lower, upper = str(ld / f"{name}-l1.layer"), str(ld / f"{name}-l2.layer")
     offline.create(lower, size, GRAIN)
     offline.create(upper, size, GRAIN)
     low, up = _open([lower], writable=True), _open([upper], writable=True)
-    chunk = mmap.mmap(-1, 4 * MiB)  # page aligned, for O_DIRECT: written at the disk's speed, not cached
-    chunk[:] = bytes(fill) * (4 * MiB // len(fill))
-    fd = os.open(lower, os.O_RDWR | os.O_DIRECT)
-    try:
-        for off in range(0, size, len(chunk)):
-            os.pwritev(fd, [memoryview(chunk)[:min(len(chunk), size - off)]], low.data_offset + off)
-    finally:
-        os.close(fd)
+    fill_direct(lower, low.data_offset, size, fill)
     low.mark_allocated(0, size // GRAIN)
     low.set_parent(base_uuid(size, base))
     up.set_parent(low.uuid)
@@ -283,18 +297,19 @@ def cow_status(srv) -> dict:
     return st["devices"][0]["segments"][0]["status"]
 
 
-def timed_merge(srv, words, timeout: float = 600) -> float:
-    """Seconds from the merge message to status saying it is done."""
+def timed_merge(srv, words, timeout: float = 600) -> tuple[float, float]:
+    """Seconds from the merge message to status saying it is done, and the daemon's CPU
+    seconds meanwhile."""
     from appliance.control import call
 
-    t0 = time.monotonic()
+    t0, cpu0 = time.monotonic(), srv.cpu_seconds()
     call(srv.control, "message", name=DEVICE, sector=0, words=words)
     while True:
         st = cow_status(srv)
         if st.get("merge") != "running":
             if st.get("merge") != "done":
                 raise BenchError(f"merge ended {st.get('merge')}: {st.get('merge_error')}")
-            return time.monotonic() - t0
+            return time.monotonic() - t0, srv.cpu_seconds() - cpu0
         if time.monotonic() - t0 > timeout:
             raise BenchError(f"merge not done within {timeout}s: {st}")
         time.sleep(0.01)
@@ -312,6 +327,13 @@ def bench_merge(wd: Path, size: int, runtime: float) -> dict:
     rd = run_fio(None, filename=str(target), rw="read", bs="1M", iodepth=4, runtime=runtime,
                  extra=[f"--size={size}"])
     target.unlink()
+    with open(target, "wb") as f:
+        f.truncate(size)
+    log("fio: one pass of sequential 1 MiB writes, QD4, O_DIRECT, into a sparse file ...")
+    hole = run_fio(None, filename=str(target), rw="write", bs="1M", iodepth=4, runtime=runtime,
+                   extra=[f"--size={size}", "--time_based=0", "--fallocate=none"], timeout=600)
+    target.unlink()
+    out["backing_holewrite_bps"] = hole.bw_bytes
     out["backing_seqwrite_bps"] = fio.bw_bytes
     out["backing_seqread_bps"] = rd.bw_bytes
     # a copy within one disk reads every byte and writes it: at best 1 / (1/read + 1/write)
@@ -321,17 +343,20 @@ def bench_merge(wd: Path, size: int, runtime: float) -> dict:
         table = [f"0 {size // 512} cow {base} 0 {' '.join(layers)}"]
         with Appliance(wd, [(DEVICE, table, keys)], name=f"merge-idle-{mode}") as srv:
             log(f"merge of {size // MiB} MiB into the base, clients idle, {mode} ...")
-            took = timed_merge(srv, ["merge", "1", "1", "base"])
+            took, _ = timed_merge(srv, ["merge", "1", "1", "base"])
         out[f"merge_idle_{mode}_bps"] = size / took
     # the layers on another device (tmpfs), the base on the disk: what the copy makes of the
     # backing's write bandwidth when reading the layers does not share the disk with it
-    with tempfile.TemporaryDirectory(dir="/dev/shm") as shm:
-        base, layers = merge_stack(wd, "idle-shm", size, b"\x3c", layer_dir=Path(shm))
-        table = [f"0 {size // 512} cow {base} 0 {' '.join(layers)}"]
-        with Appliance(wd, [(DEVICE, table)], name="merge-idle-shm") as srv:
-            log(f"merge of {size // MiB} MiB into the base, clients idle, layers on tmpfs ...")
-            took = timed_merge(srv, ["merge", "1", "1", "base"])
-        out["merge_idle_shm_bps"] = size / took
+    for key, base_fill, what in (("shm", None, "a hole"), ("shm_data", b"\x0f", "holding data")):
+        with tempfile.TemporaryDirectory(dir="/dev/shm") as shm:
+            base, layers = merge_stack(wd, f"idle-{key}", size, b"\x3c", layer_dir=Path(shm), base_fill=base_fill)
+            table = [f"0 {size // 512} cow {base} 0 {' '.join(layers)}"]
+            with Appliance(wd, [(DEVICE, table)], name=f"merge-idle-{key}") as srv:
+                log(f"merge of {size // MiB} MiB into the base ({what}), clients idle, layers on tmpfs ...")
+                took, cpu = timed_merge(srv, ["merge", "1", "1", "base"])
+            os.unlink(base)
+        out[f"merge_idle_{key}_bps"] = size / took
+        out[f"merge_idle_{key}_cpu_s_per_gib"] = cpu * (1 << 30) / size
     # the client's run must end before the merge does: a merge of 4 times the size takes 4 times
     # as long alone, at least twice that with a client (the throttle); the run is half of that
     busy = 4 * size
@@ -403,9 +428,16 @@ def merge_main(argv=None) -> int:
         ["merge, clients idle", f"{r['merge_idle_buffered_bps'] / MiB:.0f} MiB/s", fmt_ratio(merge_ratio),
          ">= 0.70x fio seq write"],
         ["  devices O_DIRECT", f"{r['merge_idle_direct_bps'] / MiB:.0f} MiB/s", fmt_ratio(direct_ratio), ""],
-        ["  layers on tmpfs, base on the disk", f"{r['merge_idle_shm_bps'] / MiB:.0f} MiB/s",
+        ["  layers on tmpfs, base (a hole) on the disk", f"{r['merge_idle_shm_bps'] / MiB:.0f} MiB/s",
          fmt_ratio(ratio(r["merge_idle_shm_bps"], r["backing_seqwrite_bps"])), ">= 0.70x fio seq write"],
+        ["    of fio's one pass into a hole", "",
+         fmt_ratio(ratio(r["merge_idle_shm_bps"], r["backing_holewrite_bps"])), "(writes that allocate)"],
+        ["    daemon CPU", f"{r['merge_idle_shm_cpu_s_per_gib']:.2f} s/GiB", "", ""],
+        ["  layers on tmpfs, base holding data", f"{r['merge_idle_shm_data_bps'] / MiB:.0f} MiB/s",
+         fmt_ratio(ratio(r["merge_idle_shm_data_bps"], r["backing_seqwrite_bps"])), ">= 0.70x fio seq write"],
+        ["    daemon CPU", f"{r['merge_idle_shm_data_cpu_s_per_gib']:.2f} s/GiB", "", ""],
         ["fio seq write O_DIRECT", f"{r['backing_seqwrite_bps'] / MiB:.0f} MiB/s", "", ""],
+        ["  one pass into a sparse file", f"{r['backing_holewrite_bps'] / MiB:.0f} MiB/s", "", ""],
         ["fio seq read O_DIRECT", f"{r['backing_seqread_bps'] / MiB:.0f} MiB/s", "", ""],
         ["  copy limit 1/(1/r+1/w)", f"{r['backing_copy_bps'] / MiB:.0f} MiB/s",
          fmt_ratio(ratio(r["merge_idle_buffered_bps"], r["backing_copy_bps"])), "merge as a share of it"],

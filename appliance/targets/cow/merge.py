@@ -22,7 +22,9 @@ leaves the old stack, reading the same, and the record; after it, the new chain 
 the live table (`appliance table NAME`) names.
 
 The copy goes through the I/O engine, DEPTH pieces of CHUNK bytes in flight (each a read, then
-a write). Throttle: every ROUND seconds the merge looks at the device's request counters; if
+a write, O_DIRECT where the devices take it), a finished piece replaced at once whatever the
+order they finish in; the durable steps run beside the copy, so the disk never waits for the
+merge's own FLUSH. Throttle: every ROUND seconds the merge looks at the device's request counters; if
 clients did I/O, it lets its own I/O finish and then waits twice as long as the round took, so
 it takes at most a third of the disk's time from them (they keep at least half their
 throughput: in its third they still get some, behind its I/O), and keeps only BUSY_DEPTH
@@ -265,11 +267,7 @@ class Merge:
                     yield src, c, min(c + step, zb), zero
 
     def _copy(self):
-        """Copy every grain FROM..TO hold that is not done yet. False if stopped.
-
-        A window of DEPTH pieces in flight, each a read then a write through the engine; they
-        complete in any order, and are taken in order (bits marked, the cursor moved), so the
-        cursor only ever covers pieces whose writes completed."""
+        """Copy every grain FROM..TO hold that is not done yet. False if stopped."""
         if self.into is not None:
             self.into.layer.begin_fold()
         # page aligned, so O_DIRECT takes them; freed with the last view the engine's I/Os hold
@@ -291,60 +289,76 @@ class Merge:
         return not (offset % 4096 or self.grain % 4096 or self.size % 4096)
 
     def _copy_window(self, free):
+        """DEPTH pieces in flight, each a read then a write through the engine. They complete
+        in any order and a finished one is replaced at once (one slow piece does not hold the
+        others' slots); its bits are marked as it finishes, but the cursor moves only over
+        pieces that all finished, in order. Making the copy durable and recording the cursor
+        runs beside the copy (_Syncs), so the pieces keep the disk busy during the FLUSH."""
         pieces = self._pieces()
-        window = collections.deque()
         cond = threading.Condition()
+        ended = collections.deque()  # copies the engine finished, not looked at yet
+        flying = {}  # number -> copy, started and not looked at yet
+        finished = {}  # number -> end grain: finished, but a piece before it is still flying
+        issued = lowest = 0  # numbers: of the next piece; of the first not under the cursor
         more = True
         cursor = self.record.cursor
+        syncs = _Syncs(self)
         last_sync, unsynced = time.monotonic(), 0
         round_start, round_ios = time.monotonic(), self._client_ios()
         depth = DEPTH  # BUSY_DEPTH while clients do I/O: they queue behind less of the merge's
-        while True:
-            while more and len(window) < depth and not self._stop.is_set():
-                piece = next(pieces, None)
-                if piece is None:
-                    more = False
-                    break
-                window.append(self._start(piece, free.pop(), cond))
-            if not window:
-                break
-            with cond:
-                while not window[0].finished:
-                    cond.wait()
-            while window and window[0].finished:
-                c = window.popleft()
-                if c.error:
-                    self._drain(window, cond)
-                    raise OSError(int(c.error), f"merge: copying grains failed: {os.strerror(int(c.error))}")
-                src, a, b, zero = c.piece
-                if self.into is not None:
-                    (self.into.layer.mark_zero if zero else self.into.layer.mark_allocated)(a, b)
-                n = self._bytes(a, b)
-                self.done += n
-                unsynced += n
-                cursor = b
-                free.append(c.buf)
-            if unsynced >= SYNC_EVERY or time.monotonic() - last_sync >= SYNC_SECONDS:
-                self._durable(cursor)
-                last_sync, unsynced = time.monotonic(), 0
-            if self._stop.is_set() and not window:
-                self._durable(cursor)
-                return False
-            took = time.monotonic() - round_start
-            if took >= ROUND or self.rate:  # a rate is held piece by piece
-                busy = self._client_ios() != round_ios
-                depth = BUSY_DEPTH if busy else DEPTH
-                if busy or self.rate:
-                    self._drain(window, cond)  # none of the merge's I/O in flight while it waits
-                    self._throttle(took, busy)
-                round_start, round_ios = time.monotonic(), self._client_ios()
-        self._durable(self.runs[-1][2] if self.runs else 0)
+        try:
+            while True:
+                while more and len(flying) < depth and not self._stop.is_set():
+                    piece = next(pieces, None)
+                    if piece is None:
+                        more = False
+                        break
+                    flying[issued] = self._start(issued, piece, free.pop(), cond, ended)
+                    issued += 1
+                if not flying:
+                    break  # everything copied, or stopped with nothing in flight: `cursor` says which
+                with cond:
+                    while not ended:
+                        cond.wait()
+                    batch = list(ended)
+                    ended.clear()
+                for c in batch:
+                    del flying[c.number]
+                    free.append(c.buf)
+                    if c.error:
+                        raise OSError(int(c.error), f"merge: copying grains failed: {os.strerror(int(c.error))}")
+                    src, a, b, zero = c.piece
+                    if self.into is not None:
+                        (self.into.layer.mark_zero if zero else self.into.layer.mark_allocated)(a, b)
+                    n = self._bytes(a, b)
+                    self.done += n
+                    unsynced += n
+                    finished[c.number] = b
+                while lowest in finished:
+                    cursor = finished.pop(lowest)
+                    lowest += 1
+                syncs.check()
+                if (unsynced >= SYNC_EVERY or time.monotonic() - last_sync >= SYNC_SECONDS) and syncs.idle():
+                    syncs.start(cursor)
+                    last_sync, unsynced = time.monotonic(), 0
+                took = time.monotonic() - round_start
+                if took >= ROUND or self.rate:  # a rate is held piece by piece
+                    busy = self._client_ios() != round_ios
+                    depth = BUSY_DEPTH if busy else DEPTH
+                    if busy or self.rate:
+                        self._drain(flying, cond)  # none of the merge's I/O in flight while it waits
+                        self._throttle(took, busy)
+                    round_start, round_ios = time.monotonic(), self._client_ios()
+        finally:
+            self._drain(flying, cond)  # on an error too: a read finishing later would write through a closed fd
+            syncs.wait()  # none writes the record after this: the last one below, or _finish's clear
+        self._durable(cursor)  # where the pieces taken in order end: the runs' end only if all were copied
         return not self._stop.is_set()
 
-    def _drain(self, window, cond):
+    def _drain(self, flying, cond):
         """Wait for every piece in flight (their buffers are the engine's until then)."""
         with cond:
-            while not all(c.finished for c in window):
+            while not all(c.finished for c in flying.values()):
                 cond.wait()
 
     def _client_ios(self):
@@ -360,13 +374,15 @@ class Merge:
         if wait > 0:
             self._stop.wait(wait)
 
-    def _start(self, piece, buf, cond):
-        """One piece: read from its layer, then write to the target (or zero it there)."""
-        c = _Copy(piece, buf)
+    def _start(self, number, piece, buf, cond, ended):
+        """One piece: read from its layer, then write to the target (or zero it there); `ended`
+        gets it when it finished."""
+        c = _Copy(number, piece, buf)
 
         def finish(error=0):
             with cond:
                 c.error, c.finished = error, True
+                ended.append(c)
                 cond.notify_all()
 
         src, a, b, zero = piece
@@ -464,10 +480,45 @@ def _direct(dev, aligned):
 
 
 class _Copy:
-    __slots__ = ("piece", "buf", "error", "finished")
+    __slots__ = ("number", "piece", "buf", "error", "finished")
 
-    def __init__(self, piece, buf):
-        self.piece, self.buf, self.error, self.finished = piece, buf, 0, False
+    def __init__(self, number, piece, buf):
+        self.number, self.piece, self.buf, self.error, self.finished = number, piece, buf, 0, False
+
+
+class _Syncs:
+    """The merge's durable steps (Merge._durable: the FLUSH or the bitmap sync, then the
+    record), one at a time on a thread of their own, while the copy goes on. A step covers the
+    cursor it was given: every piece under it finished before the step began."""
+
+    def __init__(self, merge):
+        self.merge = merge
+        self.thread = None
+        self.error = None
+
+    def idle(self):
+        return self.thread is None or not self.thread.is_alive()
+
+    def start(self, cursor):
+        def run():
+            try:
+                self.merge._durable(cursor)
+            except BaseException as e:  # raised in the copy's thread by check()
+                self.error = e
+
+        self.thread = threading.Thread(target=run, name="cow-merge-sync", daemon=True)
+        self.thread.start()
+
+    def check(self):
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
+
+    def wait(self):
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+        self.check()
 
 
 class _Pending:
