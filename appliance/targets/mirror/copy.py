@@ -1,8 +1,20 @@
 """The resync's copy: regions streamed from a good leg to the stale ones, CHUNK at a time, with
-DEPTH chunks in flight, through each leg's device (the I/O engine for files and disks, the NBD
-client for remote legs). A chunk's writes start from its read's completion, and a finished
-chunk's buffer takes the next one at once: the legs stay busy with large I/Os, and Python runs
-per chunk, never per block.
+DEPTH chunks in flight, through the I/O engine (files and disks) or the NBD client (remote
+legs). A chunk's writes start from its read's completion, and a finished chunk's buffer takes
+the next one at once: the legs stay busy with large I/Os, and Python runs per chunk, never per
+block.
+
+A file or disk leg is copied around the page cache, on fds of the copy's own opened O_DIRECT
+(Direct: read-only on the source, for writing on the stale legs): it goes at the disk's
+sequential speed instead of dirtying the whole leg in the cache for a long writeback after. The
+kernel keeps them coherent with the legs' own buffered fds (a direct read writes back the dirty
+cached pages first, a direct write drops the cached ones), and no client write comes between:
+the region is held while it is copied. The leg's own device where that cannot be: a remote or
+mapped leg, a file system that refuses O_DIRECT (tmpfs), a chunk not 4 KiB aligned.
+
+A region is finished only once its copy is durable: its last chunk done, every leg that took it
+is flushed (fdatasync of the fd the chunks went through: with O_DIRECT, little more than the
+disk's cache), so the log never says in sync over data still in a cache.
 
 The resync thread starts the chunks (and so decides the pace: resync_rate, client priority)
 and finishes the regions; the completions only count and hand back buffers.
@@ -10,21 +22,65 @@ and finishes the regions; the completions only count and hand back buffers.
 
 from __future__ import annotations
 
+import logging
 import mmap
+import os
 import threading
 
+from ... import blockdev
 from ... import io as bio
+
+log = logging.getLogger("appliance.mirror")
 
 CHUNK = 1 << 20
 DEPTH = 8
+ALIGN = 4096  # what O_DIRECT takes on any disk (512 may not do on a 4K-sector one)
+
+
+class Direct:
+    """The copy's O_DIRECT fds on file and disk legs, opened when first wanted, for one pass of
+    the resync. Opened through /proc/self/fd: the very file or disk the leg has open, even if
+    its path now names another."""
+
+    def __init__(self):
+        self._fds = {}  # (leg, writable) -> FileDevice, or None: the leg's own device
+
+    def dev(self, leg, writable, offset, length):
+        """The device a chunk of `leg` at `offset` (the leg's) goes through."""
+        if (offset | length) % ALIGN or getattr(leg.dev, "failed", None):
+            return leg.dev
+        key = (leg, writable)
+        if key not in self._fds:
+            self._fds[key] = _open_direct(leg.dev, writable)
+        return self._fds[key] or leg.dev
+
+    def close(self):
+        for dev in self._fds.values():
+            if dev is not None:
+                os.close(dev.fd)
+        self._fds = {}
+
+
+def _open_direct(dev, writable):
+    if not isinstance(dev, blockdev.FileDevice) or dev.direct:
+        return None  # remote or mapped; or direct already
+    try:
+        twin = blockdev._open(f"/proc/self/fd/{dev.fd}", writable, True, False)  # not exclusive: the pool holds it
+    except (OSError, blockdev.DeviceError) as e:
+        log.info("mirror: resync of %s goes through the page cache (no O_DIRECT: %s)", dev.path, e)
+        return None
+    twin.path = dev.path
+    return twin
 
 
 class RegionCopy:
     """One region's copy: [start, start+length) of the mirror, read from `src` and written to
     every leg of `dsts`."""
 
-    def __init__(self, region, start, length, src, dsts):
+    def __init__(self, region, start, length, src, dsts, direct):
         self.region, self.start, self.length, self.src, self.dsts = region, start, length, src, dsts
+        self.direct = direct
+        self.written = {}  # leg -> the devices its chunks went through (flushed at the end)
         self.next = 0  # where the next chunk starts, in the region
         self.left = (length + CHUNK - 1) // CHUNK  # chunks not finished
         self.read_error = 0
@@ -50,6 +106,7 @@ class Stream:
         self.cond = threading.Condition()
         self.free = [mmap.mmap(-1, CHUNK) for _ in range(DEPTH)]
         self.inflight = 0
+        self.flushing = 0  # regions whose copy is being flushed
         self.finished = []  # RegionCopy whose chunks are all done
 
     def start(self, c):
@@ -64,8 +121,9 @@ class Stream:
             c.next += n
             self.inflight += 1
         view = memoryview(buf)[:n]
-        c.src.dev.submit(bio.IO(bio.READ, c.src.offset + c.start + off, n, view, 0,
-                                lambda io: self._read(c, off, n, buf, view, io)))
+        at = c.src.offset + c.start + off
+        c.direct.dev(c.src, False, at, n).submit(bio.IO(bio.READ, at, n, view, 0,
+                                                        lambda io: self._read(c, off, n, buf, view, io)))
         return n
 
     def abort(self, c):
@@ -80,7 +138,7 @@ class Stream:
         c.next = c.length
         c.left -= unstarted
         if unstarted and c.left == 0:
-            self.finished.append(c)
+            self.finished.append(c)  # aborted or failed: nothing to make durable
             self.cond.notify_all()
 
     def _read(self, c, off, n, buf, view, io):
@@ -95,8 +153,11 @@ class Stream:
             return
         left = [len(dsts)]
         for dst in dsts:
-            dst.dev.submit(bio.IO(bio.WRITE, dst.offset + c.start + off, n, view, 0,
-                                  lambda w, dst=dst: self._wrote(c, dst, buf, left, w)))
+            at = dst.offset + c.start + off
+            dev = c.direct.dev(dst, True, at, n)
+            with self.cond:
+                c.written.setdefault(dst, set()).add(dev)
+            dev.submit(bio.IO(bio.WRITE, at, n, view, 0, lambda w, dst=dst: self._wrote(c, dst, buf, left, w)))
 
     def _wrote(self, c, dst, buf, left, io):
         with self.cond:
@@ -112,9 +173,32 @@ class Stream:
             self.free.append(buf)
             self.inflight -= 1
             c.left -= 1
-            if c.left == 0:
-                self.finished.append(c)
+            last = c.left == 0
             self.cond.notify_all()
+        if last:
+            self._flush(c)
+
+    def _flush(self, c):
+        """c's last chunk is done: flush what the legs that took it wrote it through, then c is
+        finished (a region is in sync only once its copy is durable)."""
+        with self.cond:
+            devs = [(dst, dev) for dst in c.done for dev in c.written.get(dst, ())]
+            self.flushing += 1
+        left = [len(devs) + 1]
+
+        def one(dst=None, io=None):
+            with self.cond:
+                if io is not None and io.error:
+                    c.write_errors.setdefault(dst, io.error)
+                left[0] -= 1
+                if left[0] == 0:
+                    self.flushing -= 1
+                    self.finished.append(c)
+                    self.cond.notify_all()
+
+        for dst, dev in devs:
+            dev.submit(bio.IO(bio.FLUSH, 0, 0, None, 0, lambda io, dst=dst: one(dst, io)))
+        one()
 
     def take_finished(self):
         with self.cond:
