@@ -12,8 +12,9 @@ of each (a figure that survives other load on the machine); the results file als
 of the mirror's writes the NBD loop fanned out itself (`fast_writes`). The 4 KiB random write
 runs twice, the second time with the files' page cache dropped first (see workloads()). Then `message m 0 resync` copies every region
 again: its rate is the size over the daemon's copying time plus an fdatasync of the written leg
-after it (the legs are buffered files), against fio writing each leg's file sequentially with
-O_DIRECT (1 MiB, QD4), the slower of the two. Also: log writes per 1000 client writes (marks
+after it (what the page cache still held of the copy; the resync copies with O_DIRECT and
+flushes each region before it is in sync, so little), against fio writing each leg's file
+sequentially with O_DIRECT (1 MiB, QD4), the slower of the two. Also: log writes per 1000 client writes (marks
 are batched, clears lazy). Last, read balancing: 4 KiB random reads from a mirror whose two
 legs are rate-limited nbdkit servers (`--filter=rate`), against `linear` on one of them.
 """
@@ -166,7 +167,7 @@ def main(argv=None) -> int:
                 time.sleep(0.5)  # each look is a CLI process: few, so the resync keeps the CPU
             wall_mib_s = size / MiB / (time.monotonic() - t0)  # coarse: the polls are 0.5 s apart
             copy_mib_s = st["resync"]["bytes_per_second"] / MiB  # the daemon's own: copying time
-            # the legs are buffered files: the copy is durable once the written leg is flushed
+            # durable: whatever of the written leg a cache still holds reaches the disk
             t1 = time.monotonic()
             fd = os.open(b, os.O_RDONLY)
             try:
