@@ -3,11 +3,11 @@
 themselves.
 
 One thread starts the copy; the I/O runs in the engine (copy.py: 1 MiB chunks, 8 in flight,
-regions one after another without a pause; O_DIRECT on file and disk legs). A region is copied
-with its writes held (RegionHash.begin_recovery: new writes to that region wait, those in flight
-finish first), read from a leg that is not stale there (the primary first) and written to every
-live leg that is stale there, and flushed on them; then the region is in sync once no leg, live
-or dead, is stale there. The copy is
+regions one after another without a pause; written O_DIRECT to file and disk legs). A region is
+copied with its writes held (RegionHash.begin_recovery: new writes to that region wait, those in
+flight finish first), read from a leg that is not stale there (the primary first) and written to
+every live leg that is stale there, and flushed on them; then the region is in sync once no leg,
+live or dead, is stale there. The copy is
 paced to `rate` bytes/s, or, with no rate (0), adaptively: after a slice of the copy (8 MiB)
 during which clients did I/O, it rests as long as that slice took, so clients keep at least
 half the time.
