@@ -107,7 +107,6 @@ class Stream:
         self.cond = threading.Condition()
         self.free = [mmap.mmap(-1, CHUNK) for _ in range(DEPTH)]
         self.inflight = 0
-        self.flushing = 0  # regions whose copy is being flushed
         self.finished = []  # RegionCopy whose chunks are all done
 
     def start(self, c):
@@ -183,7 +182,6 @@ class Stream:
         finished (a region is in sync only once its copy is durable)."""
         with self.cond:
             devs = [(dst, dev) for dst in c.done for dev in c.written.get(dst, ())]
-            self.flushing += 1
         left = [len(devs) + 1]
 
         def one(dst=None, io=None):
@@ -192,7 +190,6 @@ class Stream:
                     c.write_errors.setdefault(dst, io.error)
                 left[0] -= 1
                 if left[0] == 0:
-                    self.flushing -= 1
                     self.finished.append(c)
                     self.cond.notify_all()
 
