@@ -4,6 +4,7 @@ clients (fio, qemu-io), real crashes (SIGKILL of nbdkit and of the daemon)."""
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import re
 import shutil
@@ -139,6 +140,30 @@ def test_the_resync_copies_in_1_mib_pieces_several_at_once(make_daemon, image, n
             sizes.append(int(m.group(4), 16))
             most = max(most, len(inflight))
     assert sizes == [MiB] * 16 and most >= 4, (sizes, most)  # 0.2 s each: one at a time would take 3 s
+
+
+def test_the_resync_of_a_file_leg_writes_around_the_page_cache_and_is_on_disk_when_in_sync(make_daemon, image):
+    """The copy to a file leg uses O_DIRECT, flushed region by region: once the status says in
+    sync, the daemon killed -9 left none of the leg in the page cache (fincore), and what the
+    disk holds (read O_DIRECT) is the source's data. A buffered copy would leave the whole leg
+    cached, and until its writeback, only there."""
+    need("fincore")
+    a, b = image("a.img", 16 * MiB), image("b.img", 16 * MiB)
+    data = os.urandom(16 * MiB)
+    poke(a, 0, data)  # the legs differ everywhere; nosync says they do not, resync fixes it
+    d = make_daemon(device("m", mirror_line(16 * MiB, [a, b])))
+    assert "resyncing 16 regions" in d.cli("message", "m", "0", "resync").stdout
+    wait_for(lambda: in_sync(d), 20, "the resync", step=0.01)
+    d.kill()
+    cached = run("fincore", "--bytes", "--raw", "--noheadings", "--output", "RES", b).stdout.strip()
+    assert cached == "0", f"{cached} bytes of the resynced leg are in the page cache"
+    fd = os.open(b, os.O_RDONLY | os.O_DIRECT)
+    try:
+        buf = mmap.mmap(-1, 16 * MiB)  # page aligned, as O_DIRECT wants
+        assert os.preadv(fd, [buf], 0) == 16 * MiB
+    finally:
+        os.close(fd)
+    assert buf[:] == data
 
 
 def test_a_region_being_resynced_holds_writes_to_it_only(make_daemon, image, nbdkit):

@@ -1,8 +1,22 @@
 """The resync's copy: regions streamed from a good leg to the stale ones, CHUNK at a time, with
-DEPTH chunks in flight, through each leg's device (the I/O engine for files and disks, the NBD
-client for remote legs). A chunk's writes start from its read's completion, and a finished
-chunk's buffer takes the next one at once: the legs stay busy with large I/Os, and Python runs
-per chunk, never per block.
+DEPTH chunks in flight, through the I/O engine (files and disks) or the NBD client (remote
+legs). A chunk's writes start from its read's completion, and a finished chunk's buffer takes
+the next one at once: the legs stay busy with large I/Os, and Python runs per chunk, never per
+block.
+
+A stale file or disk leg is written around the page cache, on an fd of the copy's own opened
+O_DIRECT (Direct): it goes at the disk's sequential speed instead of dirtying the whole leg in
+the cache for a long writeback after. The kernel keeps it coherent with the leg's own buffered
+fd (a direct write writes back, then drops, the cached pages of its range), and no client write
+comes between: the region is held while it is copied. The source is read through its device:
+often in the page cache (a direct read would go to the disk, where reads can be the slower
+half: 1 GiB/s here against 2.5 for writes), else read ahead. The leg's own device where a
+direct write cannot be: a remote or mapped leg, a file system that refuses O_DIRECT, a chunk
+not 4 KiB aligned.
+
+A region is finished only once its copy is durable: its last chunk done, every leg that took it
+is flushed (fdatasync of the fd the chunks went through: with O_DIRECT, little more than the
+disk's cache), so the log never says in sync over data still in a cache.
 
 The resync thread starts the chunks (and so decides the pace: resync_rate, client priority)
 and finishes the regions; the completions only count and hand back buffers.
@@ -10,21 +24,64 @@ and finishes the regions; the completions only count and hand back buffers.
 
 from __future__ import annotations
 
+import logging
 import mmap
+import os
 import threading
 
+from ... import blockdev
 from ... import io as bio
+
+log = logging.getLogger("appliance.mirror")
 
 CHUNK = 1 << 20
 DEPTH = 8
+ALIGN = 4096  # what O_DIRECT takes on any disk (512 may not do on a 4K-sector one)
+
+
+class Direct:
+    """The copy's O_DIRECT fds on the file and disk legs it writes, opened when first wanted,
+    for one pass of the resync. Opened through /proc/self/fd: the very file or disk the leg has
+    open, even if its path now names another."""
+
+    def __init__(self):
+        self._fds = {}  # leg -> FileDevice, or None: the leg's own device
+
+    def writer(self, leg, offset, length):
+        """The device a chunk written to `leg` at `offset` (the leg's) goes through."""
+        if (offset | length) % ALIGN or getattr(leg.dev, "failed", None):
+            return leg.dev
+        if leg not in self._fds:
+            self._fds[leg] = _open_direct(leg.dev)
+        return self._fds[leg] or leg.dev
+
+    def close(self):
+        for dev in self._fds.values():
+            if dev is not None:
+                os.close(dev.fd)
+        self._fds = {}
+
+
+def _open_direct(dev):
+    if not isinstance(dev, blockdev.FileDevice) or dev.direct:
+        return None  # remote or mapped; or direct already
+    try:
+        twin = blockdev._open(f"/proc/self/fd/{dev.fd}", True, True, False)  # not exclusive: the pool holds it
+    except (OSError, blockdev.DeviceError) as e:
+        log.info("mirror: resync of %s goes through the page cache (no O_DIRECT: %s)", dev.path, e)
+        return None
+    twin.path = dev.path
+    return twin
 
 
 class RegionCopy:
     """One region's copy: [start, start+length) of the mirror, read from `src` and written to
     every leg of `dsts`."""
 
-    def __init__(self, region, start, length, src, dsts):
+    def __init__(self, region, start, length, src, dsts, direct):
         self.region, self.start, self.length, self.src, self.dsts = region, start, length, src, dsts
+        self.direct = direct
+        self.written = {}  # leg -> the devices its chunks went through (flushed at the end)
         self.next = 0  # where the next chunk starts, in the region
         self.left = (length + CHUNK - 1) // CHUNK  # chunks not finished
         self.read_error = 0
@@ -80,7 +137,7 @@ class Stream:
         c.next = c.length
         c.left -= unstarted
         if unstarted and c.left == 0:
-            self.finished.append(c)
+            self.finished.append(c)  # aborted or failed: nothing to make durable
             self.cond.notify_all()
 
     def _read(self, c, off, n, buf, view, io):
@@ -95,8 +152,11 @@ class Stream:
             return
         left = [len(dsts)]
         for dst in dsts:
-            dst.dev.submit(bio.IO(bio.WRITE, dst.offset + c.start + off, n, view, 0,
-                                  lambda w, dst=dst: self._wrote(c, dst, buf, left, w)))
+            at = dst.offset + c.start + off
+            dev = c.direct.writer(dst, at, n)
+            with self.cond:
+                c.written.setdefault(dst, set()).add(dev)
+            dev.submit(bio.IO(bio.WRITE, at, n, view, 0, lambda w, dst=dst: self._wrote(c, dst, buf, left, w)))
 
     def _wrote(self, c, dst, buf, left, io):
         with self.cond:
@@ -112,9 +172,30 @@ class Stream:
             self.free.append(buf)
             self.inflight -= 1
             c.left -= 1
-            if c.left == 0:
-                self.finished.append(c)
+            last = c.left == 0
             self.cond.notify_all()
+        if last:
+            self._flush(c)
+
+    def _flush(self, c):
+        """c's last chunk is done: flush what the legs that took it wrote it through, then c is
+        finished (a region is in sync only once its copy is durable)."""
+        with self.cond:
+            devs = [(dst, dev) for dst in c.done for dev in c.written.get(dst, ())]
+        left = [len(devs) + 1]
+
+        def one(dst=None, io=None):
+            with self.cond:
+                if io is not None and io.error:
+                    c.write_errors.setdefault(dst, io.error)
+                left[0] -= 1
+                if left[0] == 0:
+                    self.finished.append(c)
+                    self.cond.notify_all()
+
+        for dst, dev in devs:
+            dev.submit(bio.IO(bio.FLUSH, 0, 0, None, 0, lambda io, dst=dst: one(dst, io)))
+        one()
 
     def take_finished(self):
         with self.cond:

@@ -2,11 +2,12 @@
 (compare the legs region by region, as DRBD's online verify), and legs that come back by
 themselves.
 
-One thread starts the copy; the I/O runs in the legs' devices (copy.py: 1 MiB chunks, 8 in
-flight, regions one after another without a pause). A region is copied with its writes held
-(RegionHash.begin_recovery: new writes to that region wait, those in flight finish first), read
-from a leg that is not stale there (the primary first) and written to every live leg that is
-stale there; then the region is in sync once no leg, live or dead, is stale there. The copy is
+One thread starts the copy; the I/O runs in the engine (copy.py: 1 MiB chunks, 8 in flight,
+regions one after another without a pause; written O_DIRECT to file and disk legs). A region is
+copied with its writes held (RegionHash.begin_recovery: new writes to that region wait, those in
+flight finish first), read from a leg that is not stale there (the primary first) and written to
+every live leg that is stale there, and flushed on them; then the region is in sync once no leg,
+live or dead, is stale there. The copy is
 paced to `rate` bytes/s, or, with no rate (0), adaptively: after a slice of the copy (8 MiB)
 during which clients did I/O, it rests as long as that slice took, so clients keep at least
 half the time.
@@ -19,7 +20,7 @@ import threading
 import time
 
 from ... import io as bio
-from .copy import CHUNK, DEPTH, RegionCopy, Stream
+from .copy import CHUNK, DEPTH, Direct, RegionCopy, Stream
 from .sync_io import sync_io
 
 log = logging.getLogger("appliance.mirror")
@@ -144,7 +145,7 @@ class Resync:
         start = r * m.region_size
         return start, min(m.region_size, m.length - start)
 
-    def _next_region(self):
+    def _next_region(self, direct):
         """The next region out of sync that can be copied now, its writes held; None at the end
         of a pass."""
         m = self.m
@@ -160,7 +161,7 @@ class Resync:
             if src is None:
                 m.regions.end_recovery(r)
                 continue
-            return RegionCopy(r, *self._span(r), src, dsts)
+            return RegionCopy(r, *self._span(r), src, dsts, direct)
 
     def _stream(self):
         """Copy the regions out of sync, one after another without a pause between them
@@ -168,6 +169,7 @@ class Resync:
         resync is paused or stopped. Each region is finished (in sync, its writes let go) as
         soon as its last chunk is."""
         m, s = self.m, self._chunks
+        direct = Direct()
         cur = None
         open_ = 0  # regions begun and not finished
         started = 0  # bytes started in this stream (resync_rate)
@@ -183,7 +185,7 @@ class Resync:
                 if halt and cur is not None and not cur.started_all:
                     s.abort(cur)
                 if cur is None or cur.started_all:
-                    cur = None if halt or open_ >= OPEN else self._next_region()
+                    cur = None if halt or open_ >= OPEN else self._next_region(direct)
                     open_ += cur is not None
                     if cur is None:
                         if not open_:
@@ -209,6 +211,8 @@ class Resync:
         finally:
             self.active += time.monotonic() - t0
             self._since = None
+            if not open_:  # (else an error: the fds stay with the I/O in flight on them)
+                direct.close()
 
     def _finish(self, c):
         m = self.m
