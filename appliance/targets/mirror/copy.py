@@ -24,54 +24,35 @@ and finishes the regions; the completions only count and hand back buffers.
 
 from __future__ import annotations
 
-import logging
 import mmap
-import os
 import threading
 
-from ... import blockdev
+from ... import directfd
 from ... import io as bio
-
-log = logging.getLogger("appliance.mirror")
 
 CHUNK = 1 << 20
 DEPTH = 8
-ALIGN = 4096  # what O_DIRECT takes on any disk (512 may not do on a 4K-sector one)
 
 
 class Direct:
-    """The copy's O_DIRECT fds on the file and disk legs it writes, opened when first wanted,
-    for one pass of the resync. Opened through /proc/self/fd: the very file or disk the leg has
-    open, even if its path now names another."""
+    """The copy's O_DIRECT twins (directfd) of the file and disk legs it writes, opened when
+    first wanted, for one pass of the resync."""
 
     def __init__(self):
-        self._fds = {}  # leg -> FileDevice, or None: the leg's own device
+        self._fds = {}  # leg -> the device its chunks go through
 
     def writer(self, leg, offset, length):
         """The device a chunk written to `leg` at `offset` (the leg's) goes through."""
-        if (offset | length) % ALIGN or getattr(leg.dev, "failed", None):
+        if (offset | length) % directfd.ALIGN or getattr(leg.dev, "failed", None):
             return leg.dev
         if leg not in self._fds:
-            self._fds[leg] = _open_direct(leg.dev)
-        return self._fds[leg] or leg.dev
+            self._fds[leg] = directfd.reopen(leg.dev, "mirror resync")
+        return self._fds[leg]
 
     def close(self):
-        for dev in self._fds.values():
-            if dev is not None:
-                os.close(dev.fd)
+        for leg, dev in self._fds.items():
+            directfd.close(dev, leg.dev)
         self._fds = {}
-
-
-def _open_direct(dev):
-    if not isinstance(dev, blockdev.FileDevice) or dev.direct:
-        return None  # remote or mapped; or direct already
-    try:
-        twin = blockdev._open(f"/proc/self/fd/{dev.fd}", True, True, False)  # not exclusive: the pool holds it
-    except (OSError, blockdev.DeviceError) as e:
-        log.info("mirror: resync of %s goes through the page cache (no O_DIRECT: %s)", dev.path, e)
-        return None
-    twin.path = dev.path
-    return twin
 
 
 class RegionCopy:
