@@ -30,7 +30,7 @@ import threading
 from ... import directfd
 from ... import io as bio
 
-CHUNK = 1 << 20
+CHUNK = 4 << 20
 DEPTH = 8
 
 
@@ -88,7 +88,9 @@ class Stream:
         self.cond = threading.Condition()
         self.free = [mmap.mmap(-1, CHUNK) for _ in range(DEPTH)]
         self.inflight = 0
-        self.finished = []  # RegionCopy whose chunks are all done
+        self.finished = []  # RegionCopy whose chunks are all done, and flushed
+        self.to_flush = []  # RegionCopy whose chunks are all done, for the next flush round
+        self.flushing = False  # a round of flushes is in flight
 
     def start(self, c):
         """Start c's next chunk (resync thread; a buffer is free). Returns its length."""
@@ -156,27 +158,58 @@ class Stream:
             last = c.left == 0
             self.cond.notify_all()
         if last:
-            self._flush(c)
+            self._copied(c)
 
-    def _flush(self, c):
-        """c's last chunk is done: flush what the legs that took it wrote it through, then c is
-        finished (a region is in sync only once its copy is durable)."""
+    def _copied(self, c):
+        """c's last chunk is done. It is finished once the devices the legs that took it were
+        written through are flushed (a region is in sync only once its copy is durable). One
+        round of flushes at a time, for every region whose copy ended while the round before was
+        in flight: one flush for many regions where flushes are slow, one each where they are
+        fast (group commit), and the copy goes on meanwhile."""
         with self.cond:
-            devs = [(dst, dev) for dst in c.done for dev in c.written.get(dst, ())]
-        left = [len(devs) + 1]
+            if not c.done:  # failed or aborted: nothing to make durable
+                self.finished.append(c)
+                self.cond.notify_all()
+                return
+            self.to_flush.append(c)
+            if self.flushing:
+                return
+            self.flushing = True
+        self._flush_round()
 
-        def one(dst=None, io=None):
+    def _flush_round(self):
+        while True:
             with self.cond:
-                if io is not None and io.error:
-                    c.write_errors.setdefault(dst, io.error)
-                left[0] -= 1
-                if left[0] == 0:
-                    self.finished.append(c)
+                batch, self.to_flush = self.to_flush, []
+                if not batch:
+                    self.flushing = False
+                    return
+                devs = {}  # device -> [(region copy, leg)] its flush makes durable
+                for c in batch:
+                    for dst in c.done:
+                        for dev in c.written.get(dst, ()):
+                            devs.setdefault(dev, []).append((c, dst))
+                if not devs:  # (no chunk was written)
+                    self.finished.extend(batch)
                     self.cond.notify_all()
+                    continue
+            break
+        left = [len(devs)]
 
-        for dst, dev in devs:
-            dev.submit(bio.IO(bio.FLUSH, 0, 0, None, 0, lambda io, dst=dst: one(dst, io)))
-        one()
+        def flushed(dev, io):
+            with self.cond:
+                if io.error:
+                    for c, dst in devs[dev]:
+                        c.write_errors.setdefault(dst, io.error)
+                left[0] -= 1
+                if left[0]:
+                    return
+                self.finished.extend(batch)
+                self.cond.notify_all()
+            self._flush_round()
+
+        for dev in devs:
+            dev.submit(bio.IO(bio.FLUSH, 0, 0, None, 0, lambda io, dev=dev: flushed(dev, io)))
 
     def take_finished(self):
         with self.cond:

@@ -27,7 +27,7 @@ log = logging.getLogger("appliance.mirror")
 
 POLL = 0.2  # how often an idle resync looks at dead legs
 MAX_REPORTED = 100  # differing regions a verify lists
-OPEN = 4  # regions being copied at once (their writes wait): with small regions, no more
+WINDOW = 64 << 20  # bytes of regions open at once (being copied or flushed; their writes wait)
 
 
 class Resync:
@@ -185,7 +185,7 @@ class Resync:
                 if halt and cur is not None and not cur.started_all:
                     s.abort(cur)
                 if cur is None or cur.started_all:
-                    cur = None if halt or open_ >= OPEN else self._next_region(direct)
+                    cur = None if halt or open_ * m.region_size >= max(WINDOW, m.region_size) else self._next_region(direct)
                     open_ += cur is not None
                     if cur is None:
                         if not open_:
