@@ -54,7 +54,7 @@ from common import (  # noqa: E402
 )
 
 REGION_SECTORS = 8192  # 4 MiB regions, the default
-COPY_DEPTH = 8  # 1 MiB writes the resync keeps in flight (mirror/copy.py's DEPTH)
+COPY_DEPTH = 32  # fio's 1 MiB writes in flight: as many bytes as the resync's (mirror/copy.py: 8 of 4 MiB)
 
 
 def workloads():

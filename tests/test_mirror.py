@@ -120,26 +120,34 @@ def test_a_new_mirror_copies_the_first_leg_to_the_others(make_daemon, image):
     assert "read 5000/5000" in qemu_io(d.uri("m"), f"read -P 0x5a {3 * MiB + 100} 5000").stdout
 
 
-def test_the_resync_copies_in_1_mib_pieces_several_at_once(make_daemon, image, nbdkit, tmp_path):
-    a, b = image("a.img", 16 * MiB), image("b.img", 16 * MiB)
+def test_the_resync_copies_in_4_mib_pieces_8_at_once_and_flushes_regions_together(make_daemon, image, nbdkit,
+                                                                                  tmp_path):
+    """The copy keeps 8 writes of 4 MiB in flight, and the regions whose copies end together
+    share one flush of the stale leg: one flush per region would cost a disk's cache flush each."""
+    a, b = image("a.img", 64 * MiB), image("b.img", 64 * MiB)
     poke(a, 9 * MiB, b"\x42" * 4096)
     kitlog = tmp_path / "kit.log"
     kit = nbdkit("--filter=log", "--filter=delay", "file", b, f"logfile={kitlog}", "wdelay=200ms")
-    d = make_daemon(device("m", mirror_line(16 * MiB, [a, remote(kit.sock)], log="core 1 8192")))
+    d = make_daemon(device("m", mirror_line(64 * MiB, [a, remote(kit.sock)], log="core 1 8192")))
     wait_for(lambda: in_sync(d), 30, "the initial sync")
     assert read_file(a) == read_file(b)
-    inflight, most, sizes = set(), 0, []
-    for line in kitlog.read_text().splitlines():
-        m = re.search(r"(connection=\d+) Write id=(\d+) (offset=\S+ count=(0x[0-9a-f]+))?", line)
+    inflight, most, sizes, flushes, last_flush, last_written = set(), 0, [], 0, -1, -1
+    for i, line in enumerate(kitlog.read_text().splitlines()):
+        if re.search(r" Flush id=\d+ ", line) and "return" not in line:
+            flushes += 1
+            last_flush = i
+        m = re.search(r"(connection=\d+) (?:\.\.\.)?Write id=(\d+) (offset=\S+ count=(0x[0-9a-f]+))?", line)
         if not m:
             continue
         if "return" in line:
             inflight.discard(m.group(1, 2))
+            last_written = i
         else:
             inflight.add(m.group(1, 2))
             sizes.append(int(m.group(4), 16))
             most = max(most, len(inflight))
-    assert sizes == [MiB] * 16 and most >= 4, (sizes, most)  # 0.2 s each: one at a time would take 3 s
+    assert sizes == [4 * MiB] * 16 and most == 8, (sizes, most)  # 0.2 s each: one at a time would take 3 s
+    assert 1 <= flushes < 16 and last_flush > last_written, (flushes, last_flush, last_written)  # 16 regions
 
 
 def test_the_resync_of_a_file_leg_writes_around_the_page_cache_and_is_on_disk_when_in_sync(make_daemon, image):
@@ -167,12 +175,12 @@ def test_the_resync_of_a_file_leg_writes_around_the_page_cache_and_is_on_disk_wh
 
 
 def test_a_region_being_resynced_holds_writes_to_it_only(make_daemon, image, nbdkit):
-    a, b = image("a.img", 8 * MiB), image("b.img", 8 * MiB)
+    a, b = image("a.img", 16 * MiB), image("b.img", 16 * MiB)
     kit = nbdkit("--filter=delay", "file", a, "rdelay=3")  # the source's reads take 3 s
-    d = make_daemon(device("m", mirror_line(8 * MiB, [remote(kit.sock), b], log="core 1 2048")))
-    # the initial sync is copying region 0 now, for about 3 s
+    d = make_daemon(device("m", mirror_line(16 * MiB, [remote(kit.sock), b], log="core 1 2048")))
+    # the initial sync is copying regions 0-7 now (8 chunks in flight), for about 3 s
     t = time.monotonic()
-    qemu_io(d.uri("m"), f"write -P 0x11 {7 * MiB} 4k")
+    qemu_io(d.uri("m"), f"write -P 0x11 {15 * MiB} 4k")
     other = time.monotonic() - t
     t = time.monotonic()
     qemu_io(d.uri("m"), "write -P 0x22 4096 4k")
@@ -180,7 +188,7 @@ def test_a_region_being_resynced_holds_writes_to_it_only(make_daemon, image, nbd
     assert other < 1.5 and same > 1.0, (other, same)
     wait_for(lambda: in_sync(d), 60, "the initial sync")
     assert read_file(b, 4096, 4096) == b"\x22" * 4096 and read_file(a, 4096, 4096) == b"\x22" * 4096
-    assert read_file(b, 7 * MiB, 4096) == b"\x11" * 4096
+    assert read_file(b, 15 * MiB, 4096) == b"\x11" * 4096
 
 
 # ------------------------------------------------------------------ lost legs

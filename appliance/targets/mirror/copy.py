@@ -16,7 +16,11 @@ not 4 KiB aligned.
 
 A region is finished only once its copy is durable: its last chunk done, every leg that took it
 is flushed (fdatasync of the fd the chunks went through: with O_DIRECT, little more than the
-disk's cache), so the log never says in sync over data still in a cache.
+disk's cache), so the log never says in sync over data still in a cache. The regions whose
+copies end while a flush is in flight share the next one (Stream._copied).
+
+CHUNK is 4 MiB and DEPTH 8: 32 MiB in flight keeps a fast disk's queue full across the pauses of
+a loaded machine's scheduler, and a 4 MiB chunk costs the Python of a 1 MiB one.
 
 The resync thread starts the chunks (and so decides the pace: resync_rate, client priority)
 and finishes the regions; the completions only count and hand back buffers.
@@ -82,23 +86,39 @@ class RegionCopy:
 
 
 class Stream:
-    """DEPTH page-aligned buffers and the chunks in flight in them."""
+    """DEPTH page-aligned buffers and the chunks in flight in them. The buffers are made as a
+    pass of the copy needs them and unmapped after it (release): an idle mirror holds none."""
 
     def __init__(self):
         self.cond = threading.Condition()
-        self.free = [mmap.mmap(-1, CHUNK) for _ in range(DEPTH)]
+        self.free = []
         self.inflight = 0
         self.finished = []  # RegionCopy whose chunks are all done, and flushed
         self.to_flush = []  # RegionCopy whose chunks are all done, for the next flush round
         self.flushing = False  # a round of flushes is in flight
 
+    @property
+    def room(self):
+        """A chunk may start: fewer than DEPTH in flight."""
+        return self.inflight < DEPTH
+
+    def release(self):
+        """Unmap the buffers (the resync thread, once nothing is in flight)."""
+        with self.cond:
+            free, self.free = self.free, []
+        for buf in free:
+            try:
+                buf.close()
+            except BufferError:  # a view of it is still about: it goes with that
+                pass
+
     def start(self, c):
-        """Start c's next chunk (resync thread; a buffer is free). Returns its length."""
+        """Start c's next chunk (resync thread; there is room). Returns its length."""
         with self.cond:
             if c.read_error:  # the source failed: the rest of the region is not read
                 self._drop_rest(c)
                 return 0
-            buf = self.free.pop()
+            buf = self.free.pop() if self.free else mmap.mmap(-1, CHUNK)
             off = c.next
             n = min(CHUNK, c.length - off)
             c.next += n
