@@ -174,6 +174,22 @@ def test_the_resync_of_a_file_leg_writes_around_the_page_cache_and_is_on_disk_wh
     assert buf[:] == data
 
 
+def test_a_source_that_cannot_be_read_fails_the_source_and_not_the_leg_being_resynced(make_daemon, image):
+    """The copy to a file leg takes the data straight from the source's page cache where it can
+    (mapped); where the source cannot be read (here the file was cut short under the mirror) the
+    chunk is read, and the read's error fails the source, never the leg being resynced."""
+    a, b = image("a.img", 16 * MiB), image("b.img", 16 * MiB)
+    poke(a, 0, os.urandom(8 * MiB))
+    d = make_daemon(device("m", mirror_line(16 * MiB, [a, b], log="core 1 8192")))
+    os.truncate(a, 8 * MiB)  # regions 2 and 3 cannot be read any more
+    d.cli("message", "m", "0", "resync")
+    wait_for(lambda: mstatus(d)["legs"][0]["state"] == "dead", 20, "the source to fail")
+    legs = mstatus(d)["legs"]
+    assert "resync read failed" in legs[0]["why"], legs[0]
+    assert legs[1]["state"] != "dead", legs[1]
+    assert read_file(b, 0, 8 * MiB) == read_file(a, 0, 8 * MiB)  # what could be read was copied
+
+
 def test_a_region_being_resynced_holds_writes_to_it_only(make_daemon, image, nbdkit):
     a, b = image("a.img", 16 * MiB), image("b.img", 16 * MiB)
     kit = nbdkit("--filter=delay", "file", a, "rdelay=3")  # the source's reads take 3 s
