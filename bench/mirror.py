@@ -2,7 +2,7 @@
 """mirror against linear: what the second leg and the dirty-region log cost, and how fast a
 resync copies.
 
-    python bench/mirror.py [--runtime S] [--size MiB]
+    python bench/mirror.py [--runtime S] [--size MiB] [--resync-size MiB] [--resync-only]
 
 One daemon serves two devices, measured one at a time with fio's nbd engine:
   lin  `linear` over one file,
@@ -15,7 +15,10 @@ again: its rate is the size over the daemon's copying time plus an fdatasync of 
 after it (what the page cache still held of the copy; the resync copies with O_DIRECT and
 flushes each region before it is in sync, so little), against fio writing each leg's file
 sequentially with O_DIRECT (1 MiB, QD4), the slower of the two; and, for what a copy can get
-from the disk, fio reading one leg and writing the other at once (the row's label). Also: log writes per 1000 client writes (marks
+from the disk, fio reading one leg and writing the other at once (the row's label). Then the
+resync as the issue's bar means it, legs on two devices (two_devices_row): the in-sync leg on
+tmpfs, the stale one a file on the disk, against fio writing that file with O_DIRECT, 1 MiB, as
+many bytes in flight as the copy. Also: log writes per 1000 client writes (marks
 are batched, clears lazy). Last, read balancing: 4 KiB random reads from a mirror whose two
 legs are rate-limited nbdkit servers (`--filter=rate`), against `linear` on one of them.
 """
