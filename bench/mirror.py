@@ -177,6 +177,8 @@ def two_devices_row(wd, args):
     O_DIRECT, 1 MiB, at the copy's depth: the slower leg's sequential write bandwidth. The
     row's last item is its results entry."""
     size = args.resync_size * MiB
+    if not os.path.isdir("/dev/shm"):
+        raise BenchError("no /dev/shm (tmpfs) for the two-device resync's in-sync leg; --no-two-devices skips it")
     shm = Path(tempfile.mkdtemp(prefix="appliance-bench-", dir="/dev/shm"))
     try:
         src = make_data_file(shm / "src.img", size)

@@ -1,8 +1,8 @@
 """The resync's copy: regions streamed from a good leg to the stale ones, CHUNK at a time, with
 DEPTH chunks in flight, through the I/O engine (files and disks) or the NBD client (remote
 legs). A chunk's writes start from its read's completion (or at once, mapped: below), and a
-finished chunk's buffer takes the next one at once: the legs stay busy with large I/Os, and Python runs per chunk, never per
-block.
+finished chunk's buffer takes the next one at once: the legs stay busy with large I/Os, and
+Python runs per chunk, never per block.
 
 A stale file or disk leg is written around the page cache, on an fd of the copy's own opened
 O_DIRECT (Direct): it goes at the disk's sequential speed instead of dirtying the whole leg in

@@ -8,9 +8,9 @@ and disk legs). A region is copied with its writes held (RegionHash.begin_recove
 to that region wait, those in flight finish first), read from a leg that is not stale there (the
 primary first) and written to every live leg that is stale there, and flushed on them (one flush
 for the regions whose copies ended together); then the region is in sync once no leg, live or
-dead, is stale there. The copy is paced to `rate` bytes/s, or, with no rate (0), adaptively: after a slice of the copy (8 MiB)
-during which clients did I/O, it rests as long as that slice took, so clients keep at least
-half the time.
+dead, is stale there. The copy is paced to `rate` bytes/s, or, with no rate (0), adaptively:
+after a slice of the copy (8 MiB) during which clients did I/O, it rests as long as that slice
+took, so clients keep at least half the time.
 """
 
 from __future__ import annotations
