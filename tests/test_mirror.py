@@ -4,6 +4,7 @@ clients (fio, qemu-io), real crashes (SIGKILL of nbdkit and of the daemon)."""
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import re
 import shutil
@@ -119,35 +120,83 @@ def test_a_new_mirror_copies_the_first_leg_to_the_others(make_daemon, image):
     assert "read 5000/5000" in qemu_io(d.uri("m"), f"read -P 0x5a {3 * MiB + 100} 5000").stdout
 
 
-def test_the_resync_copies_in_1_mib_pieces_several_at_once(make_daemon, image, nbdkit, tmp_path):
-    a, b = image("a.img", 16 * MiB), image("b.img", 16 * MiB)
+def test_the_resync_copies_in_4_mib_pieces_8_at_once_and_flushes_regions_together(make_daemon, image, nbdkit,
+                                                                                  tmp_path):
+    """The copy keeps 8 writes of 4 MiB in flight, and the regions whose copies end together
+    share one flush of the stale leg: one flush per region would cost a disk's cache flush each."""
+    a, b = image("a.img", 64 * MiB), image("b.img", 64 * MiB)
     poke(a, 9 * MiB, b"\x42" * 4096)
     kitlog = tmp_path / "kit.log"
     kit = nbdkit("--filter=log", "--filter=delay", "file", b, f"logfile={kitlog}", "wdelay=200ms")
-    d = make_daemon(device("m", mirror_line(16 * MiB, [a, remote(kit.sock)], log="core 1 8192")))
+    d = make_daemon(device("m", mirror_line(64 * MiB, [a, remote(kit.sock)], log="core 1 8192")))
     wait_for(lambda: in_sync(d), 30, "the initial sync")
     assert read_file(a) == read_file(b)
-    inflight, most, sizes = set(), 0, []
-    for line in kitlog.read_text().splitlines():
-        m = re.search(r"(connection=\d+) Write id=(\d+) (offset=\S+ count=(0x[0-9a-f]+))?", line)
+    inflight, most, sizes, flushes, last_flush, last_written = set(), 0, [], 0, -1, -1
+    for i, line in enumerate(kitlog.read_text().splitlines()):
+        if re.search(r" Flush id=\d+ ", line) and "return" not in line:
+            flushes += 1
+            last_flush = i
+        m = re.search(r"(connection=\d+) (?:\.\.\.)?Write id=(\d+) (offset=\S+ count=(0x[0-9a-f]+))?", line)
         if not m:
             continue
         if "return" in line:
             inflight.discard(m.group(1, 2))
+            last_written = i
         else:
             inflight.add(m.group(1, 2))
             sizes.append(int(m.group(4), 16))
             most = max(most, len(inflight))
-    assert sizes == [MiB] * 16 and most >= 4, (sizes, most)  # 0.2 s each: one at a time would take 3 s
+    assert sizes == [4 * MiB] * 16 and most == 8, (sizes, most)  # 0.2 s each: one at a time would take 3 s
+    assert 1 <= flushes < 16 and last_flush > last_written, (flushes, last_flush, last_written)  # 16 regions
+
+
+def test_the_resync_of_a_file_leg_writes_around_the_page_cache_and_is_on_disk_when_in_sync(make_daemon, image):
+    """The copy to a file leg uses O_DIRECT, flushed region by region: once the status says in
+    sync, the daemon killed -9 left none of the leg in the page cache (fincore), and what the
+    disk holds (read O_DIRECT) is the source's data. A buffered copy would leave the whole leg
+    cached, and until its writeback, only there."""
+    need("fincore")
+    a, b = image("a.img", 16 * MiB), image("b.img", 16 * MiB)
+    data = os.urandom(16 * MiB)
+    poke(a, 0, data)  # the legs differ everywhere; nosync says they do not, resync fixes it
+    d = make_daemon(device("m", mirror_line(16 * MiB, [a, b])))
+    assert "resyncing 16 regions" in d.cli("message", "m", "0", "resync").stdout
+    wait_for(lambda: in_sync(d), 20, "the resync", step=0.01)
+    d.kill()
+    cached = run("fincore", "--bytes", "--raw", "--noheadings", "--output", "RES", b).stdout.strip()
+    assert cached == "0", f"{cached} bytes of the resynced leg are in the page cache"
+    fd = os.open(b, os.O_RDONLY | os.O_DIRECT)
+    try:
+        buf = mmap.mmap(-1, 16 * MiB)  # page aligned, as O_DIRECT wants
+        assert os.preadv(fd, [buf], 0) == 16 * MiB
+    finally:
+        os.close(fd)
+    assert buf[:] == data
+
+
+def test_a_source_that_cannot_be_read_fails_the_source_and_not_the_leg_being_resynced(make_daemon, image):
+    """The copy to a file leg takes the data straight from the source's page cache where it can
+    (mapped); where the source cannot be read (here the file was cut short under the mirror) the
+    chunk is read, and the read's error fails the source, never the leg being resynced."""
+    a, b = image("a.img", 16 * MiB), image("b.img", 16 * MiB)
+    poke(a, 0, os.urandom(8 * MiB))
+    d = make_daemon(device("m", mirror_line(16 * MiB, [a, b], log="core 1 8192")))
+    os.truncate(a, 8 * MiB)  # regions 2 and 3 cannot be read any more
+    d.cli("message", "m", "0", "resync")
+    wait_for(lambda: mstatus(d)["legs"][0]["state"] == "dead", 20, "the source to fail")
+    legs = mstatus(d)["legs"]
+    assert "resync read failed" in legs[0]["why"], legs[0]
+    assert legs[1]["state"] != "dead", legs[1]
+    assert read_file(b, 0, 8 * MiB) == read_file(a, 0, 8 * MiB)  # what could be read was copied
 
 
 def test_a_region_being_resynced_holds_writes_to_it_only(make_daemon, image, nbdkit):
-    a, b = image("a.img", 8 * MiB), image("b.img", 8 * MiB)
+    a, b = image("a.img", 16 * MiB), image("b.img", 16 * MiB)
     kit = nbdkit("--filter=delay", "file", a, "rdelay=3")  # the source's reads take 3 s
-    d = make_daemon(device("m", mirror_line(8 * MiB, [remote(kit.sock), b], log="core 1 2048")))
-    # the initial sync is copying region 0 now, for about 3 s
+    d = make_daemon(device("m", mirror_line(16 * MiB, [remote(kit.sock), b], log="core 1 2048")))
+    # the initial sync is copying regions 0-7 now (8 chunks in flight), for about 3 s
     t = time.monotonic()
-    qemu_io(d.uri("m"), f"write -P 0x11 {7 * MiB} 4k")
+    qemu_io(d.uri("m"), f"write -P 0x11 {15 * MiB} 4k")
     other = time.monotonic() - t
     t = time.monotonic()
     qemu_io(d.uri("m"), "write -P 0x22 4096 4k")
@@ -155,7 +204,7 @@ def test_a_region_being_resynced_holds_writes_to_it_only(make_daemon, image, nbd
     assert other < 1.5 and same > 1.0, (other, same)
     wait_for(lambda: in_sync(d), 60, "the initial sync")
     assert read_file(b, 4096, 4096) == b"\x22" * 4096 and read_file(a, 4096, 4096) == b"\x22" * 4096
-    assert read_file(b, 7 * MiB, 4096) == b"\x11" * 4096
+    assert read_file(b, 15 * MiB, 4096) == b"\x11" * 4096
 
 
 # ------------------------------------------------------------------ lost legs

@@ -14,7 +14,10 @@ completes, out of order as the protocol allows.
   is unavailable. On a buffered (not O_DIRECT) fd, a read the page cache holds
   is served inline (preadv2 RWF_NOWAIT; what is not cached goes to the ring),
   and a write is copied into the page cache inline, which is cheaper than the
-  kernel worker io_uring would hand it to. A write may be several pieces of one
+  kernel worker io_uring would hand it to; a write of several buffered pieces
+  (a mirror's copies) hands all but the first to kernel workers
+  (IOSQE_ASYNC) and copies the first itself meanwhile, so the copies run on
+  two cores instead of one after the other. A write may be several pieces of one
   buffer on several fds (a fan-out): it is answered when all are done, after the
   descriptor's write_done (a read after its read_done); a failed piece of a
   descriptor with errors_slow sends the request to the slow path whole. FUA is
@@ -402,6 +405,7 @@ cdef class Connection:
         cdef char *p = r.buf
         cdef IoOp *op
         cdef bint flush = r.cmd == CMD_FLUSH
+        cdef bint punted = 0
         if flush:
             i = self.gate.fast_enter(0, self.size)
             pos, end = 0, self.size
@@ -439,8 +443,11 @@ cdef class Connection:
         # pending counts the pieces, plus one held until all are on their way
         self.nfast += 1
         r.pending = np + 1
-        for j in range(np):
+        for j in range(np - 1, -1, -1):  # the first piece last (see below)
+            if j == 0 and punted:
+                queue_flush(&self.q)  # the workers start on theirs now
             op = &r.ops[j]
+            op.punt = 0
             op.op = OP_FSYNC if flush else (OP_READ if r.cmd == CMD_READ else OP_WRITE)
             op.fd = pieces[j].fd
             op.buf = pieces[j].buf
@@ -455,7 +462,17 @@ cdef class Connection:
                 if op.res > 0:
                     self.op_done(op)  # a short one is resubmitted for the rest
                     continue
-            if op.op == OP_WRITE and pieces[j].buffered:
+            if op.op == OP_WRITE and pieces[j].buffered and j:
+                # the other copies of a fan-out: a kernel worker copies them into the page
+                # cache while this thread copies the first (below), on another core
+                op.punt = 1
+                if queue_submit(&self.q, op) != 0:
+                    if not r.err:
+                        r.err = EAGAIN
+                    self.piece_done(r)
+                else:
+                    punted = 1
+            elif op.op == OP_WRITE and pieces[j].buffered:
                 # into the page cache: at once, here. io_uring would hand a buffered write on
                 # ext4 to a kernel worker (it cannot be tried without blocking), a thread
                 # switch that costs more than the copy

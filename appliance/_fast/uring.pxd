@@ -22,6 +22,7 @@ cdef struct IoOp:
     int64_t res        # bytes transferred or -errno, set by the engine
     int tag            # the submitter's: which request this belongs to
     int fua            # a write that must be followed by fdatasync (the loop does the second step)
+    int punt           # io_uring: start it in a kernel worker (IOSQE_ASYNC), not inline
     IoOp *next         # engine-internal list link
     void *owner        # engine-internal: the Queue it completes to
 

@@ -62,6 +62,8 @@ cdef extern from "<liburing.h>" nogil:
     void io_uring_prep_poll_add(io_uring_sqe *, int, unsigned)
     int io_uring_submit_and_wait(io_uring *, unsigned)
     void io_uring_sqe_set_data64(io_uring_sqe *, uint64_t)
+    void io_uring_sqe_set_flags(io_uring_sqe *, unsigned)
+    unsigned IOSQE_ASYNC
     unsigned IORING_FSYNC_DATASYNC
     unsigned IORING_SETUP_SINGLE_ISSUER
     unsigned IORING_SETUP_DEFER_TASKRUN
@@ -239,6 +241,8 @@ cdef int queue_submit(Queue *q, IoOp *op) noexcept nogil:
         else:
             io_uring_prep_fsync(sqe, op.fd, IORING_FSYNC_DATASYNC)
         io_uring_sqe_set_data64(sqe, <uint64_t>op)
+        if op.punt:
+            io_uring_sqe_set_flags(sqe, IOSQE_ASYNC)
         q.queued += 1
         return 0
     pthread_mutex_lock(&pool_lock)

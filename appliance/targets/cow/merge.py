@@ -40,7 +40,7 @@ import os
 import threading
 import time
 
-from ... import blockdev
+from ... import directfd
 from ... import io as bio
 from ..._fast.cowindex import OwnerIndex
 from .. import TargetError, parse_size
@@ -462,21 +462,9 @@ class Merge:
 
 
 def _direct(dev, aligned):
-    """The copy reads and writes around the page cache, on a file of its own opened O_DIRECT:
-    it goes at the disk's sequential speed, where buffered I/O of GiBs crawls through readahead
-    and writeback, and it does not push the clients' data out of the cache. The kernel keeps
-    the two coherent (a direct read writes back dirty cached pages first, a direct write drops
-    the cached ones), and a FLUSH on the device's own fd makes the writes durable (fdatasync is
-    per file). The device itself where that cannot be (not a file or disk, no O_DIRECT, or
-    pieces not 4 KiB aligned)."""
-    path = getattr(dev, "path", None)
-    if not aligned or getattr(dev, "direct", True) or path is None or not isinstance(dev, blockdev.FileDevice):
-        return dev
-    try:
-        return blockdev._open(path, True, True, False)  # not exclusive: the pool holds it
-    except (OSError, blockdev.DeviceError) as e:
-        log.info("cow merge: %s: copying through the device (no O_DIRECT: %s)", path, e)
-        return dev
+    """The copy reads and writes around the page cache (directfd), where its pieces are 4 KiB
+    aligned; a FLUSH on the device's own fd makes the writes durable (fdatasync is per file)."""
+    return directfd.reopen(dev, "cow merge") if aligned else dev
 
 
 class _Copy:

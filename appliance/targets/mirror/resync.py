@@ -2,14 +2,15 @@
 (compare the legs region by region, as DRBD's online verify), and legs that come back by
 themselves.
 
-One thread starts the copy; the I/O runs in the legs' devices (copy.py: 1 MiB chunks, 8 in
-flight, regions one after another without a pause). A region is copied with its writes held
-(RegionHash.begin_recovery: new writes to that region wait, those in flight finish first), read
-from a leg that is not stale there (the primary first) and written to every live leg that is
-stale there; then the region is in sync once no leg, live or dead, is stale there. The copy is
-paced to `rate` bytes/s, or, with no rate (0), adaptively: after a slice of the copy (8 MiB)
-during which clients did I/O, it rests as long as that slice took, so clients keep at least
-half the time.
+One thread starts the copy; the I/O runs in the engine (copy.py: 4 MiB chunks, 8 in flight,
+regions one after another without a pause, up to WINDOW of them open; written O_DIRECT to file
+and disk legs). A region is copied with its writes held (RegionHash.begin_recovery: new writes
+to that region wait, those in flight finish first), read from a leg that is not stale there (the
+primary first) and written to every live leg that is stale there, and flushed on them (one flush
+for the regions whose copies ended together); then the region is in sync once no leg, live or
+dead, is stale there. The copy is paced to `rate` bytes/s, or, with no rate (0), adaptively:
+after a slice of the copy (8 MiB) during which clients did I/O, it rests as long as that slice
+took, so clients keep at least half the time.
 """
 
 from __future__ import annotations
@@ -19,14 +20,15 @@ import threading
 import time
 
 from ... import io as bio
-from .copy import CHUNK, DEPTH, RegionCopy, Stream
+from .copy import Direct, RegionCopy, Stream
 from .sync_io import sync_io
 
 log = logging.getLogger("appliance.mirror")
 
 POLL = 0.2  # how often an idle resync looks at dead legs
 MAX_REPORTED = 100  # differing regions a verify lists
-OPEN = 4  # regions being copied at once (their writes wait): with small regions, no more
+WINDOW = 64 << 20  # bytes of regions open at once (being copied or flushed; their writes wait)
+SLICE = 8 << 20  # adaptive pace: clients that did I/O while this much was copied get as long alone
 
 
 class Resync:
@@ -144,7 +146,7 @@ class Resync:
         start = r * m.region_size
         return start, min(m.region_size, m.length - start)
 
-    def _next_region(self):
+    def _next_region(self, direct):
         """The next region out of sync that can be copied now, its writes held; None at the end
         of a pass."""
         m = self.m
@@ -160,16 +162,18 @@ class Resync:
             if src is None:
                 m.regions.end_recovery(r)
                 continue
-            return RegionCopy(r, *self._span(r), src, dsts)
+            return RegionCopy(r, *self._span(r), src, dsts, direct)
 
     def _stream(self):
         """Copy the regions out of sync, one after another without a pause between them
         (copy.py: DEPTH chunks in flight), until a pass finds no more, a copy fails, or the
         resync is paused or stopped. Each region is finished (in sync, its writes let go) as
-        soon as its last chunk is."""
+        soon as its last chunk is done and flushed."""
         m, s = self.m, self._chunks
+        direct = Direct()
         cur = None
         open_ = 0  # regions begun and not finished
+        most = max(1, WINDOW // m.region_size)
         started = 0  # bytes started in this stream (resync_rate)
         t0 = self._since = time.monotonic()
         slice_t, slice_bytes, slice_ios = t0, 0, m.client_ios
@@ -183,7 +187,10 @@ class Resync:
                 if halt and cur is not None and not cur.started_all:
                     s.abort(cur)
                 if cur is None or cur.started_all:
-                    cur = None if halt or open_ >= OPEN else self._next_region()
+                    if not halt and open_ < most and not s.room:
+                        s.wait(POLL)  # a region is taken (its writes held) when a chunk can start
+                        continue
+                    cur = None if halt or open_ >= most else self._next_region(direct)
                     open_ += cur is not None
                     if cur is None:
                         if not open_:
@@ -197,11 +204,11 @@ class Resync:
                 if wait > 0:
                     s.wait(wait)
                     continue
-                if not s.free:
+                if not s.room:
                     s.wait(POLL)
                     continue
                 started += s.start(cur)
-                if not self.rate and started - slice_bytes >= DEPTH * CHUNK:
+                if not self.rate and started - slice_bytes >= SLICE:
                     # adaptive: clients that did I/O during a slice get as long again alone
                     if m.client_ios != slice_ios:
                         rest_until = now + (now - slice_t)
@@ -209,6 +216,9 @@ class Resync:
         finally:
             self.active += time.monotonic() - t0
             self._since = None
+            if not open_:  # (else an error: the fds and buffers stay with the I/O in flight)
+                direct.close()
+                s.release()
 
     def _finish(self, c):
         m = self.m
