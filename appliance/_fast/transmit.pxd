@@ -27,6 +27,7 @@ cdef struct Req:
     int next_free
     int seg             # the gate segment a fast request started in
     int retry           # a descriptor it used has errors_slow
+    int fixed           # buf is registered with the engine queue (slot: the request's index)
     IoOp ops[MAX_PIECES]
 
 # Fast replies the loop gathers while it reaps, sent with one sendmsg: fewer system calls
@@ -84,6 +85,7 @@ cdef class Connection:
     cdef int take(self, char *dst, size_t length) noexcept nogil
     cdef int next_header(self) noexcept nogil
     cdef Req *get_req(self, size_t length, size_t reply) noexcept nogil
+    cdef void unregister(self, Req *r) noexcept nogil
     cdef void put_req(self, Req *r) noexcept nogil
     cdef void done_one(self) noexcept nogil
     cdef int start_fast(self, Req *r) noexcept nogil

@@ -57,7 +57,7 @@ from appliance._fast.sync cimport (pthread_mutex_init, pthread_mutex_lock, pthre
 from appliance._fast.gate cimport Gate, FastSeg
 from appliance._fast.fastops cimport FdPiece, fast_fn
 from appliance._fast.uring cimport (IoOp, Queue, OP_READ, OP_WRITE, OP_FSYNC, queue_init, queue_exit,
-    queue_submit, queue_flush, queue_reap, queue_wait, queue_wake)
+    queue_submit, queue_flush, queue_reap, queue_wait, queue_wake, queue_set_buffer)
 from appliance._fast.pagebuf cimport buf_alloc, buf_free
 from appliance._fast.wire cimport (nbd_errno, put16, put32, put64, be16toh, be32toh, be64toh,
     HEADER, REQUEST_MAGIC, SIMPLE_REPLY_MAGIC, STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE,
@@ -297,9 +297,12 @@ cdef class Connection:
                 return NULL
             if r.buf != NULL:
                 self.ncached -= r.cap
+            self.unregister(r)
             buf_free(r.buf, r.cap)
             r.buf = <char *>p
             r.cap = cap
+            if cap <= KEEP_BUF:
+                r.fixed = queue_set_buffer(&self.q, <int>(r - self.reqs), r.buf, cap) == 0
         elif r.buf != NULL:
             self.ncached -= r.cap
         self.free_head = r.next_free
@@ -309,12 +312,19 @@ cdef class Connection:
         r.err = 0
         return r
 
+    cdef void unregister(self, Req *r) noexcept nogil:
+        """Before r's buffer is freed: the engine must let go of its pages."""
+        if r.fixed:
+            queue_set_buffer(&self.q, <int>(r - self.reqs), NULL, 0)
+            r.fixed = 0
+
     cdef void put_req(self, Req *r) noexcept nogil:
         budget_give(r.budget + r.paid)
         r.budget = r.paid = 0
         # a large buffer goes at once: one big request must not pin its size for the
         # connection's life (nor many of them, on a long-lived connection)
         if r.buf != NULL and (r.cap > KEEP_BUF or self.ncached + r.cap > KEEP_BYTES):
+            self.unregister(r)
             buf_free(r.buf, r.cap)
             r.buf = NULL
             r.cap = 0
@@ -448,6 +458,9 @@ cdef class Connection:
             op.off = pieces[j].off
             op.tag = <int>(r - self.reqs)
             op.fua = r.cmd == CMD_WRITE and (r.flags & F_FUA) != 0
+            op.buf_index = -1
+            if r.fixed and op.buf >= r.buf and op.buf + op.len <= r.buf + r.cap:
+                op.buf_index = op.tag
             if op.op == OP_READ and pieces[j].buffered:
                 # from the page cache if it is all there: at once, without the ring's
                 # round trip; what is not cached goes to the ring and the disk
@@ -741,7 +754,7 @@ cdef class Connection:
         """Serve until the client disconnects or the stream is broken. Returns the reason."""
         cdef int rc, taken, reaped
         cdef timeval tv
-        rc = queue_init(&self.q, 2 * self.depth)
+        rc = queue_init(&self.q, 2 * self.depth, self.depth)
         if rc < 0:
             import os
             rq_close(&self.out)  # the sender thread ends too
