@@ -27,7 +27,7 @@ cdef struct Req:
     int next_free
     int seg             # the gate segment a fast request started in
     int retry           # a descriptor it used has errors_slow
-    int fixed           # buf is registered with the engine queue (slot: the request's index)
+    int fixed           # buf is registered with the engine's queue, slot = the request's index
     IoOp ops[MAX_PIECES]
 
 # Fast replies the loop gathers while it reaps, sent with one sendmsg: fewer system calls

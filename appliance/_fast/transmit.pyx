@@ -43,7 +43,10 @@ completes, out of order as the protocol allows.
   until room is given back anywhere in the daemon. Free requests keep buffers
   up to KEEP_BUF (1 MiB) for the next one, KEEP_BYTES (8 MiB) of them in all;
   a larger buffer is freed as soon as its request is answered, and everything
-  when the connection closes.
+  when the connection closes. With io_uring, each kept buffer is registered with
+  the connection's ring (slot: its request's index), so an O_DIRECT read or write
+  into it does not pin its pages again on every I/O; it is unregistered before it
+  is freed.
 """
 
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t

@@ -42,9 +42,6 @@ cdef struct Queue:
     IoOp *done_head    # threads: completed, not reaped yet
     IoOp *done_tail
     int nbufs          # io_uring: slots for registered buffers (0: none could be had)
-    int ab             # EXPERIMENT
-    int files[16]
-    int nfiles
 
 cdef int queue_init(Queue *q, unsigned entries, unsigned nbufs) noexcept nogil
 cdef int queue_set_buffer(Queue *q, int slot, char *buf, size_t len) noexcept nogil

@@ -17,9 +17,9 @@ environment says APPLIANCE_ENGINE=threads (tests cover both that way).
 from libc.stdint cimport int64_t, uint64_t
 from libc.stdlib cimport malloc, free
 from libc.string cimport memset, strcmp
-from libc.stdlib cimport getenv, atoi
-from posix.uio cimport iovec
+from libc.stdlib cimport getenv
 from libc.errno cimport errno, EINTR, EAGAIN
+from posix.uio cimport iovec
 
 cdef extern from "<poll.h>" nogil:
     struct pollfd:
@@ -49,9 +49,6 @@ cdef extern from "<liburing.h>" nogil:
     struct io_uring_cqe:
         uint64_t user_data
         int res
-        unsigned flags
-    struct io_uring_sqe_f "io_uring_sqe":
-        unsigned char flags
     int io_uring_queue_init(unsigned, io_uring *, unsigned)
     void io_uring_queue_exit(io_uring *)
     io_uring_sqe *io_uring_get_sqe(io_uring *)
@@ -62,16 +59,8 @@ cdef extern from "<liburing.h>" nogil:
     void io_uring_prep_read(io_uring_sqe *, int, void *, unsigned, uint64_t)
     void io_uring_prep_read_fixed(io_uring_sqe *, int, void *, unsigned, uint64_t, int)
     void io_uring_prep_write_fixed(io_uring_sqe *, int, const void *, unsigned, uint64_t, int)
-    void io_uring_prep_poll_multishot(io_uring_sqe *, int, unsigned)
     int io_uring_register_buffers_sparse(io_uring *, unsigned)
     int io_uring_register_buffers_update_tag(io_uring *, unsigned, const iovec *, const uint64_t *, unsigned)
-    int io_uring_register_files_sparse(io_uring *, unsigned)
-    int io_uring_register_files_update(io_uring *, unsigned, const int *, unsigned)
-    int io_uring_register_ring_fd(io_uring *)
-    unsigned IORING_SETUP_COOP_TASKRUN
-    unsigned IORING_SETUP_TASKRUN_FLAG
-    unsigned IORING_CQE_F_MORE
-    unsigned IOSQE_FIXED_FILE
     void io_uring_prep_write(io_uring_sqe *, int, const void *, unsigned, uint64_t)
     void io_uring_prep_fsync(io_uring_sqe *, int, unsigned)
     void io_uring_prep_nop(io_uring_sqe *)
@@ -195,37 +184,24 @@ cdef int start_pool() noexcept nogil:
 
 cdef int queue_init(Queue *q, unsigned entries, unsigned nbufs) noexcept nogil:
     """0 ok, else -errno. Uses io_uring if the process does, else the worker pool. Only the
-    thread that calls this may submit, reap and wait on the queue. `nbufs`: slots for
-    registered buffers (queue_set_buffer)."""
-    cdef const char *env
-    cdef unsigned flags
+    thread that calls this may submit, reap and wait on the queue. `nbufs`: slots for the
+    submitter's registered buffers (queue_set_buffer), where the kernel has them."""
     memset(q, 0, sizeof(Queue))
     pthread_mutex_init(&q.lock, NULL)
-    env = getenv("APPLIANCE_AB")
-    q.ab = atoi(env) if env != NULL else 0
     q.efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
     if q.efd < 0:
         return -errno
     q.kind = KIND_THREADS
     q.sock_ready = 1
-    flags = IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN
-    if q.ab & 1:
-        flags = 0
-    if q.ab & 2:
-        flags = IORING_SETUP_COOP_TASKRUN | IORING_SETUP_TASKRUN_FLAG | IORING_SETUP_SINGLE_ISSUER
     # one thread submits and waits (the owner), so completions can wait for it to ask
     # for them: no interrupt of whatever it is doing (Linux 6.1; without, where older)
     if decide() == KIND_URING and (
-            io_uring_queue_init(entries, &q.ring, flags) == 0
+            io_uring_queue_init(entries, &q.ring, IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN) == 0
             or io_uring_queue_init(entries, &q.ring, 0) == 0):
         q.kind = KIND_URING
-        if (q.ab & 4) and nbufs and io_uring_register_buffers_sparse(&q.ring, nbufs) == 0:
+        # an empty table to fill as buffers come (Linux 5.19; none before: plain reads)
+        if nbufs and io_uring_register_buffers_sparse(&q.ring, nbufs) == 0:
             q.nbufs = nbufs
-        if (q.ab & 8) and io_uring_register_files_sparse(&q.ring, 16) == 0:
-            q.nfiles = 16
-            memset(q.files, 0xff, sizeof(q.files))
-        if q.ab & 16:
-            io_uring_register_ring_fd(&q.ring)
     if q.kind == KIND_THREADS and not start_pool():
         close(q.efd)
         return -11
@@ -233,8 +209,11 @@ cdef int queue_init(Queue *q, unsigned entries, unsigned nbufs) noexcept nogil:
 
 
 cdef int queue_set_buffer(Queue *q, int slot, char *buf, size_t len) noexcept nogil:
-    """Register buf..buf+len as slot's buffer (buf NULL: clear the slot). 0 if ops on it
-    may now say buf_index = slot, -1 if not (no slots, or the kernel said no)."""
+    """Register buf..buf+len in the kernel as buffer `slot` (buf NULL: forget the slot's, as
+    must be done before that memory is freed). A read or write into a registered buffer
+    (an op whose buf_index names it) skips pinning its pages on every O_DIRECT I/O. 0 if
+    ops may now name the slot, -1 if not (no table, or the kernel refused, e.g. over
+    RLIMIT_MEMLOCK): they go as plain reads and writes then."""
     cdef iovec iov
     if slot < 0 or slot >= q.nbufs:
         return -1
@@ -245,24 +224,11 @@ cdef int queue_set_buffer(Queue *q, int slot, char *buf, size_t len) noexcept no
     return 0 if buf != NULL else -1
 
 
-cdef int file_slot(Queue *q, int fd) noexcept nogil:
-    cdef int i
-    for i in range(q.nfiles):
-        if q.files[i] == fd:
-            return i
-    for i in range(q.nfiles):
-        if q.files[i] == -1:
-            if io_uring_register_files_update(&q.ring, i, &fd, 1) != 1:
-                return -1
-            q.files[i] = fd
-            return i
-    return -1
-
-
 cdef void queue_exit(Queue *q) noexcept nogil:
     """Only once nothing is in flight."""
     if q.kind == KIND_URING:
         io_uring_queue_exit(&q.ring)
+    q.nbufs = 0
     pthread_mutex_lock(&q.lock)
     if q.efd >= 0:
         close(q.efd)
@@ -285,7 +251,6 @@ cdef int queue_submit(Queue *q, IoOp *op) noexcept nogil:
     """Queue one op; io_uring ops go to the kernel at the next queue_flush() or queue_wait()."""
     global pool_head, pool_tail
     cdef io_uring_sqe *sqe
-    cdef int slot
     op.owner = q
     op.next = NULL
     op.res = 0
@@ -305,11 +270,6 @@ cdef int queue_submit(Queue *q, IoOp *op) noexcept nogil:
                 io_uring_prep_write(sqe, op.fd, op.buf, <unsigned>op.len, op.off)
         else:
             io_uring_prep_fsync(sqe, op.fd, IORING_FSYNC_DATASYNC)
-        if q.nfiles:
-            slot = file_slot(q, op.fd)
-            if slot >= 0:
-                (<int *>(<char *>sqe + 4))[0] = slot
-                (<io_uring_sqe_f *>sqe).flags |= IOSQE_FIXED_FILE
         io_uring_sqe_set_data64(sqe, <uint64_t>op)
         q.queued += 1
         return 0
@@ -341,8 +301,7 @@ cdef int queue_reap(Queue *q, IoOp **out, int max) noexcept nogil:
             op.res = cqe.res
             io_uring_cqe_seen(&q.ring, cqe)
             if op == &q.sock_poll:
-                if not (cqe.flags & IORING_CQE_F_MORE):
-                    q.sock_armed = 0
+                q.sock_armed = 0
                 q.sock_ready = 1
             elif op == &q.wake_poll:
                 q.wake_armed = 0
@@ -382,17 +341,9 @@ cdef void queue_wait(Queue *q, int sockfd) noexcept nogil:
     in one io_uring_enter (the socket and efd are polled by the ring); the worker pool
     by poll()."""
     cdef pollfd fds[2]
-    cdef io_uring_sqe *sqe
     if q.kind == KIND_URING:
         if sockfd >= 0 and not q.sock_armed:
-            if q.ab & 32:
-                sqe = get_sqe(q)
-                if sqe != NULL:
-                    q.sock_poll.op = OP_POLL
-                    io_uring_prep_poll_multishot(sqe, sockfd, POLLIN)
-                    io_uring_sqe_set_data64(sqe, <uint64_t>&q.sock_poll)
-            else:
-                arm(q, &q.sock_poll, sockfd)
+            arm(q, &q.sock_poll, sockfd)
             q.sock_armed = 1
         if not q.wake_armed:
             arm(q, &q.wake_poll, q.efd)
