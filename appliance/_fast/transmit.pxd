@@ -59,6 +59,7 @@ cdef class Connection:
     cdef int nfast      # fast requests with I/O in the engine (loop thread only)
     cdef size_t ncached # bytes of buffers free requests keep
     cdef Queue q
+    cdef bint fixed_refused  # the engine registers no more buffers for this connection
     cdef Batch batch
     cdef bint q_ready
     cdef bint eof

@@ -43,10 +43,11 @@ completes, out of order as the protocol allows.
   until room is given back anywhere in the daemon. Free requests keep buffers
   up to KEEP_BUF (1 MiB) for the next one, KEEP_BYTES (8 MiB) of them in all;
   a larger buffer is freed as soon as its request is answered, and everything
-  when the connection closes. With io_uring, each kept buffer is registered with
-  the connection's ring (slot: its request's index), so an O_DIRECT read or write
-  into it does not pin its pages again on every I/O; it is unregistered before it
-  is freed.
+  when the connection closes. With io_uring, a kept buffer is registered with the
+  connection's ring (slot: its request's index), so an O_DIRECT read or write into
+  it does not pin its pages again on every I/O; it is unregistered before it is
+  freed. Where the kernel refuses (no sparse buffer table, RLIMIT_MEMLOCK), the
+  connection stops asking and uses plain reads and writes.
 """
 
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
@@ -304,8 +305,6 @@ cdef class Connection:
             buf_free(r.buf, r.cap)
             r.buf = <char *>p
             r.cap = cap
-            if cap <= KEEP_BUF:
-                r.fixed = queue_set_buffer(&self.q, <int>(r - self.reqs), r.buf, cap) == 0
         elif r.buf != NULL:
             self.ncached -= r.cap
         self.free_head = r.next_free
@@ -333,6 +332,11 @@ cdef class Connection:
             r.cap = 0
         if r.buf != NULL:
             self.ncached += r.cap
+            if not r.fixed and not self.fixed_refused:
+                # kept, so it will serve again: register it now (a buffer freed after one
+                # request costs no registration)
+                r.fixed = queue_set_buffer(&self.q, <int>(r - self.reqs), r.buf, r.cap) == 0
+                self.fixed_refused = not r.fixed
         r.next_free = self.free_head
         self.free_head = <int>(r - self.reqs)
 
