@@ -599,8 +599,12 @@ cdef class Connection:
 
     cdef void wait(self, bint want_socket) noexcept nogil:
         """Sleep until the engine or a slow-path reply has news, or (want_socket) the client
-        sent more."""
+        sent more. What woke it is reaped at once: with io_uring, the socket's readiness is
+        a completion too, and seen only once reaped (sock_ready); otherwise the loop would
+        find no request, reap the poll, and go round through the ring once more before it
+        reads (a system call per wake), then recv again on a stale readiness."""
         queue_wait(&self.q, self.fd if want_socket else -1)
+        self.reap()
 
     cdef int check(self, uint16_t cmd, uint16_t flags, uint64_t offset, uint32_t length) noexcept nogil:
         """The spec's checks, before any target sees the request. Returns an NBD errno or 0."""
