@@ -28,7 +28,8 @@ completes, out of order as the protocol allows.
 - Waiting: the loop sleeps in queue_wait(): with io_uring one io_uring_enter
   submits the new I/Os and waits for a completion, the socket (polled by the
   ring) or a wake (an eventfd slow-path replies write, polled by the ring);
-  with the worker pool, poll() on the socket and the eventfd.
+  with the worker pool, poll() on the socket and the eventfd. What woke it is
+  reaped at once, so a readable socket is read in the same round.
 - Sending: replies.pyx (every reply is sent whole without blocking from the
   thread that has it; the loop gathers the fast replies of one round into one
   sendmsg; a client that stops reading is dropped, SEND_STALL seconds (60) with
