@@ -162,11 +162,19 @@ def main(argv=None) -> int:
           f"{args.runtime:g}s per run; {env['cpus']} CPUs\n")
     print_table(["workload (IOPS)", "appliance", "fio file", "qemu-nbd", "nbdkit", "app/fio", "app/qemu",
                  "app/nbdkit", "bar", "result"], rows, align="lrrrrrrrll")
+    def client_us(s, w):
+        # fio's own CPU per request: the NBD client beside each server, the whole job for fio
+        # on the file. Client and server share the cores, so their sum is what a request costs
+        r = results.get(s, {}).get(w.key)
+        return f"{r.fio_cpu * 1e4 / r.iops:.1f}" if r and r.iops else ""
+
     cpu = [[w.title] + [f"{results[s][w.key].server_us_per_io:.1f}" if s in results and w.key in results[s]
                         and results[s][w.key].server_us_per_io else "" for s in ("appliance", "qemu-nbd", "nbdkit")]
+           + [client_us("appliance", w), client_us("fio", w)]
            for w in wls]
-    print("\nserver CPU per request (us)\n")
-    print_table(["workload", "appliance", "qemu-nbd", "nbdkit"], cpu, align="lrrr")
+    print("\nCPU per request (us): each server's, the NBD client's beside the appliance, fio's on the file\n")
+    print_table(["workload", "appliance", "qemu-nbd", "nbdkit", "client (appliance)", "fio on the file"], cpu,
+                align="lrrrrr")
     print(f"\nload average at start {env['loadavg_at_start'][0]:.2f}, at end {os.getloadavg()[0]:.2f}; "
           f"took {elapsed:.0f}s")
     if not args.no_save:

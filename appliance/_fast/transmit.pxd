@@ -27,6 +27,7 @@ cdef struct Req:
     int next_free
     int seg             # the gate segment a fast request started in
     int retry           # a descriptor it used has errors_slow
+    int fixed           # buf is registered with the engine's queue, slot = the request's index
     IoOp ops[MAX_PIECES]
 
 # Fast replies the loop gathers while it reaps, sent with one sendmsg: fewer system calls
@@ -58,6 +59,7 @@ cdef class Connection:
     cdef int nfast      # fast requests with I/O in the engine (loop thread only)
     cdef size_t ncached # bytes of buffers free requests keep
     cdef Queue q
+    cdef bint fixed_refused  # the engine registers no more buffers for this connection
     cdef Batch batch
     cdef bint q_ready
     cdef bint eof
@@ -84,6 +86,7 @@ cdef class Connection:
     cdef int take(self, char *dst, size_t length) noexcept nogil
     cdef int next_header(self) noexcept nogil
     cdef Req *get_req(self, size_t length, size_t reply) noexcept nogil
+    cdef void unregister(self, Req *r) noexcept nogil
     cdef void put_req(self, Req *r) noexcept nogil
     cdef void done_one(self) noexcept nogil
     cdef int start_fast(self, Req *r) noexcept nogil

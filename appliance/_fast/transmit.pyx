@@ -31,7 +31,8 @@ completes, out of order as the protocol allows.
 - Waiting: the loop sleeps in queue_wait(): with io_uring one io_uring_enter
   submits the new I/Os and waits for a completion, the socket (polled by the
   ring) or a wake (an eventfd slow-path replies write, polled by the ring);
-  with the worker pool, poll() on the socket and the eventfd.
+  with the worker pool, poll() on the socket and the eventfd. What woke it is
+  reaped at once, so a readable socket is read in the same round.
 - Sending: replies.pyx (every reply is sent whole without blocking from the
   thread that has it; the loop gathers the fast replies of one round into one
   sendmsg; a client that stops reading is dropped, SEND_STALL seconds (60) with
@@ -46,7 +47,11 @@ completes, out of order as the protocol allows.
   until room is given back anywhere in the daemon. Free requests keep buffers
   up to KEEP_BUF (1 MiB) for the next one, KEEP_BYTES (8 MiB) of them in all;
   a larger buffer is freed as soon as its request is answered, and everything
-  when the connection closes.
+  when the connection closes. With io_uring, a kept buffer is registered with the
+  connection's ring (slot: its request's index), so an O_DIRECT read or write into
+  it does not pin its pages again on every I/O; it is unregistered before it is
+  freed. Where the kernel refuses (no sparse buffer table, RLIMIT_MEMLOCK), the
+  connection stops asking and uses plain reads and writes.
 """
 
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
@@ -60,7 +65,7 @@ from appliance._fast.sync cimport (pthread_mutex_init, pthread_mutex_lock, pthre
 from appliance._fast.gate cimport Gate, FastSeg
 from appliance._fast.fastops cimport FdPiece, fast_fn
 from appliance._fast.uring cimport (IoOp, Queue, OP_READ, OP_WRITE, OP_FSYNC, queue_init, queue_exit,
-    queue_submit, queue_flush, queue_reap, queue_wait, queue_wake)
+    queue_submit, queue_flush, queue_reap, queue_wait, queue_wake, queue_set_buffer)
 from appliance._fast.pagebuf cimport buf_alloc, buf_free
 from appliance._fast.wire cimport (nbd_errno, put16, put32, put64, be16toh, be32toh, be64toh,
     HEADER, REQUEST_MAGIC, SIMPLE_REPLY_MAGIC, STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE,
@@ -300,6 +305,7 @@ cdef class Connection:
                 return NULL
             if r.buf != NULL:
                 self.ncached -= r.cap
+            self.unregister(r)
             buf_free(r.buf, r.cap)
             r.buf = <char *>p
             r.cap = cap
@@ -312,17 +318,29 @@ cdef class Connection:
         r.err = 0
         return r
 
+    cdef void unregister(self, Req *r) noexcept nogil:
+        """Before r's buffer is freed: the engine must let go of its pages."""
+        if r.fixed:
+            queue_set_buffer(&self.q, <int>(r - self.reqs), NULL, 0)
+            r.fixed = 0
+
     cdef void put_req(self, Req *r) noexcept nogil:
         budget_give(r.budget + r.paid)
         r.budget = r.paid = 0
         # a large buffer goes at once: one big request must not pin its size for the
         # connection's life (nor many of them, on a long-lived connection)
         if r.buf != NULL and (r.cap > KEEP_BUF or self.ncached + r.cap > KEEP_BYTES):
+            self.unregister(r)
             buf_free(r.buf, r.cap)
             r.buf = NULL
             r.cap = 0
         if r.buf != NULL:
             self.ncached += r.cap
+            if not r.fixed and not self.fixed_refused:
+                # kept, so it will serve again: register it now (a buffer freed after one
+                # request costs no registration)
+                r.fixed = queue_set_buffer(&self.q, <int>(r - self.reqs), r.buf, r.cap) == 0
+                self.fixed_refused = not r.fixed
         r.next_free = self.free_head
         self.free_head = <int>(r - self.reqs)
 
@@ -455,6 +473,9 @@ cdef class Connection:
             op.off = pieces[j].off
             op.tag = <int>(r - self.reqs)
             op.fua = r.cmd == CMD_WRITE and (r.flags & F_FUA) != 0
+            op.buf_index = -1
+            if r.fixed and op.buf >= r.buf and op.buf + op.len <= r.buf + r.cap:
+                op.buf_index = op.tag
             if op.op == OP_READ and pieces[j].buffered:
                 # from the page cache if it is all there: at once, without the ring's
                 # round trip; what is not cached goes to the ring and the disk
@@ -596,8 +617,12 @@ cdef class Connection:
 
     cdef void wait(self, bint want_socket) noexcept nogil:
         """Sleep until the engine or a slow-path reply has news, or (want_socket) the client
-        sent more."""
+        sent more. What woke it is reaped at once: with io_uring, the socket's readiness is
+        a completion too, and seen only once reaped (sock_ready); otherwise the loop would
+        find no request, reap the poll, and go round through the ring once more before it
+        reads (a system call per wake), then recv again on a stale readiness."""
         queue_wait(&self.q, self.fd if want_socket else -1)
+        self.reap()
 
     cdef int check(self, uint16_t cmd, uint16_t flags, uint64_t offset, uint32_t length) noexcept nogil:
         """The spec's checks, before any target sees the request. Returns an NBD errno or 0."""
@@ -758,7 +783,7 @@ cdef class Connection:
         """Serve until the client disconnects or the stream is broken. Returns the reason."""
         cdef int rc, taken, reaped
         cdef timeval tv
-        rc = queue_init(&self.q, 2 * self.depth)
+        rc = queue_init(&self.q, 2 * self.depth, self.depth)
         if rc < 0:
             import os
             rq_close(&self.out)  # the sender thread ends too

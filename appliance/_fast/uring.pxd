@@ -23,6 +23,7 @@ cdef struct IoOp:
     int tag            # the submitter's: which request this belongs to
     int fua            # a write that must be followed by fdatasync (the loop does the second step)
     int punt           # io_uring: start it in a kernel worker (IOSQE_ASYNC), not inline
+    int buf_index      # the queue's registered buffer that holds buf..buf+len, or -1
     IoOp *next         # engine-internal list link
     void *owner        # engine-internal: the Queue it completes to
 
@@ -41,8 +42,10 @@ cdef struct Queue:
     pthread_mutex_t lock
     IoOp *done_head    # threads: completed, not reaped yet
     IoOp *done_tail
+    int nbufs          # io_uring: slots for registered buffers (0: none could be had)
 
-cdef int queue_init(Queue *q, unsigned entries) noexcept nogil
+cdef int queue_init(Queue *q, unsigned entries, unsigned nbufs) noexcept nogil
+cdef int queue_set_buffer(Queue *q, int slot, char *buf, size_t len) noexcept nogil
 cdef void queue_exit(Queue *q) noexcept nogil
 cdef int queue_submit(Queue *q, IoOp *op) noexcept nogil
 cdef void queue_flush(Queue *q) noexcept nogil

@@ -19,6 +19,7 @@ from libc.stdlib cimport malloc, free
 from libc.string cimport memset, strcmp
 from libc.stdlib cimport getenv
 from libc.errno cimport errno, EINTR, EAGAIN
+from posix.uio cimport iovec
 
 cdef extern from "<poll.h>" nogil:
     struct pollfd:
@@ -56,6 +57,10 @@ cdef extern from "<liburing.h>" nogil:
     int io_uring_wait_cqe(io_uring *, io_uring_cqe **)
     void io_uring_cqe_seen(io_uring *, io_uring_cqe *)
     void io_uring_prep_read(io_uring_sqe *, int, void *, unsigned, uint64_t)
+    void io_uring_prep_read_fixed(io_uring_sqe *, int, void *, unsigned, uint64_t, int)
+    void io_uring_prep_write_fixed(io_uring_sqe *, int, const void *, unsigned, uint64_t, int)
+    int io_uring_register_buffers_sparse(io_uring *, unsigned)
+    int io_uring_register_buffers_update_tag(io_uring *, unsigned, const iovec *, const uint64_t *, unsigned)
     void io_uring_prep_write(io_uring_sqe *, int, const void *, unsigned, uint64_t)
     void io_uring_prep_fsync(io_uring_sqe *, int, unsigned)
     void io_uring_prep_nop(io_uring_sqe *)
@@ -179,9 +184,10 @@ cdef int start_pool() noexcept nogil:
 
 # ---- a submitter's queue ----------------------------------------------------------
 
-cdef int queue_init(Queue *q, unsigned entries) noexcept nogil:
+cdef int queue_init(Queue *q, unsigned entries, unsigned nbufs) noexcept nogil:
     """0 ok, else -errno. Uses io_uring if the process does, else the worker pool. Only the
-    thread that calls this may submit, reap and wait on the queue."""
+    thread that calls this may submit, reap and wait on the queue. `nbufs`: slots for the
+    submitter's registered buffers (queue_set_buffer), where the kernel has them."""
     memset(q, 0, sizeof(Queue))
     pthread_mutex_init(&q.lock, NULL)
     q.efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
@@ -195,16 +201,36 @@ cdef int queue_init(Queue *q, unsigned entries) noexcept nogil:
             io_uring_queue_init(entries, &q.ring, IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN) == 0
             or io_uring_queue_init(entries, &q.ring, 0) == 0):
         q.kind = KIND_URING
+        # an empty table to fill as buffers come (Linux 5.19; none before: plain reads)
+        if nbufs and io_uring_register_buffers_sparse(&q.ring, nbufs) == 0:
+            q.nbufs = nbufs
     if q.kind == KIND_THREADS and not start_pool():
         close(q.efd)
         return -11
     return 0
 
 
+cdef int queue_set_buffer(Queue *q, int slot, char *buf, size_t len) noexcept nogil:
+    """Register buf..buf+len in the kernel as buffer `slot` (buf NULL: forget the slot's, as
+    must be done before that memory is freed). A read or write into a registered buffer
+    (an op whose buf_index names it) skips pinning its pages on every O_DIRECT I/O. 0 if
+    ops may now name the slot, -1 if not (no table, or the kernel refused, e.g. over
+    RLIMIT_MEMLOCK): they go as plain reads and writes then."""
+    cdef iovec iov
+    if slot < 0 or slot >= q.nbufs:
+        return -1
+    iov.iov_base = buf
+    iov.iov_len = len if buf != NULL else 0
+    if io_uring_register_buffers_update_tag(&q.ring, slot, &iov, NULL, 1) != 1:
+        return -1
+    return 0 if buf != NULL else -1
+
+
 cdef void queue_exit(Queue *q) noexcept nogil:
     """Only once nothing is in flight."""
     if q.kind == KIND_URING:
         io_uring_queue_exit(&q.ring)
+    q.nbufs = 0
     pthread_mutex_lock(&q.lock)
     if q.efd >= 0:
         close(q.efd)
@@ -235,9 +261,15 @@ cdef int queue_submit(Queue *q, IoOp *op) noexcept nogil:
         if sqe == NULL:
             return -11
         if op.op == OP_READ:
-            io_uring_prep_read(sqe, op.fd, op.buf, <unsigned>op.len, op.off)
+            if op.buf_index >= 0 and op.buf_index < q.nbufs:
+                io_uring_prep_read_fixed(sqe, op.fd, op.buf, <unsigned>op.len, op.off, op.buf_index)
+            else:
+                io_uring_prep_read(sqe, op.fd, op.buf, <unsigned>op.len, op.off)
         elif op.op == OP_WRITE:
-            io_uring_prep_write(sqe, op.fd, op.buf, <unsigned>op.len, op.off)
+            if op.buf_index >= 0 and op.buf_index < q.nbufs:
+                io_uring_prep_write_fixed(sqe, op.fd, op.buf, <unsigned>op.len, op.off, op.buf_index)
+            else:
+                io_uring_prep_write(sqe, op.fd, op.buf, <unsigned>op.len, op.off)
         else:
             io_uring_prep_fsync(sqe, op.fd, IORING_FSYNC_DATASYNC)
         io_uring_sqe_set_data64(sqe, <uint64_t>op)
