@@ -6,6 +6,7 @@ from appliance._fast.tls cimport TlsChan
 # A reply that could not be sent at once, waiting for the connection's sender thread.
 cdef struct OutMsg:
     OutMsg *next
+    size_t cap                  # bytes allocated, OutMsg included
     size_t length
     size_t sent
     char *data
@@ -21,6 +22,8 @@ cdef struct Replies:
     pthread_cond_t qcond
     OutMsg *qhead
     OutMsg *qtail
+    OutMsg *spares              # sent big replies' buffers, kept for the next ones
+    int nspares
     int sender_busy
     size_t qbytes
     int closing

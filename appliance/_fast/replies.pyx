@@ -18,7 +18,7 @@ from libc.errno cimport errno, EINTR, EAGAIN
 from posix.uio cimport iovec
 from appliance._fast.sync cimport (pthread_mutex_init, pthread_mutex_lock, pthread_mutex_unlock,
     pthread_cond_init, pthread_cond_wait, pthread_cond_broadcast)
-from appliance._fast.pagebuf cimport buf_alloc, buf_free
+from appliance._fast.pagebuf cimport MAP_MIN, buf_alloc, buf_free
 from appliance._fast.wire cimport (put16, put32, put64, consumed, SIMPLE_REPLY_MAGIC,
     STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, REPLY_TYPE_ERROR)
 from appliance._fast.tls cimport TlsChan, tls_recv, tls_encrypt, tls_close, tls_sink_done
@@ -53,6 +53,12 @@ cdef extern from "<sys/socket.h>" nogil:
 # Replies queued for a client that does not read them are capped: past this the client is
 # dropped rather than the daemon's memory filled.
 DEF QUEUE_MAX = 256 * 1024 * 1024
+# Big replies' buffers (mapped, pagebuf's MAP_MIN and up) are kept for the next ones, up to
+# SPARES of them: a 1 MiB read's reply mostly waits here (the socket takes a few hundred KiB
+# at once), and a fresh mapping each time cost page faults and zeroed pages, more CPU than the
+# read itself.
+DEF SPARES = 4
+DEF SPARE_MAX = 4 * 1024 * 1024 + 4096
 
 
 cdef void rq_init(Replies *q, int fd) noexcept nogil:
@@ -70,9 +76,46 @@ cdef void rq_free(Replies *q) noexcept nogil:
         m = q.qhead
         q.qhead = m.next
         budget_give(m.length)
-        buf_free(<char *>m, sizeof(OutMsg) + m.length)
+        buf_free(<char *>m, m.cap)
     q.qtail = NULL
     q.qbytes = 0
+    while q.spares != NULL:
+        m = q.spares
+        q.spares = m.next
+        buf_free(<char *>m, m.cap)
+    q.nspares = 0
+
+
+cdef OutMsg *out_alloc(Replies *q, size_t size) noexcept nogil:
+    """A buffer for a reply of `size` bytes (OutMsg included); qlock held."""
+    cdef OutMsg *m
+    cdef OutMsg **at = &q.spares
+    cdef size_t cap = size
+    if size >= MAP_MIN:
+        while at[0] != NULL:
+            if at[0].cap >= size:
+                m = at[0]
+                at[0] = m.next
+                q.nspares -= 1
+                return m
+            at = &at[0].next
+        cap = MAP_MIN  # mapped: a power of two, so a kept one fits replies of about its size
+        while cap < size:
+            cap <<= 1
+    m = <OutMsg *>buf_alloc(cap)
+    if m != NULL:
+        m.cap = cap
+    return m
+
+
+cdef void out_free(Replies *q, OutMsg *m) noexcept nogil:
+    """A sent reply's buffer: kept if big and there is room; qlock held."""
+    if m.cap >= MAP_MIN and m.cap <= SPARE_MAX and q.nspares < SPARES:
+        m.next = q.spares
+        q.spares = m
+        q.nspares += 1
+    else:
+        buf_free(<char *>m, m.cap)
 
 
 DEF DROP = -2  # push(): the client must be dropped (call rq_drop without qlock)
@@ -138,7 +181,7 @@ cdef int push(Replies *q, iovec *iov, int n, size_t *paid) noexcept nogil:
         total += iov[i].iov_len
     if q.qbytes and q.qbytes + total > QUEUE_MAX:
         return DROP
-    m = <OutMsg *>buf_alloc(sizeof(OutMsg) + total)
+    m = out_alloc(q, sizeof(OutMsg) + total)
     if m == NULL:
         return DROP  # cannot keep the stream whole: drop the client
     q.qbytes += total
@@ -264,10 +307,10 @@ cdef void rq_sender(Replies *q) noexcept nogil:
         r = send_blocking(q, iov, 1)
         pthread_mutex_unlock(&q.send_lock)
         budget_give(m.length)
-        buf_free(<char *>m, sizeof(OutMsg) + m.length)
         if r < 0:
             rq_drop(q)
         pthread_mutex_lock(&q.qlock)
+        out_free(q, m)
         q.sender_busy = 0
         pthread_cond_broadcast(&q.qcond)
         pthread_mutex_unlock(&q.qlock)
