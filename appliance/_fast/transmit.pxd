@@ -60,6 +60,7 @@ cdef class Connection:
     cdef size_t ncached # bytes of buffers free requests keep
     cdef Queue q
     cdef bint fixed_refused  # the engine registers no more buffers for this connection
+    cdef uint64_t copy_ns    # what a buffered write's copy costs here, averaged (fan-outs only)
     cdef Batch batch
     cdef bint q_ready
     cdef bint eof
