@@ -118,7 +118,10 @@ cdef extern from "<sys/socket.h>" nogil:
 CA, CERT, KEY, CRL = "ca-cert.pem", "server-cert.pem", "server-key.pem", "ca-crl.pem"
 
 DEF RECORD = 16384          # TLS's largest record: small pieces are gathered up to this
-DEF SINK_KEEP = 256 * 1024  # a sink larger than this is freed once sent (a big read's records)
+# A sink larger than this is freed once sent. It keeps what a 1 MiB read's records take (the
+# sink doubles up to 2 MiB for it): mapped afresh for every such reply (the daemon's malloc maps
+# blocks from 256 KiB up, heap.py), its page faults and zeroing cost a fifth of the throughput.
+DEF SINK_KEEP = 2 * 1024 * 1024 + 65536
 
 
 # the socket BIO of the transmission phase
