@@ -12,8 +12,8 @@ cdef extern from "<sys/mman.h>" nogil:
     void *MAP_FAILED
 
 cdef enum:
-    # Buffers from here up are mapped and unmapped directly: malloc would keep them in a
-    # thread's arena after free, and a connection's threads come and go.
+    # Buffers from here up are mapped and unmapped directly, whatever malloc's thresholds:
+    # nothing of them stays in a thread's arena after free (a connection's threads come and go).
     MAP_MIN = 256 * 1024
 
 

@@ -119,8 +119,8 @@ CA, CERT, KEY, CRL = "ca-cert.pem", "server-cert.pem", "server-key.pem", "ca-crl
 
 DEF RECORD = 16384          # TLS's largest record: small pieces are gathered up to this
 # A sink larger than this is freed once sent. It keeps what a 1 MiB read's records take (the
-# sink doubles up to 2 MiB for it): mapped afresh for every such reply (the daemon's malloc maps
-# blocks from 256 KiB up, heap.py), its page faults and zeroing cost a fifth of the throughput.
+# sink doubles up to 2 MiB for it): mapped afresh for every such reply (glibc maps blocks
+# from 128 KiB up, heap.py), its page faults and zeroing cost a fifth of the throughput.
 DEF SINK_KEEP = 2 * 1024 * 1024 + 65536
 
 
