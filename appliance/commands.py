@@ -85,6 +85,7 @@ class Commands:
                 "lost_disks": self.disks.status(),
                 "watchdog_pings": self.watchdog.pings if self.watchdog else None,
                 "io_engine": engine.get().kind,
+                "io_polling": dict(engine.poll_stats(), max_us=self.config.export.poll_max_us),
             },
             "devices": devices,
             "power": self.power.snapshot(),

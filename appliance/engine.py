@@ -102,3 +102,9 @@ def get():
         if _engine is None:
             _engine = UringEngine() if uring.kind() == "io_uring" else ThreadEngine()
         return _engine
+
+
+def poll_stats():
+    """What the NBD loops' polling for completions took and caught (uring.pyx's queue_wait):
+    CPU seconds spent polling, polls that saw news in time, polls that gave up and slept."""
+    return uring.poll_stats()

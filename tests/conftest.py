@@ -241,6 +241,13 @@ def nbdsh_env():
     return dict(os.environ, PATH=os.path.dirname(nbd_python()) + os.pathsep + os.environ["PATH"])
 
 
+def cpu_seconds(pid):
+    """CPU time a process has used so far (user + system), from /proc."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def run(*cmd, check=True, timeout=120, **kw):
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)
     if check and r.returncode != 0:

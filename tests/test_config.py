@@ -146,6 +146,8 @@ def test_export_limits_and_socket():
     assert (ex.unix_mode, ex.unix_group, ex.max_connections, ex.max_connections_per_client, ex.handshake_timeout) == \
         (0o600, os.getgid(), 4, 2, 1.5)
     assert loads(MINIMAL).export.unix_mode == 0o660
+    assert loads(MINIMAL).export.poll_max_us == 1000
+    assert loads('[export]\nunix = "/a"\npoll_max_us = 0\n').export.poll_max_us == 0
 
 
 @pytest.mark.parametrize("text, key, words", [
@@ -155,6 +157,9 @@ def test_export_limits_and_socket():
     ("max_connections = 0", "export.max_connections", "must be >= 1"),
     ("max_connections_per_client = -1", "export.max_connections_per_client", "must be >= 0"),
     ("handshake_timeout = 0", "export.handshake_timeout", "must be > 0"),
+    ("poll_max_us = -1", "export.poll_max_us", "must be >= 0"),
+    ("poll_max_us = 2000000", "export.poll_max_us", "must be <= 1000000"),
+    ("poll_max_us = 0.5", "export.poll_max_us", "integer"),
     ('tls = "yes"', "export.tls", "is not one of off, on, require"),
     ('tls = "require"', "export", "needs tls_certificates = DIR"),
     ('tls = "on"\ntls_certificates = "/nonexistent"', "export", "/nonexistent has no server-cert.pem, server-key.pem"),

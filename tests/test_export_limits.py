@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import device, need, run, wait_for
+from conftest import cpu_seconds, device, need, run, wait_for
 from nut import free_port
 from test_hostile import connect, handshake, log_has
 
@@ -111,12 +111,6 @@ def test_the_handshake_deadline_covers_the_whole_handshake(make_daemon, disk):
     assert nbdinfo(d.uri("data0"))
 
 
-def _daemon_cpu(pid):
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
-
-
 def test_out_of_descriptors_the_listener_backs_off_and_recovers(make_daemon, disk):
     d = start(make_daemon, disk, "")
     pid = d.proc.pid
@@ -131,9 +125,9 @@ def test_out_of_descriptors_the_listener_backs_off_and_recovers(make_daemon, dis
         assert len(held) < 10, "the descriptor limit did not bite"
     queued.append(connect(d))
     assert log_has(d, "cannot accept: Too many open files")
-    cpu = _daemon_cpu(pid)
+    cpu = cpu_seconds(pid)
     time.sleep(2)
-    assert _daemon_cpu(pid) - cpu < 0.5, "the listener spins on EMFILE"
+    assert cpu_seconds(pid) - cpu < 0.5, "the listener spins on EMFILE"
     assert not any(greeted(s, timeout=0.1) for s in queued)
     for s in held:
         s.close()

@@ -9,16 +9,19 @@ memory back.
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
+import subprocess
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 
 from appliance._fast import uring
 from appliance.nbd import constants as C
-from conftest import device, need, nbd_python, run
+from conftest import cpu_seconds, device, need, nbd_python, run
 from test_hostile import handshake, log_has, recv_exact, request, still_serves
 
 MiB = 1 << 20
@@ -36,6 +39,27 @@ def engine(request, monkeypatch):
     else:
         monkeypatch.delenv("APPLIANCE_ENGINE", raising=False)
     return request.param
+
+
+@pytest.fixture
+def root_disk(tmp_path):
+    """root_disk(size, fill=None) -> a file on the root disk (not tmpfs: O_DIRECT reaches a real
+    disk there), sparse or filled with the byte `fill`; removed at the end."""
+    made = []
+
+    def make(size, fill=None):
+        path = Path("/var/tmp") / f"appliance-test-{tmp_path.name}-{len(made)}.img"
+        made.append(path)
+        with open(path, "wb") as f:
+            if fill is None:
+                f.truncate(size)
+            else:
+                f.write(bytes([fill]) * size)
+        return path
+
+    yield make
+    for path in made:
+        path.unlink(missing_ok=True)
 
 
 def reply_cookie(s, payload):
@@ -165,24 +189,78 @@ def test_closed_connections_give_their_memory_back(make_daemon, image):
     assert grown < 128 * MiB, f"the daemon grew by {grown // MiB} MiB"
 
 
-def test_pipelined_random_io_on_a_direct_device_is_verified(make_daemon, engine, tmp_path):
+def test_pipelined_random_io_on_a_direct_device_is_verified(make_daemon, engine, root_disk):
     # a file on the root disk (not tmpfs): O_DIRECT really goes to the disk, at QD32. The
     # sizes make request buffers grow, shrink and be freed and mapped again (the ones kept
     # are registered with the ring: a stale registration would read or write the wrong pages)
     need("fio")
-    from pathlib import Path
+    disk = root_disk(64 * MiB)
+    d = make_daemon(device("data0", f"0 {64 * MiB // 512} linear {disk} 0", direct=True))
+    out = run(
+        "fio", "--name=verify", "--ioengine=nbd", f"--uri={d.uri('data0')}", "--rw=randwrite", "--bssplit=4k/40:64k/20:512k/25:2m/15", "--iodepth=32", "--size=32M", "--verify=crc32c", "--do_verify=1",
+        "--verify_fatal=1", "--verify_state_save=0", "--randrepeat=0", "--output-format=terse", timeout=120,
+    )
+    assert ";" in out.stdout  # fio exits non-zero on any verify failure (run checks)
+    assert d.status("data0")["devices"][0]["name"] == "data0"
 
-    root = Path("/var/tmp")
-    disk = root / f"appliance-test-{tmp_path.name}.img"
+POLL_CLIENT = textwrap.dedent("""
+    import random, sys, time
+    import nbd
+    h = nbd.NBD()
+    h.connect_uri(sys.argv[1])
+    blocks = h.get_size() // 4096
+    for i in range(int(sys.argv[2])):  # one read at a time
+        h.pread(4096, random.randrange(blocks) * 4096)
+    print("one at a time: done", flush=True)
+    sys.stdin.readline()
+    end = time.monotonic() + float(sys.argv[3])
+    while time.monotonic() < end:  # then 16 reads at the disk at a time
+        while h.aio_in_flight() < 16:
+            h.aio_pread(nbd.Buffer(4096), random.randrange(blocks) * 4096, completion=lambda err: 1)
+        h.poll(-1)
+    while h.aio_in_flight():
+        h.poll(-1)
+    print("quiet", flush=True)
+    sys.stdin.readline()  # connected, sending nothing, until told
+    h.shutdown()
+""")
+
+def test_a_loop_polls_while_its_disk_is_busy_and_not_for_an_idle_client_or_one_read_at_a_time(
+        make_daemon, root_disk):
+    # polling for completions (io_uring only) is what keeps a fast disk busy at depth; an
+    # idle client must not pay for it (its loop sleeps, with the connection still open), nor
+    # a client at queue depth 1, for which polling gains nothing
+    if uring.kind() != "io_uring":
+        pytest.skip("polling is io_uring's")
+    d = make_daemon(device("data0", f"0 {16 * MiB // 512} linear {root_disk(16 * MiB, 0x5A)} 0", direct=True))
+    proc = subprocess.Popen([nbd_python(), "-c", POLL_CLIENT, d.uri("data0"), "300", "1.5"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
-        with open(disk, "wb") as f:
-            f.truncate(64 * MiB)
-        d = make_daemon(device("data0", f"0 {64 * MiB // 512} linear {disk} 0", direct=True))
-        out = run(
-            "fio", "--name=verify", "--ioengine=nbd", f"--uri={d.uri('data0')}", "--rw=randwrite", "--bssplit=4k/40:64k/20:512k/25:2m/15", "--iodepth=32", "--size=32M", "--verify=crc32c", "--do_verify=1",
-            "--verify_fatal=1", "--verify_state_save=0", "--randrepeat=0", "--output-format=terse", timeout=120,
-        )
-        assert ";" in out.stdout  # fio exits non-zero on any verify failure (run checks)
-        assert d.status("data0")["devices"][0]["name"] == "data0"
+        assert proc.stdout.readline().strip() == "one at a time: done"
+        polling = d.status()["daemon"]["io_polling"]
+        assert polling["max_us"] == 1000 and polling["caught"] == polling["gave_up"] == 0, polling
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline().strip() == "quiet"
+        polling = d.status()["daemon"]["io_polling"]
+        if len(os.sched_getaffinity(0)) > 1:  # one CPU is always left to others: none to poll on one
+            assert polling["caught"] > 0, polling
+        cpu = cpu_seconds(d.proc.pid)
+        time.sleep(1)
+        assert cpu_seconds(d.proc.pid) - cpu < 0.1, "an idle connection costs CPU"
+        proc.stdin.write("\n")
+        proc.stdin.close()
+        assert proc.wait(timeout=30) == 0
     finally:
-        disk.unlink(missing_ok=True)
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_poll_max_us_0_turns_polling_off(make_daemon, root_disk):
+    if uring.kind() != "io_uring":
+        pytest.skip("polling is io_uring's")
+    d = make_daemon(device("data0", f"0 {16 * MiB // 512} linear {root_disk(16 * MiB, 0x5A)} 0", direct=True),
+                    extra="poll_max_us = 0\n")
+    proc = run(nbd_python(), "-c", POLL_CLIENT, d.uri("data0"), "10", "0.5", input="\n\n", timeout=60)
+    assert "quiet" in proc.stdout
+    assert d.status()["daemon"]["io_polling"] == {"cpu_seconds": 0, "caught": 0, "gave_up": 0, "max_us": 0}

@@ -55,6 +55,7 @@ cdef class Connection:
     # requests: a fixed table of `depth`, free ones on a stack (the last freed has a warm buffer)
     cdef Req *reqs
     cdef readonly int depth
+    cdef uint32_t poll_us
     cdef int free_head
     cdef int nfast      # fast requests with I/O in the engine (loop thread only)
     cdef size_t ncached # bytes of buffers free requests keep

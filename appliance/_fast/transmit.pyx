@@ -157,11 +157,12 @@ cdef class Connection:
     is called with the GIL for everything the fast path does not serve, and must
     arrange exactly one reply through reply()/reply_read()/send_raw(). `unplug()`, if
     given, is called with the GIL after slow requests were dispatched, before the loop
-    waits for the client or ends. `tls`: the TlsSession the handshake established on fd."""
+    waits for the client or ends. `tls`: the TlsSession the handshake established on fd.
+    `poll_us`: how long the loop may poll for news before it sleeps (uring.pyx's queue_wait)."""
 
     def __cinit__(self, int fd, Gate gate, dispatch, uint64_t size, bint read_only, bint structured,
                   uint32_t max_block=64 * 1024 * 1024, int depth=128, bytes initial=b"", unplug=None,
-                  TlsSession tls=None):
+                  TlsSession tls=None, uint32_t poll_us=0):
         cdef int i
         if depth < 1:
             raise ValueError("depth must be at least 1")
@@ -174,6 +175,7 @@ cdef class Connection:
         self.structured = structured
         self.max_block = max_block
         self.depth = depth
+        self.poll_us = poll_us
         self.rcap = RBUF
         self.rbuf = <char *>malloc(RBUF)
         self.reqs = <Req *>calloc(depth, sizeof(Req))
@@ -800,7 +802,7 @@ cdef class Connection:
         """Serve until the client disconnects or the stream is broken. Returns the reason."""
         cdef int rc, taken, reaped
         cdef timeval tv
-        rc = queue_init(&self.q, 2 * self.depth, self.depth)
+        rc = queue_init(&self.q, 2 * self.depth, self.depth, <uint64_t>self.poll_us * 1000)
         if rc < 0:
             import os
             rq_close(&self.out)  # the sender thread ends too

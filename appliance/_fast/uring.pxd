@@ -2,8 +2,10 @@ from libc.stdint cimport int64_t, uint64_t
 from appliance._fast.sync cimport pthread_mutex_t
 
 cdef extern from "<liburing.h>" nogil:
+    struct io_uring_sq:
+        unsigned *kflags
     struct io_uring:
-        pass
+        io_uring_sq sq
 
 # what an IoOp does
 cdef enum:
@@ -43,8 +45,12 @@ cdef struct Queue:
     IoOp *done_head    # threads: completed, not reaped yet
     IoOp *done_tail
     int nbufs          # io_uring: slots for registered buffers (0: none could be had)
+    uint64_t poll_max_ns  # io_uring: the longest queue_wait polls before it sleeps (0: never)
+    uint64_t poll_ns      # how long it polls now, between 0 and poll_max_ns (adaptive)
+    int ops            # io_uring: ops submitted and not reaped yet
+    uint64_t busy_ns   # when queue_wait last found POLL_MIN_OPS ops out (CLOCK_MONOTONIC)
 
-cdef int queue_init(Queue *q, unsigned entries, unsigned nbufs) noexcept nogil
+cdef int queue_init(Queue *q, unsigned entries, unsigned nbufs, uint64_t poll_max_ns) noexcept nogil
 cdef int queue_set_buffer(Queue *q, int slot, char *buf, size_t len) noexcept nogil
 cdef void queue_exit(Queue *q) noexcept nogil
 cdef int queue_submit(Queue *q, IoOp *op) noexcept nogil

@@ -72,10 +72,43 @@ cdef extern from "<liburing.h>" nogil:
     unsigned IORING_FSYNC_DATASYNC
     unsigned IORING_SETUP_SINGLE_ISSUER
     unsigned IORING_SETUP_DEFER_TASKRUN
+    unsigned IORING_SETUP_TASKRUN_FLAG
+    unsigned IORING_SQ_TASKRUN
+    unsigned io_uring_cq_ready(io_uring *)
+from posix.time cimport timespec, clock_gettime, CLOCK_MONOTONIC
 
 DEF KIND_URING = 1
 DEF KIND_THREADS = 2
 DEF WORKERS = 16
+DEF POLL_MIN_OPS = 2      # ops at the disk before queue_wait polls (see there)
+DEF POLL_START_NS = 4000  # the first poll after waits that ended soon (QEMU's 4 us)
+
+cdef extern from *:
+    """
+    #define uring_take(p) __atomic_add_fetch((p), 1, __ATOMIC_RELAXED)
+    #define uring_give(p) __atomic_sub_fetch((p), 1, __ATOMIC_RELAXED)
+    """
+    int uring_take(int *p) nogil
+    int uring_give(int *p) nogil
+    uint64_t uring_add "__atomic_add_fetch"(uint64_t *p, uint64_t v, int order) nogil
+    uint64_t uring_load "__atomic_load_n"(uint64_t *p, int order) nogil
+    int __ATOMIC_RELAXED
+
+# Loops that poll at once, at most: one CPU is always left to the threads that do the
+# work the pollers wait for (other connections, the slow path, the clients on this
+# machine); a loop that finds no room sleeps at once. None on a single CPU.
+import os as _os
+cdef int max_pollers = len(_os.sched_getaffinity(0)) - 1
+cdef int pollers = 0
+# what polling cost and caught, for status: ns spent polling, polls that saw news in time,
+# polls that gave up and slept
+cdef uint64_t poll_spent = 0, poll_caught = 0, poll_missed = 0
+
+
+def poll_stats():
+    return {"cpu_seconds": round(uring_load(&poll_spent, __ATOMIC_RELAXED) / 1e9, 3),
+            "caught": uring_load(&poll_caught, __ATOMIC_RELAXED),
+            "gave_up": uring_load(&poll_missed, __ATOMIC_RELAXED)}
 
 cdef int _kind = 0
 
@@ -184,10 +217,17 @@ cdef int start_pool() noexcept nogil:
 
 # ---- a submitter's queue ----------------------------------------------------------
 
-cdef int queue_init(Queue *q, unsigned entries, unsigned nbufs) noexcept nogil:
+cdef inline uint64_t now_ns() noexcept nogil:
+    cdef timespec t
+    clock_gettime(CLOCK_MONOTONIC, &t)
+    return <uint64_t>t.tv_sec * 1000000000 + t.tv_nsec
+
+
+cdef int queue_init(Queue *q, unsigned entries, unsigned nbufs, uint64_t poll_max_ns) noexcept nogil:
     """0 ok, else -errno. Uses io_uring if the process does, else the worker pool. Only the
     thread that calls this may submit, reap and wait on the queue. `nbufs`: slots for the
-    submitter's registered buffers (queue_set_buffer), where the kernel has them."""
+    submitter's registered buffers (queue_set_buffer), where the kernel has them.
+    `poll_max_ns`: how long queue_wait may poll for news before it sleeps (io_uring only)."""
     memset(q, 0, sizeof(Queue))
     pthread_mutex_init(&q.lock, NULL)
     q.efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
@@ -196,11 +236,15 @@ cdef int queue_init(Queue *q, unsigned entries, unsigned nbufs) noexcept nogil:
     q.kind = KIND_THREADS
     q.sock_ready = 1
     # one thread submits and waits (the owner), so completions can wait for it to ask
-    # for them: no interrupt of whatever it is doing (Linux 6.1; without, where older)
+    # for them: no interrupt of whatever it is doing (Linux 6.1; without, where older).
+    # TASKRUN_FLAG: the kernel says in the ring when such completions wait, so a poll
+    # sees them without a system call, and a reap enters the kernel only then
     if decide() == KIND_URING and (
-            io_uring_queue_init(entries, &q.ring, IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN) == 0
+            io_uring_queue_init(entries, &q.ring, IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN
+                                | IORING_SETUP_TASKRUN_FLAG) == 0
             or io_uring_queue_init(entries, &q.ring, 0) == 0):
         q.kind = KIND_URING
+        q.poll_max_ns = poll_max_ns
         # an empty table to fill as buffers come (Linux 5.19; none before: plain reads)
         if nbufs and io_uring_register_buffers_sparse(&q.ring, nbufs) == 0:
             q.nbufs = nbufs
@@ -276,6 +320,7 @@ cdef int queue_submit(Queue *q, IoOp *op) noexcept nogil:
         if op.punt:
             io_uring_sqe_set_flags(sqe, IOSQE_ASYNC)
         q.queued += 1
+        q.ops += 1
         return 0
     pthread_mutex_lock(&pool_lock)
     if pool_tail == NULL:
@@ -313,6 +358,7 @@ cdef int queue_reap(Queue *q, IoOp **out, int max) noexcept nogil:
             else:
                 out[n] = op
                 n += 1
+                q.ops -= 1
         return n
     pthread_mutex_lock(&q.lock)
     while n < max and q.done_head != NULL:
@@ -339,12 +385,32 @@ cdef void arm(Queue *q, IoOp *op, int fd) noexcept nogil:
         io_uring_sqe_set_data64(sqe, <uint64_t>op)
 
 
+cdef inline bint news(Queue *q) noexcept nogil:
+    """Completions wait: posted, or (DEFER_TASKRUN) waiting for this thread to post them."""
+    return (q.ring.sq.kflags[0] & IORING_SQ_TASKRUN) != 0 or io_uring_cq_ready(&q.ring) != 0
+
+
 cdef void queue_wait(Queue *q, int sockfd) noexcept nogil:
     """Submit what is queued and sleep until an op completes, queue_wake() is called, or
     (sockfd >= 0) sockfd is readable, which sets sock_ready. io_uring waits for all three
     in one io_uring_enter (the socket and efd are polled by the ring); the worker pool
-    by poll()."""
+    by poll().
+
+    With io_uring it may poll the ring for up to poll_ns before it sleeps (QEMU's adaptive
+    polling): on a virtual machine a sleeping thread takes tens of microseconds to wake (its
+    idle CPU halts and the host must run it again), which is as long as a fast disk takes
+    for an I/O, and the scheduler then tends to put the loop on the CPU of a client on the
+    same machine, where the two take turns. It polls while the disk is busy with
+    POLL_MIN_OPS or more of its ops, and for up to poll_max_ns after that, which covers the
+    client's next requests after a batch of replies. The poll time doubles from 4 us while
+    the busy disk's news comes within poll_max_ns of the wait's start, and drops to nothing
+    when a wait outlasts that, so a slow disk is not polled for. A client at queue depth 1
+    keeps one op at the disk: its loop does not poll, as its own wake-up is most of the
+    round trip and polling did not shorten it (bench/direct.py); nor does an idle one.
+    """
     cdef pollfd fds[2]
+    cdef uint64_t t0, waited
+    cdef bint polled, busy
     if q.kind == KIND_URING:
         if sockfd >= 0 and not q.sock_armed:
             arm(q, &q.sock_poll, sockfd)
@@ -352,8 +418,38 @@ cdef void queue_wait(Queue *q, int sockfd) noexcept nogil:
         if not q.wake_armed:
             arm(q, &q.wake_poll, q.efd)
             q.wake_armed = 1
-        io_uring_submit_and_wait(&q.ring, 1)
+        t0 = now_ns()
+        busy = q.ops >= POLL_MIN_OPS
+        if busy:
+            q.busy_ns = t0
+        if q.poll_max_ns == 0 or (not busy and t0 - q.busy_ns > q.poll_max_ns):
+            io_uring_submit_and_wait(&q.ring, 1)
+            q.queued = 0
+            return
+        polled = 0
+        if q.poll_ns:
+            if uring_take(&pollers) <= max_pollers:
+                polled = 1
+                io_uring_submit(&q.ring)
+                q.queued = 0
+                while not news(q) and now_ns() - t0 < q.poll_ns:
+                    pass
+                uring_add(&poll_spent, now_ns() - t0, __ATOMIC_RELAXED)
+                uring_add(&poll_caught if news(q) else &poll_missed, 1, __ATOMIC_RELAXED)
+            uring_give(&pollers)
+        io_uring_submit_and_wait(&q.ring, 1)  # at once when the poll saw news
         q.queued = 0
+        if q.poll_ns and not polled:
+            return  # no room to poll: this wait says nothing about the poll time
+        waited = now_ns() - t0
+        if waited <= q.poll_ns:
+            pass  # the poll caught it
+        elif waited > q.poll_max_ns:
+            q.poll_ns = 0  # polling this long would not have caught it
+        elif busy and q.poll_ns < q.poll_max_ns:
+            q.poll_ns = q.poll_ns * 2 if q.poll_ns else POLL_START_NS
+            if q.poll_ns > q.poll_max_ns:
+                q.poll_ns = q.poll_max_ns
         return
     fds[0].fd = q.efd
     fds[0].events = POLLIN

@@ -119,6 +119,7 @@ class Session:
             initial=trailing,
             unplug=self.unplug,
             tls=tls,
+            poll_us=server.export.poll_max_us,
         )
 
     def dispatch(self, conn, cmd, flags, cookie, offset, length, payload):
