@@ -13,6 +13,7 @@ import os
 import socket
 import struct
 import subprocess
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -42,15 +43,16 @@ def engine(request, monkeypatch):
 
 
 @pytest.fixture
-def root_disk(tmp_path):
+def root_disk():
     """root_disk(size, fill=None) -> a file on the root disk (not tmpfs: O_DIRECT reaches a real
     disk there), sparse or filled with the byte `fill`; removed at the end."""
     made = []
 
     def make(size, fill=None):
-        path = Path("/var/tmp") / f"appliance-test-{tmp_path.name}-{len(made)}.img"
+        fd, name = tempfile.mkstemp(dir="/var/tmp", prefix="appliance-test-", suffix=".img")
+        path = Path(name)
         made.append(path)
-        with open(path, "wb") as f:
+        with os.fdopen(fd, "wb") as f:
             if fill is None:
                 f.truncate(size)
             else:
