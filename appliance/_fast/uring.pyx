@@ -87,9 +87,11 @@ cdef extern from *:
     """
     #define uring_take(p) __atomic_add_fetch((p), 1, __ATOMIC_RELAXED)
     #define uring_give(p) __atomic_sub_fetch((p), 1, __ATOMIC_RELAXED)
+    #define uring_flags(p) __atomic_load_n((p), __ATOMIC_RELAXED)
     """
     int uring_take(int *p) nogil
     int uring_give(int *p) nogil
+    unsigned uring_flags(unsigned *p) nogil  # the kernel writes them: read anew each time
     uint64_t uring_add "__atomic_add_fetch"(uint64_t *p, uint64_t v, int order) nogil
     uint64_t uring_load "__atomic_load_n"(uint64_t *p, int order) nogil
     int __ATOMIC_RELAXED
@@ -387,7 +389,7 @@ cdef void arm(Queue *q, IoOp *op, int fd) noexcept nogil:
 
 cdef inline bint news(Queue *q) noexcept nogil:
     """Completions wait: posted, or (DEFER_TASKRUN) waiting for this thread to post them."""
-    return (q.ring.sq.kflags[0] & IORING_SQ_TASKRUN) != 0 or io_uring_cq_ready(&q.ring) != 0
+    return (uring_flags(q.ring.sq.kflags) & IORING_SQ_TASKRUN) != 0 or io_uring_cq_ready(&q.ring) != 0
 
 
 cdef void queue_wait(Queue *q, int sockfd) noexcept nogil:
