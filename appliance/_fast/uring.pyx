@@ -33,6 +33,12 @@ from appliance._fast.sync cimport (pthread_mutex_t, pthread_cond_t, pthread_mute
     pthread_mutex_destroy, pthread_mutex_lock, pthread_mutex_unlock, pthread_cond_init,
     pthread_cond_wait, pthread_cond_signal)
 
+cdef extern from "<sys/resource.h>" nogil:
+    struct rusage:
+        long ru_nivcsw
+    int getrusage(int, rusage *)
+    int RUSAGE_THREAD
+
 cdef extern from "<sys/eventfd.h>" nogil:
     int eventfd(unsigned int, int)
     int EFD_NONBLOCK
@@ -82,6 +88,7 @@ DEF KIND_THREADS = 2
 DEF WORKERS = 16
 DEF POLL_MIN_OPS = 2      # ops at the disk before queue_wait polls (see there)
 DEF POLL_START_NS = 4000  # the first poll after waits that ended soon (QEMU's 4 us)
+DEF POLL_HOLD_NS = 10000000  # no polling this long after the poller was preempted
 
 cdef extern from *:
     """
@@ -230,6 +237,7 @@ cdef int queue_init(Queue *q, unsigned entries, unsigned nbufs, uint64_t poll_ma
     thread that calls this may submit, reap and wait on the queue. `nbufs`: slots for the
     submitter's registered buffers (queue_set_buffer), where the kernel has them.
     `poll_max_ns`: how long queue_wait may poll for news before it sleeps (io_uring only)."""
+    cdef rusage ru
     memset(q, 0, sizeof(Queue))
     pthread_mutex_init(&q.lock, NULL)
     q.efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
@@ -247,6 +255,8 @@ cdef int queue_init(Queue *q, unsigned entries, unsigned nbufs, uint64_t poll_ma
             or io_uring_queue_init(entries, &q.ring, 0) == 0):
         q.kind = KIND_URING
         q.poll_max_ns = poll_max_ns
+        getrusage(RUSAGE_THREAD, &ru)
+        q.nivcsw = ru.ru_nivcsw
         # an empty table to fill as buffers come (Linux 5.19; none before: plain reads)
         if nbufs and io_uring_register_buffers_sparse(&q.ring, nbufs) == 0:
             q.nbufs = nbufs
@@ -413,6 +423,7 @@ cdef void queue_wait(Queue *q, int sockfd) noexcept nogil:
     cdef pollfd fds[2]
     cdef uint64_t t0, waited
     cdef bint polled, busy
+    cdef rusage ru
     if q.kind == KIND_URING:
         if sockfd >= 0 and not q.sock_armed:
             arm(q, &q.sock_poll, sockfd)
@@ -424,7 +435,7 @@ cdef void queue_wait(Queue *q, int sockfd) noexcept nogil:
         busy = q.ops >= POLL_MIN_OPS
         if busy:
             q.busy_ns = t0
-        if q.poll_max_ns == 0 or (not busy and t0 - q.busy_ns > q.poll_max_ns):
+        if q.poll_max_ns == 0 or (not busy and t0 - q.busy_ns > q.poll_max_ns) or t0 < q.hold_ns:
             io_uring_submit_and_wait(&q.ring, 1)
             q.queued = 0
             return
@@ -438,6 +449,13 @@ cdef void queue_wait(Queue *q, int sockfd) noexcept nogil:
                     pass
                 uring_add(&poll_spent, now_ns() - t0, __ATOMIC_RELAXED)
                 uring_add(&poll_caught if news(q) else &poll_missed, 1, __ATOMIC_RELAXED)
+                getrusage(RUSAGE_THREAD, &ru)
+                if ru.ru_nivcsw != q.nivcsw:
+                    # the scheduler took the CPU from this thread (now or since the last
+                    # poll): other threads want it, and every poll delays them
+                    q.nivcsw = ru.ru_nivcsw
+                    q.poll_ns = 0
+                    q.hold_ns = now_ns() + POLL_HOLD_NS
             uring_give(&pollers)
         io_uring_submit_and_wait(&q.ring, 1)  # at once when the poll saw news
         q.queued = 0
