@@ -418,7 +418,9 @@ cdef void queue_wait(Queue *q, int sockfd) noexcept nogil:
     the busy disk's news comes within poll_max_ns of the wait's start, and drops to nothing
     when a wait outlasts that, so a slow disk is not polled for. A client at queue depth 1
     keeps one op at the disk: its loop does not poll, as its own wake-up is most of the
-    round trip and polling did not shorten it (bench/direct.py); nor does an idle one.
+    round trip and polling did not shorten it (bench/direct.py); nor does an idle one. A
+    loop the scheduler preempted (its involuntary context switches went up) does not poll
+    for POLL_HOLD_NS: other threads want its CPU, and a poll would only delay them.
     """
     cdef pollfd fds[2]
     cdef uint64_t t0, waited
