@@ -59,7 +59,7 @@ class ExportConfig:
     max_connections: int = 512
     max_connections_per_client: int = 0
     handshake_timeout: float = 30
-    poll_max_us: int = 1000
+    poll_max_us: int = 0
     buffer_memory: int = 1 << 30
 
 

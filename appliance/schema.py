@@ -320,10 +320,10 @@ EXPORT = Section(
         Key("handshake_timeout", "number", 30,
             "seconds a client has for the whole handshake, from connect to export chosen (> 0)",
             number_range(0, lo_open=True)),
-        Key("poll_max_us", "integer", 1000,
+        Key("poll_max_us", "integer", 0,
             "microseconds a connection's loop may poll for its busy disk's completions and its "
             "client's next requests before it sleeps (adaptive, as QEMU's poll-max-ns; io_uring "
-            "only); 0 = never poll",
+            "only); 0 = never poll (the default; 1000 suits a fast disk on a machine with CPU to spare)",
             number_range(0, 1000000)),
         Key("buffer_memory", "integer", 1 << 30,
             "bytes of request buffers (and replies waiting for slow clients) all connections hold at "

@@ -61,9 +61,10 @@ WORKLOADS = [
 BARS = {"randread-4k-qd32": (0.9, 1.0)}
 
 
-def make_server(kind: str, wd: Path, data: str, size: int):
+def make_server(kind: str, wd: Path, data: str, size: int, poll_max_us: int = 0):
     if kind == "appliance":
-        return Appliance(wd, [(DEVICE, [f"0 {size // 512} linear {data} 0"], {"direct": True})])
+        return Appliance(wd, [(DEVICE, [f"0 {size // 512} linear {data} 0"], {"direct": True})],
+                         extra_config=f"poll_max_us = {poll_max_us}\n")
     if kind == "qemu-nbd":
         return QemuNbd(wd, data, fmt="raw", shared=16, cache="none", aio="io_uring")
     if kind == "nbdkit":
@@ -96,6 +97,8 @@ def main(argv=None) -> int:
     p.add_argument("--only", help="comma-separated workload keys (default: all)")
     p.add_argument("--no-save", action="store_true", help="do not write bench/results/direct-*.json")
     p.add_argument("--check", action="store_true", help="exit 1 if a bar FAILs")
+    p.add_argument("--poll-max-us", type=int, default=0,
+                   help="the appliance's [export] poll_max_us (default 0, its default: no polling)")
     args = p.parse_args(argv)
 
     sources = [s.strip() for s in args.sources.split(",") if s.strip()]
@@ -126,7 +129,7 @@ def main(argv=None) -> int:
                         results[kind][wl.key] = r
                         log(f"  fio on the file   {wl.title:<28} {fmt_num(r.iops):>7} IOPS  p99 {r.lat_p99_us:.0f} us")
                     continue
-                srv = make_server(kind, wd, data, size)
+                srv = make_server(kind, wd, data, size, args.poll_max_us)
                 log(f"starting {kind}: {' '.join(srv.command())}")
                 with srv:
                     for wl in wls:
@@ -159,7 +162,7 @@ def main(argv=None) -> int:
         summary.append({"workload": w.key, "appliance": a, "fio": f, "qemu-nbd": q, "nbdkit": n,
                         "ratio_fio": rf, "ratio_qemu_nbd": rq, "ratio_nbdkit": rn, "verdict": verdict or None})
     print(f"\nlinear, direct = true, over a {args.size} MiB file in {data_dir}; one connection, "
-          f"{args.runtime:g}s per run; {env['cpus']} CPUs\n")
+          f"{args.runtime:g}s per run; poll_max_us = {args.poll_max_us}; {env['cpus']} CPUs\n")
     print_table(["workload (IOPS)", "appliance", "fio file", "qemu-nbd", "nbdkit", "app/fio", "app/qemu",
                  "app/nbdkit", "bar", "result"], rows, align="lrrrrrrrll")
     def client_us(s, w):

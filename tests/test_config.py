@@ -146,8 +146,8 @@ def test_export_limits_and_socket():
     assert (ex.unix_mode, ex.unix_group, ex.max_connections, ex.max_connections_per_client, ex.handshake_timeout) == \
         (0o600, os.getgid(), 4, 2, 1.5)
     assert loads(MINIMAL).export.unix_mode == 0o660
-    assert loads(MINIMAL).export.poll_max_us == 1000
-    assert loads('[export]\nunix = "/a"\npoll_max_us = 0\n').export.poll_max_us == 0
+    assert loads(MINIMAL).export.poll_max_us == 0
+    assert loads('[export]\nunix = "/a"\npoll_max_us = 1000\n').export.poll_max_us == 1000
 
 
 @pytest.mark.parametrize("text, key, words", [

@@ -234,7 +234,8 @@ def test_a_loop_polls_while_its_disk_is_busy_and_not_for_an_idle_client_or_one_r
     # a client at queue depth 1, for which polling gains nothing
     if uring.kind() != "io_uring":
         pytest.skip("polling is io_uring's")
-    d = make_daemon(device("data0", f"0 {16 * MiB // 512} linear {root_disk(16 * MiB, 0x5A)} 0", direct=True))
+    d = make_daemon(device("data0", f"0 {16 * MiB // 512} linear {root_disk(16 * MiB, 0x5A)} 0", direct=True),
+                    extra="poll_max_us = 1000\n")
     proc = subprocess.Popen([nbd_python(), "-c", POLL_CLIENT, d.uri("data0"), "300", "1.5"],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
@@ -258,11 +259,10 @@ def test_a_loop_polls_while_its_disk_is_busy_and_not_for_an_idle_client_or_one_r
             proc.kill()
 
 
-def test_poll_max_us_0_turns_polling_off(make_daemon, root_disk):
+def test_no_polling_by_default(make_daemon, root_disk):
     if uring.kind() != "io_uring":
         pytest.skip("polling is io_uring's")
-    d = make_daemon(device("data0", f"0 {16 * MiB // 512} linear {root_disk(16 * MiB, 0x5A)} 0", direct=True),
-                    extra="poll_max_us = 0\n")
+    d = make_daemon(device("data0", f"0 {16 * MiB // 512} linear {root_disk(16 * MiB, 0x5A)} 0", direct=True))
     proc = run(nbd_python(), "-c", POLL_CLIENT, d.uri("data0"), "10", "0.5", input="\n\n", timeout=60)
     assert "quiet" in proc.stdout
     assert d.status()["daemon"]["io_polling"] == {"cpu_seconds": 0, "caught": 0, "gave_up": 0, "max_us": 0}
