@@ -60,13 +60,12 @@ from libc.stdlib cimport malloc, calloc, free
 from libc.errno cimport errno, EINTR, EAGAIN, EIO, EINVAL, ENOMEM
 from posix.uio cimport iovec
 from posix.unistd cimport pwrite
-from posix.time cimport timespec, clock_gettime, CLOCK_MONOTONIC
 from appliance._fast.sync cimport (pthread_mutex_init, pthread_mutex_lock, pthread_mutex_unlock,
     pthread_cond_init, pthread_cond_wait, pthread_cond_broadcast)
 from appliance._fast.gate cimport Gate, FastSeg
 from appliance._fast.fastops cimport FdPiece, fast_fn
 from appliance._fast.uring cimport (IoOp, Queue, OP_READ, OP_WRITE, OP_FSYNC, queue_init, queue_exit,
-    queue_submit, queue_flush, queue_reap, queue_wait, queue_wake, queue_set_buffer)
+    queue_submit, queue_flush, queue_reap, queue_wait, queue_wake, queue_set_buffer, now_ns)
 from appliance._fast.pagebuf cimport buf_alloc, buf_free
 from appliance._fast.wire cimport (nbd_errno, put16, put32, put64, be16toh, be32toh, be64toh,
     HEADER, REQUEST_MAGIC, SIMPLE_REPLY_MAGIC, STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE,
@@ -119,12 +118,6 @@ DEF REASON_DISC = 4
 DEF REASON_HARD = 5
 DEF REASON_PAYLOAD = 6
 DEF REASON_DEAD = 7
-
-
-cdef inline uint64_t now_ns() noexcept nogil:
-    cdef timespec t
-    clock_gettime(CLOCK_MONOTONIC, &t)
-    return <uint64_t>t.tv_sec * 1000000000 + <uint64_t>t.tv_nsec
 
 
 cdef int64_t pwrite_all(int fd, char *buf, uint64_t n, uint64_t off) noexcept nogil:

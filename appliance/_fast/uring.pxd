@@ -1,4 +1,5 @@
 from libc.stdint cimport int64_t, uint64_t
+from posix.time cimport timespec, clock_gettime, CLOCK_MONOTONIC
 from appliance._fast.sync cimport pthread_mutex_t
 
 cdef extern from "<liburing.h>" nogil:
@@ -60,3 +61,10 @@ cdef void queue_flush(Queue *q) noexcept nogil
 cdef int queue_reap(Queue *q, IoOp **out, int max) noexcept nogil
 cdef void queue_wait(Queue *q, int sockfd) noexcept nogil
 cdef void queue_wake(Queue *q) noexcept nogil
+
+
+cdef inline uint64_t now_ns() noexcept nogil:
+    """CLOCK_MONOTONIC in ns (the loop's and the engine's timings)."""
+    cdef timespec t
+    clock_gettime(CLOCK_MONOTONIC, &t)
+    return <uint64_t>t.tv_sec * 1000000000 + <uint64_t>t.tv_nsec

@@ -81,7 +81,6 @@ cdef extern from "<liburing.h>" nogil:
     unsigned IORING_SETUP_TASKRUN_FLAG
     unsigned IORING_SQ_TASKRUN
     unsigned io_uring_cq_ready(io_uring *)
-from posix.time cimport timespec, clock_gettime, CLOCK_MONOTONIC
 
 DEF KIND_URING = 1
 DEF KIND_THREADS = 2
@@ -225,12 +224,6 @@ cdef int start_pool() noexcept nogil:
 
 
 # ---- a submitter's queue ----------------------------------------------------------
-
-cdef inline uint64_t now_ns() noexcept nogil:
-    cdef timespec t
-    clock_gettime(CLOCK_MONOTONIC, &t)
-    return <uint64_t>t.tv_sec * 1000000000 + t.tv_nsec
-
 
 cdef int queue_init(Queue *q, unsigned entries, unsigned nbufs, uint64_t poll_max_ns) noexcept nogil:
     """0 ok, else -errno. Uses io_uring if the process does, else the worker pool. Only the
@@ -433,11 +426,15 @@ cdef void queue_wait(Queue *q, int sockfd) noexcept nogil:
         if not q.wake_armed:
             arm(q, &q.wake_poll, q.efd)
             q.wake_armed = 1
+        if q.poll_max_ns == 0:
+            io_uring_submit_and_wait(&q.ring, 1)
+            q.queued = 0
+            return
         t0 = now_ns()
         busy = q.ops >= POLL_MIN_OPS
         if busy:
             q.busy_ns = t0
-        if q.poll_max_ns == 0 or (not busy and t0 - q.busy_ns > q.poll_max_ns) or t0 < q.hold_ns:
+        if (not busy and t0 - q.busy_ns > q.poll_max_ns) or t0 < q.hold_ns:
             io_uring_submit_and_wait(&q.ring, 1)
             q.queued = 0
             return
