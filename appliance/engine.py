@@ -14,6 +14,7 @@ both). The NBD loop uses the same choice for its own per-connection queues.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -106,5 +107,17 @@ def get():
 
 def poll_stats():
     """What the NBD loops' polling for completions took and caught (uring.pyx's queue_wait):
-    CPU seconds spent polling, polls that saw news in time, polls that gave up and slept."""
+    CPU seconds spent polling, polls that saw news in time, polls that gave up and slept,
+    and the background jobs running now (each leaves the pollers one CPU fewer)."""
     return uring.poll_stats()
+
+
+@contextlib.contextmanager
+def background():
+    """Around a background job's copy (a merge, a resync, a populate): while it runs, the NBD
+    loops leave it a CPU of its own rather than spend it polling (uring.pyx's max_pollers)."""
+    uring.background(1)
+    try:
+        yield
+    finally:
+        uring.background(-1)

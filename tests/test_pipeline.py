@@ -22,7 +22,7 @@ import pytest
 
 from appliance._fast import uring
 from appliance.nbd import constants as C
-from conftest import cpu_seconds, device, need, nbd_python, run
+from conftest import cpu_seconds, device, need, nbd_python, run, wait_for
 from test_hostile import handshake, log_has, recv_exact, request, still_serves
 
 MiB = 1 << 20
@@ -259,10 +259,47 @@ def test_a_loop_polls_while_its_disk_is_busy_and_not_for_an_idle_client_or_one_r
             proc.kill()
 
 
+def test_the_loops_leave_a_running_merge_a_cpu_of_its_own(make_daemon, root_disk, tmp_path):
+    # the pollers may have all CPUs but one; each background copy running (a merge here) takes
+    # one more from them, or its copy loses its CPU to a spin. The daemon runs on two CPUs:
+    # one poller at most, none while the merge runs
+    from test_cow import layer_create, message, qemu_io
+
+    if uring.kind() != "io_uring":
+        pytest.skip("polling is io_uring's")
+    cpus = sorted(os.sched_getaffinity(0))[:2]
+    if len(cpus) < 2:
+        pytest.skip("no poller on one CPU")
+    size = 16 * MiB
+    base = tmp_path / "base.img"
+    base.write_bytes(b"")
+    os.truncate(base, size)
+    d = make_daemon(device("data0", f"0 {size // 512} linear {root_disk(size, 0x5A)} 0", direct=True)
+                    + device("d", f"0 {size // 512} cow {base} 0 {layer_create(tmp_path / 'l1.layer', size)}"),
+                    extra="poll_max_us = 1000\n")
+    for tid in os.listdir(f"/proc/{d.proc.pid}/task"):  # new connections' threads inherit it
+        os.sched_setaffinity(int(tid), cpus)
+    qemu_io(d.uri("d"), "write -P 0x11 0 16m")
+    message(d, "push", layer_create(tmp_path / "l2.layer", size))
+    message(d, "merge", "1", "1", "base", "rate=1M")  # 16 s: running for all of the client's run
+
+    def client():
+        run(nbd_python(), "-c", POLL_CLIENT, d.uri("data0"), "10", "1", input="\n\n", timeout=60)
+        return d.status()["daemon"]["io_polling"]
+
+    polling = client()
+    assert d.status("d")["devices"][0]["segments"][0]["status"]["merge"] == "running"
+    assert polling["background_jobs"] == 1 and polling["caught"] == polling["gave_up"] == 0, polling
+    message(d, "cancel")
+    wait_for(lambda: d.status()["daemon"]["io_polling"]["background_jobs"] == 0, 30, "the merge's end")
+    assert client()["caught"] > 0
+
+
 def test_no_polling_by_default(make_daemon, root_disk):
     if uring.kind() != "io_uring":
         pytest.skip("polling is io_uring's")
     d = make_daemon(device("data0", f"0 {16 * MiB // 512} linear {root_disk(16 * MiB, 0x5A)} 0", direct=True))
     proc = run(nbd_python(), "-c", POLL_CLIENT, d.uri("data0"), "10", "0.5", input="\n\n", timeout=60)
     assert "quiet" in proc.stdout
-    assert d.status()["daemon"]["io_polling"] == {"cpu_seconds": 0, "caught": 0, "gave_up": 0, "max_us": 0}
+    assert d.status()["daemon"]["io_polling"] == {"cpu_seconds": 0, "caught": 0, "gave_up": 0, "background_jobs": 0,
+                                                  "max_us": 0}

@@ -50,8 +50,6 @@ cdef struct Queue:
     uint64_t poll_ns      # how long it polls now, between 0 and poll_max_ns (adaptive)
     int ops            # io_uring: ops submitted and not reaped yet
     uint64_t busy_ns   # when queue_wait last found POLL_MIN_OPS ops out (CLOCK_MONOTONIC)
-    uint64_t hold_ns   # no polling before this (the poller was preempted)
-    long nivcsw        # the loop thread's involuntary context switches when it last looked
 
 cdef int queue_init(Queue *q, unsigned entries, unsigned nbufs, uint64_t poll_max_ns) noexcept nogil
 cdef int queue_set_buffer(Queue *q, int slot, char *buf, size_t len) noexcept nogil

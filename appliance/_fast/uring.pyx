@@ -33,11 +33,11 @@ from appliance._fast.sync cimport (pthread_mutex_t, pthread_cond_t, pthread_mute
     pthread_mutex_destroy, pthread_mutex_lock, pthread_mutex_unlock, pthread_cond_init,
     pthread_cond_wait, pthread_cond_signal)
 
-cdef extern from "<sys/resource.h>" nogil:
-    struct rusage:
-        long ru_nivcsw
-    int getrusage(int, rusage *)
-    int RUSAGE_THREAD
+cdef extern from "<sched.h>" nogil:
+    ctypedef struct cpu_set_t:
+        pass
+    int sched_getaffinity(int, size_t, cpu_set_t *)
+    int CPU_COUNT(cpu_set_t *)
 
 cdef extern from "<sys/eventfd.h>" nogil:
     int eventfd(unsigned int, int)
@@ -87,7 +87,6 @@ DEF KIND_THREADS = 2
 DEF WORKERS = 16
 DEF POLL_MIN_OPS = 2      # ops at the disk before queue_wait polls (see there)
 DEF POLL_START_NS = 4000  # the first poll after waits that ended soon (QEMU's 4 us)
-DEF POLL_HOLD_NS = 10000000  # no polling this long after the poller was preempted
 
 cdef extern from *:
     """
@@ -100,14 +99,18 @@ cdef extern from *:
     unsigned uring_flags(unsigned *p) nogil  # the kernel writes them: read anew each time
     uint64_t uring_add "__atomic_add_fetch"(uint64_t *p, uint64_t v, int order) nogil
     uint64_t uring_load "__atomic_load_n"(uint64_t *p, int order) nogil
+    int uring_count "__atomic_load_n"(int *p, int order) nogil
     int __ATOMIC_RELAXED
 
 # Loops that poll at once, at most: one CPU is always left to the threads that do the
 # work the pollers wait for (other connections, the slow path, the clients on this
-# machine); a loop that finds no room sleeps at once. None on a single CPU.
-import os as _os
-cdef int max_pollers = len(_os.sched_getaffinity(0)) - 1
+# machine), and one more to each background job running (a merge, a resync, a populate),
+# whose copy would otherwise lose its CPU to a spin; a loop that finds no room sleeps at
+# once. None on a single CPU. The CPUs are counted when a connection starts (queue_init):
+# the ones the daemon may run on then.
+cdef int max_pollers = 0
 cdef int pollers = 0
+cdef int jobs = 0
 # what polling cost and caught, for status: ns spent polling, polls that saw news in time,
 # polls that gave up and slept
 cdef uint64_t poll_spent = 0, poll_caught = 0, poll_missed = 0
@@ -116,7 +119,16 @@ cdef uint64_t poll_spent = 0, poll_caught = 0, poll_missed = 0
 def poll_stats():
     return {"cpu_seconds": round(uring_load(&poll_spent, __ATOMIC_RELAXED) / 1e9, 3),
             "caught": uring_load(&poll_caught, __ATOMIC_RELAXED),
-            "gave_up": uring_load(&poll_missed, __ATOMIC_RELAXED)}
+            "gave_up": uring_load(&poll_missed, __ATOMIC_RELAXED),
+            "background_jobs": uring_count(&jobs, __ATOMIC_RELAXED)}
+
+
+def background(int n):
+    """A background job started (n = 1) or ended (n = -1): see max_pollers."""
+    if n > 0:
+        uring_take(&jobs)
+    else:
+        uring_give(&jobs)
 
 cdef int _kind = 0
 
@@ -230,7 +242,8 @@ cdef int queue_init(Queue *q, unsigned entries, unsigned nbufs, uint64_t poll_ma
     thread that calls this may submit, reap and wait on the queue. `nbufs`: slots for the
     submitter's registered buffers (queue_set_buffer), where the kernel has them.
     `poll_max_ns`: how long queue_wait may poll for news before it sleeps (io_uring only)."""
-    cdef rusage ru
+    global max_pollers
+    cdef cpu_set_t cpus
     memset(q, 0, sizeof(Queue))
     pthread_mutex_init(&q.lock, NULL)
     q.efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
@@ -248,8 +261,8 @@ cdef int queue_init(Queue *q, unsigned entries, unsigned nbufs, uint64_t poll_ma
             or io_uring_queue_init(entries, &q.ring, 0) == 0):
         q.kind = KIND_URING
         q.poll_max_ns = poll_max_ns
-        getrusage(RUSAGE_THREAD, &ru)
-        q.nivcsw = ru.ru_nivcsw
+        if poll_max_ns and sched_getaffinity(0, sizeof(cpus), &cpus) == 0:
+            max_pollers = CPU_COUNT(&cpus) - 1
         # an empty table to fill as buffers come (Linux 5.19; none before: plain reads)
         if nbufs and io_uring_register_buffers_sparse(&q.ring, nbufs) == 0:
             q.nbufs = nbufs
@@ -411,14 +424,15 @@ cdef void queue_wait(Queue *q, int sockfd) noexcept nogil:
     the busy disk's news comes within poll_max_ns of the wait's start, and drops to nothing
     when a wait outlasts that, so a slow disk is not polled for. A client at queue depth 1
     keeps one op at the disk: its loop does not poll, as its own wake-up is most of the
-    round trip and polling did not shorten it (bench/direct.py); nor does an idle one. A
-    loop the scheduler preempted (its involuntary context switches went up) does not poll
-    for POLL_HOLD_NS: other threads want its CPU, and a poll would only delay them.
+    round trip and polling did not shorten it (bench/direct.py); nor does an idle one. Nor
+    does a loop that finds no room among max_pollers. A poller the scheduler preempts goes
+    on polling, as QEMU's does: its busy CPU is what makes the scheduler move a thread that
+    shares it (the client) to an idle one, where holding off the poll kept the two taking
+    turns on one CPU (docs/HACKING.md).
     """
     cdef pollfd fds[2]
     cdef uint64_t t0, waited
     cdef bint polled, busy
-    cdef rusage ru
     if q.kind == KIND_URING:
         if sockfd >= 0 and not q.sock_armed:
             arm(q, &q.sock_poll, sockfd)
@@ -434,13 +448,13 @@ cdef void queue_wait(Queue *q, int sockfd) noexcept nogil:
         busy = q.ops >= POLL_MIN_OPS
         if busy:
             q.busy_ns = t0
-        if (not busy and t0 - q.busy_ns > q.poll_max_ns) or t0 < q.hold_ns:
+        if not busy and t0 - q.busy_ns > q.poll_max_ns:
             io_uring_submit_and_wait(&q.ring, 1)
             q.queued = 0
             return
         polled = 0
         if q.poll_ns:
-            if uring_take(&pollers) <= max_pollers:
+            if uring_take(&pollers) <= max_pollers - uring_count(&jobs, __ATOMIC_RELAXED):
                 polled = 1
                 io_uring_submit(&q.ring)
                 q.queued = 0
@@ -448,13 +462,6 @@ cdef void queue_wait(Queue *q, int sockfd) noexcept nogil:
                     pass
                 uring_add(&poll_spent, now_ns() - t0, __ATOMIC_RELAXED)
                 uring_add(&poll_caught if news(q) else &poll_missed, 1, __ATOMIC_RELAXED)
-                getrusage(RUSAGE_THREAD, &ru)
-                if ru.ru_nivcsw != q.nivcsw:
-                    # the scheduler took the CPU from this thread (now or since the last
-                    # poll): other threads want it, and every poll delays them
-                    q.nivcsw = ru.ru_nivcsw
-                    q.poll_ns = 0
-                    q.hold_ns = now_ns() + POLL_HOLD_NS
             uring_give(&pollers)
         io_uring_submit_and_wait(&q.ring, 1)  # at once when the poll saw news
         q.queued = 0

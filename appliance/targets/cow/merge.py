@@ -40,7 +40,7 @@ import os
 import threading
 import time
 
-from ... import directfd
+from ... import directfd, engine
 from ... import io as bio
 from ..._fast.cowindex import OwnerIndex
 from .. import TargetError, parse_size
@@ -224,6 +224,10 @@ class Merge:
         return out
 
     def _run(self):
+        with engine.background():
+            self._merge()
+
+    def _merge(self):
         self.started, self._done_at_start = time.monotonic(), self.done
         try:
             self._write_record(running=True)

@@ -19,6 +19,7 @@ import logging
 import threading
 import time
 
+from ... import engine
 from ... import io as bio
 from .copy import Direct, RegionCopy, Stream
 from .sync_io import sync_io
@@ -108,7 +109,7 @@ class Resync:
             if self._paused:
                 self._wait()
                 continue
-            with self._busy:
+            with self._busy, engine.background():
                 if self._paused:
                     continue
                 if self._verify_wanted:

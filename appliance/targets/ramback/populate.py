@@ -21,6 +21,7 @@ import logging
 import threading
 import time
 
+from ... import engine
 from ... import io as bio
 from ..._fast.chunkstate import DIRTY, EMPTY, FLUSHING
 from ...power.state import WRITETHROUGH
@@ -124,6 +125,10 @@ class Populate:
         self.thread = None
 
     def _run(self):
+        with engine.background():
+            self._populate()
+
+    def _populate(self):
         rb = self.rb
         cs = rb.cs
         n = cs.nchunks
