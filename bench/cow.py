@@ -315,7 +315,7 @@ def timed_merge(srv, words, timeout: float = 600) -> tuple[float, float]:
         time.sleep(0.01)
 
 
-def bench_merge(wd: Path, size: int, runtime: float) -> dict:
+def bench_merge(wd: Path, size: int, runtime: float, poll_max_us: int = 0) -> dict:
     from appliance.control import call
 
     out = {}
@@ -364,7 +364,7 @@ def bench_merge(wd: Path, size: int, runtime: float) -> dict:
     wl = Workload("randread-4k-qd16", "4 KiB random read, QD16", "randread", "4k", 16)
     base, layers = merge_stack(wd, "busy", busy, b"\xa5")
     table = [f"0 {busy // 512} cow {base} 0 {' '.join(layers)}"]
-    with Appliance(wd, [(DEVICE, table)], name="merge-busy") as srv:
+    with Appliance(wd, [(DEVICE, table)], name="merge-busy", extra_config=f"poll_max_us = {poll_max_us}\n") as srv:
         log(f"client alone, {busy_runtime:.1f}s ...")
         alone = measure(srv, wl, runtime=busy_runtime, ramp_time=0)
         call(srv.control, "message", name=DEVICE, sector=0, words=["merge", "1", "1", "base"])
@@ -409,6 +409,8 @@ def merge_main(argv=None) -> int:
     p.add_argument("--dir", default=None, help="where the files go (default /tmp); the filesystem measured")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (configs, server logs)")
     p.add_argument("--no-save", action="store_true", help="do not write bench/results/cow-merge-*.json")
+    p.add_argument("--poll-max-us", type=int, default=0,
+                   help="[export] poll_max_us of the daemon the client reads from (default 0: no polling)")
     args = p.parse_args(argv)
     from appliance.targets import parse_size
 
@@ -417,7 +419,7 @@ def merge_main(argv=None) -> int:
     env = environment()
     started = time.time()
     with workdir(keep=args.keep, base=args.dir) as wd:
-        r = bench_merge(wd, args.size * MiB, args.runtime)
+        r = bench_merge(wd, args.size * MiB, args.runtime, args.poll_max_us)
         log(f"push at {args.push_size} ...")
         r.update(bench_push(wd, parse_size(args.push_size, "--push-size")))
     elapsed = time.time() - started
