@@ -114,8 +114,9 @@ def poll_stats():
 
 @contextlib.contextmanager
 def background():
-    """Around a background job's copy (a merge, a resync, a populate): while it runs, the NBD
-    loops leave it a CPU of its own rather than spend it polling (uring.pyx's max_pollers)."""
+    """Around a target's background job (a copy of its data that runs for seconds or more):
+    while it runs, the NBD loops leave it a CPU of its own rather than spend it polling
+    (uring.pyx's max_pollers)."""
     uring.background(1)
     try:
         yield

@@ -104,10 +104,10 @@ cdef extern from *:
 
 # Loops that poll at once, at most: one CPU is always left to the threads that do the
 # work the pollers wait for (other connections, the slow path, the clients on this
-# machine), and one more to each background job running (a merge, a resync, a populate),
-# whose copy would otherwise lose its CPU to a spin; a loop that finds no room sleeps at
-# once. None on a single CPU. The CPUs are counted when a connection starts (queue_init):
-# the ones the daemon may run on then.
+# machine), and one more to each background job running (a target's copy of its data,
+# engine.background), which would otherwise lose its CPU to a spin; a loop that finds no
+# room sleeps at once. None on a single CPU. The CPUs are counted when a connection
+# starts (queue_init): the ones the daemon may run on then.
 cdef int max_pollers = 0
 cdef int pollers = 0
 cdef int jobs = 0
