@@ -263,28 +263,24 @@ def test_the_loops_leave_a_running_merge_a_cpu_of_its_own(make_daemon, root_disk
     # the pollers may have all CPUs but one; each background copy running (a merge here) takes
     # one more from them, or its copy loses its CPU to a spin. The daemon runs on two CPUs:
     # one poller at most, none while the merge runs
-    from test_cow import layer_create, message, qemu_io
+    from test_cow import SIZE as size, layer_create, make_base, message, qemu_io
 
     if uring.kind() != "io_uring":
         pytest.skip("polling is io_uring's")
     cpus = sorted(os.sched_getaffinity(0))[:2]
     if len(cpus) < 2:
         pytest.skip("no poller on one CPU")
-    size = 16 * MiB
-    base = tmp_path / "base.img"
-    base.write_bytes(b"")
-    os.truncate(base, size)
     d = make_daemon(device("data0", f"0 {size // 512} linear {root_disk(size, 0x5A)} 0", direct=True)
-                    + device("d", f"0 {size // 512} cow {base} 0 {layer_create(tmp_path / 'l1.layer', size)}"),
+                    + device("d", f"0 {size // 512} cow {make_base(tmp_path)} 0 {layer_create(tmp_path / 'l1.layer', size)}"),
                     extra="poll_max_us = 1000\n")
     for tid in os.listdir(f"/proc/{d.proc.pid}/task"):  # new connections' threads inherit it
         try:
             os.sched_setaffinity(int(tid), cpus)
         except ProcessLookupError:
             pass  # a thread that ended meanwhile
-    qemu_io(d.uri("d"), "write -P 0x11 0 16m")
+    qemu_io(d.uri("d"), f"write -P 0x11 0 {size}")
     message(d, "push", layer_create(tmp_path / "l2.layer", size))
-    message(d, "merge", "1", "1", "base", "rate=1M")  # 16 s: running for all of the client's run
+    message(d, "merge", "1", "1", "base", "rate=512K")  # 16 s: running for all of the client's run
 
     def client():
         run(nbd_python(), "-c", POLL_CLIENT, d.uri("data0"), "10", "1", input="\n\n", timeout=60)
