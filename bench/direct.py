@@ -15,12 +15,19 @@ One data file (random data) on a real disk (not tmpfs: --data-dir must be on one
 and fio's nbd engine runs the same 4 KiB random reads at QD1, QD8 and QD32 on one
 connection against each server. Bars (issue 8): at QD32 the appliance reaches at least
 0.9x fio's own figure and at least 1.0x qemu-nbd's.
+
+With --qemu-client, qemu's own NBD client (the one a guest's disk uses) reads too:
+`qemu-img bench` at QD16 (that client keeps at most 16 requests in flight), on the file
+(`-t none -i io_uring`) and through each server, to show how much of the disk another
+client can take from any server here.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -72,6 +79,22 @@ def make_server(kind: str, wd: Path, data: str, size: int, poll_max_us: int = 0)
     raise ValueError(kind)
 
 
+QEMU_STEP = 1028 * 1024  # shares no factor with a power-of-two file size but 4 KiB
+
+
+def qemu_bench(target: str, extra: list, depth: int = 16, count: int = 200000) -> float:
+    """IOPS of `qemu-img bench` reading 4 KiB `count` times at `depth`. It has no random
+    pattern: a step of 1028 KiB, taken modulo the file's size, visits its 4 KiB blocks in a
+    scattered order, none twice within a run."""
+    cmd = ["qemu-img", "bench", "-f", "raw", "-c", str(count), "-d", str(depth), "-s", "4096",
+           "-S", str(QEMU_STEP), *extra, target]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    m = re.search(r"Run completed in ([\d.]+) seconds", r.stdout)
+    if r.returncode != 0 or not m:
+        raise BenchError(f"qemu-img bench failed ({r.returncode}): {' '.join(cmd)}\n{r.stderr.strip()}")
+    return count / float(m.group(1))
+
+
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -99,6 +122,8 @@ def main(argv=None) -> int:
     p.add_argument("--check", action="store_true", help="exit 1 if a bar FAILs")
     p.add_argument("--poll-max-us", type=int, default=0,
                    help="the appliance's [export] poll_max_us (default 0, its default: no polling)")
+    p.add_argument("--qemu-client", action="store_true",
+                   help="also read at QD16 with qemu's NBD client (qemu-img bench)")
     args = p.parse_args(argv)
 
     sources = [s.strip() for s in args.sources.split(",") if s.strip()]
@@ -108,12 +133,14 @@ def main(argv=None) -> int:
     data_dir = os.path.realpath(args.data_dir)
     if on_tmpfs(data_dir + "/"):
         p.error(f"--data-dir {data_dir} is on tmpfs: O_DIRECT needs a real disk")
-    need_tools("fio", *[s for s in sources if s not in ("fio", "appliance")])
+    need_tools("fio", *[s for s in sources if s not in ("fio", "appliance")],
+               *(["qemu-img"] if args.qemu_client else []))
     terminate_on_signals()
     env = environment()
     size = args.size * MiB
 
     results = {s: {} for s in sources}
+    qemu_client = {}  # "file" or a server -> IOPS of qemu-img bench
     started = time.time()
     with workdir() as wd:
         data = os.path.join(data_dir, f"direct-bench-{os.getpid()}.img")
@@ -128,6 +155,10 @@ def main(argv=None) -> int:
                                     runtime=args.runtime, ramp_time=args.ramp, name=wl.key)
                         results[kind][wl.key] = r
                         log(f"  fio on the file   {wl.title:<28} {fmt_num(r.iops):>7} IOPS  p99 {r.lat_p99_us:.0f} us")
+                    if args.qemu_client:
+                        settle()
+                        qemu_client["file"] = qemu_bench(data, ["-t", "none", "-i", "io_uring"])
+                        log(f"  qemu-img bench on the file, QD16  {fmt_num(qemu_client['file']):>7} IOPS")
                     continue
                 srv = make_server(kind, wd, data, size, args.poll_max_us)
                 log(f"starting {kind}: {' '.join(srv.command())}")
@@ -137,6 +168,10 @@ def main(argv=None) -> int:
                         results[kind][wl.key] = r
                         log(f"  {kind:<17} {wl.title:<28} {fmt_num(r.iops):>7} IOPS  p99 {r.lat_p99_us:.0f} us"
                             f"  server {r.server_us_per_io or 0:.1f} us/IO")
+                    if args.qemu_client:
+                        settle()
+                        qemu_client[kind] = qemu_bench(srv.uri(), [])
+                        log(f"  qemu-img bench through {kind}, QD16  {fmt_num(qemu_client[kind]):>7} IOPS")
         finally:
             try:
                 os.unlink(data)
@@ -178,10 +213,18 @@ def main(argv=None) -> int:
     print("\nCPU per request (us): each server's, the NBD client's beside the appliance, fio's on the file\n")
     print_table(["workload", "appliance", "qemu-nbd", "nbdkit", "client (appliance)", "fio on the file"], cpu,
                 align="lrrrrr")
+    if qemu_client:
+        base = qemu_client.get("file")
+        print("\nqemu's NBD client (at most 16 requests in flight): qemu-img bench, 4 KiB reads at QD16 "
+              "(a scattered stride), against qemu-img bench on the file with O_DIRECT and io_uring\n")
+        print_table(["reader", "IOPS", "vs the file"],
+                    [["on the file" if s == "file" else f"through {s}", fmt_num(v), fmt_ratio(ratio(v, base))]
+                     for s, v in qemu_client.items()], align="lrr")
     print(f"\nload average at start {env['loadavg_at_start'][0]:.2f}, at end {os.getloadavg()[0]:.2f}; "
           f"took {elapsed:.0f}s")
     if not args.no_save:
         out = write_results("direct", {"benchmark": "direct", "environment": env, "summary": summary,
+                                       "qemu_client": qemu_client,
                                        "runs": {s: {k: r.to_dict() for k, r in v.items()} for s, v in results.items()}})
         print(f"results: {out}")
     return 1 if args.check and "FAIL" in verdicts else 0
