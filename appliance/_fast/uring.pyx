@@ -440,7 +440,7 @@ cdef void queue_wait(Queue *q, int sockfd) noexcept nogil:
         if not q.wake_armed:
             arm(q, &q.wake_poll, q.efd)
             q.wake_armed = 1
-        if q.poll_max_ns == 0:
+        if q.poll_max_ns == 0:  # the default: sleep at once, without reading the clock
             io_uring_submit_and_wait(&q.ring, 1)
             q.queued = 0
             return
